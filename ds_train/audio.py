@@ -1,0 +1,109 @@
+"""Audio I/O and the Higgs audio tokenizer: decode with soundfile, resample with torchaudio, encode to codes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+
+# The hub id boson's HiggsAudioTokenizer hard-codes for its semantic teacher (HuBERT).
+SEMANTIC_TEACHER_IDS = ("bosonai/hubert_base", "facebook/hubert-base-ls960", "microsoft/wavlm-base-plus")
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used: unreadable, empty, silent, too long."""
+
+
+def load_audio(path: str | os.PathLike, target_sr: int) -> np.ndarray:
+    """Decode once, downmix to mono float32, resample to `target_sr`."""
+    try:
+        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise AudioError(f"cannot decode audio: {e}") from None
+    wav = wav.mean(axis=1)
+    if wav.size == 0:
+        raise AudioError("audio has zero length")
+    if sr != target_sr:
+        wav = torchaudio.functional.resample(torch.from_numpy(wav), sr, target_sr).numpy()
+    return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def audio_info(path: str | os.PathLike) -> tuple[int, float]:
+    """(sample rate, seconds) from the header alone."""
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise AudioError(f"cannot read audio header: {e}") from None
+    return info.samplerate, info.frames / max(info.samplerate, 1)
+
+
+@contextlib.contextmanager
+def _local_semantic_teacher(local_dir: Optional[str]):
+    """Make boson's tokenizer load its semantic teacher from `local_dir` instead of the hub, for offline nodes."""
+    if not local_dir:
+        yield
+        return
+    import boson_multimodal.audio_processing.higgs_audio_tokenizer as hat
+
+    original = hat.AutoModel
+
+    class _LocalAutoModel:
+        @staticmethod
+        def from_pretrained(name, *args, **kwargs):
+            if name in SEMANTIC_TEACHER_IDS:
+                kwargs.pop("trust_remote_code", None)
+                return original.from_pretrained(local_dir, *args, **kwargs)
+            return original.from_pretrained(name, *args, **kwargs)
+
+    hat.AutoModel = _LocalAutoModel
+    try:
+        yield
+    finally:
+        hat.AutoModel = original
+
+
+def load_audio_tokenizer(path: str, device: str = "cpu", semantic_model_path: Optional[str] = None):
+    """Load a Higgs audio tokenizer (real or tiny) through boson's own loader.
+
+    A `semantic_model/` folder next to the tokenizer's config.json (the tiny one ships it) is used as the
+    semantic teacher unless `semantic_model_path` names another local copy.
+    """
+    from boson_multimodal.audio_processing.higgs_audio_tokenizer import load_higgs_audio_tokenizer
+
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"audio tokenizer dir {path} has no config.json")
+    bundled = Path(path) / "semantic_model"
+    local = semantic_model_path or (str(bundled) if bundled.is_dir() else None)
+    with _local_semantic_teacher(local):
+        tok = load_higgs_audio_tokenizer(path, device=device)
+    return tok
+
+
+def tokenizer_fingerprint(path: str) -> dict:
+    """What identifies an audio tokenizer for cache invalidation: its config and weight file size/mtime."""
+    p = Path(path)
+    out = {"path": str(p.resolve()) if p.exists() else path}
+    if (p / "config.json").is_file():
+        out["config"] = json.loads((p / "config.json").read_text())
+    if (p / "model.pth").is_file():
+        st = (p / "model.pth").stat()
+        out["weights"] = [st.st_size, int(st.st_mtime)]
+    return out
+
+
+@torch.no_grad()
+def encode(tokenizer, wav: np.ndarray, loudness_normalize: bool = False) -> torch.Tensor:
+    """Codes (n_q, T) for one waveform already at the tokenizer's rate.
+
+    One clip per call on purpose: boson's semantic teacher attends over the whole input without a padding mask,
+    so padding clips into a batch would change their codes.
+    """
+    codes = tokenizer.encode(wav, sr=tokenizer.sampling_rate, loudness_normalize=loudness_normalize)
+    return codes.cpu().long()

@@ -1,0 +1,153 @@
+"""`ds-train` / `python -m ds_train`: one subcommand per job. Training and prepare run under the `deepspeed`
+launcher (see run.sh); the others are single-process tools that need no GPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ds_train.config import ConfigError, load_config, translate_args
+
+USAGE = """ds-train <command> ...
+
+  train CONFIG.yaml [key=value ...] [--old_trainer_flag value ...]   fine-tune (run under `deepspeed`)
+  prepare CONFIG.yaml [key=value ...]        check the data and encode audio once into the cache
+  consolidate CHECKPOINT_DIR OUT_DIR [--tag TAG]   ZeRO shards -> PEFT adapter, offline, no GPU
+  merge BASE_MODEL_DIR ADAPTER_DIR OUT_DIR [--dtype bf16|fp32]   adapter -> drop-in HiggsAudioModel dir
+  make-tiny OUT_DIR                          tiny real-format Higgs Audio checkpoint (tests, demo)
+  make-demo-data OUT_DIR [--n N]             small synthetic voice-cloning data set (TTS manifest)
+  bench-data CONFIG.yaml [key=value ...]     cache vs on-the-fly loader throughput, padding efficiency
+  show-config CONFIG.yaml [key=value ...]    print the resolved config
+"""
+
+
+def _config(words):
+    yaml_path, dotlist = translate_args(words)
+    return load_config(yaml_path, dotlist)
+
+
+def cmd_train(words):
+    from ds_train.engine import train
+
+    summary = train(_config(words))
+    from ds_train import dist
+
+    dist.print0(json.dumps(summary))
+
+
+def cmd_prepare(words):
+    import deepspeed
+
+    from ds_train import dist
+    from ds_train.engine import check_output_dir
+    from ds_train.model import check_audio_tokenizer, load_model_config, load_text_tokenizer
+    from ds_train.prepare import prepare, write_report
+
+    cfg = _config(words)
+    model_config = load_model_config(cfg.model.path)
+    tokenizer = load_text_tokenizer(cfg, model_config)
+    check_audio_tokenizer(cfg, model_config)
+    out = check_output_dir(cfg, for_prepare=True)
+    if "WORLD_SIZE" in os.environ:  # launched with several ranks: they share the shards
+        deepspeed.init_distributed()
+    results = [prepare(cfg, cfg.data.train_file, tokenizer, cfg.data.cache_dir)]
+    if cfg.data.eval_file:
+        results.append(prepare(cfg, cfg.data.eval_file, tokenizer))
+    if dist.is_main():
+        write_report(out, results)
+        for r in results:
+            print(f"prepared {r.cache_dir}: {r.num_samples} samples, {len(r.bad)} skipped as bad, "
+                  f"{r.encoded_shards} shard(s) encoded in {r.seconds:.1f}s")
+
+
+def cmd_consolidate(words):
+    p = argparse.ArgumentParser(prog="ds-train consolidate")
+    p.add_argument("checkpoint_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--tag", default=None)
+    a = p.parse_args(words)
+    from ds_train.consolidate import consolidate
+
+    print(consolidate(a.checkpoint_dir, a.out_dir, a.tag))
+
+
+def cmd_merge(words):
+    p = argparse.ArgumentParser(prog="ds-train merge")
+    p.add_argument("base_model_dir")
+    p.add_argument("adapter_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    a = p.parse_args(words)
+    from ds_train.merge import merge
+
+    print(merge(a.base_model_dir, a.adapter_dir, a.out_dir, a.dtype))
+
+
+def cmd_make_tiny(words):
+    p = argparse.ArgumentParser(prog="ds-train make-tiny")
+    p.add_argument("out_dir")
+    p.add_argument("--no-delay-pattern", action="store_true")
+    a = p.parse_args(words)
+    from ds_train.tiny import make_tiny
+
+    print(make_tiny(a.out_dir, use_delay_pattern=not a.no_delay_pattern))
+
+
+def cmd_make_demo_data(words):
+    p = argparse.ArgumentParser(prog="ds-train make-demo-data")
+    p.add_argument("out_dir")
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--n-eval", type=int, default=4)
+    p.add_argument("--skewed", action="store_true", help="length-skewed clips (for bench-data)")
+    a = p.parse_args(words)
+    from ds_train.demo_data import make_demo_data
+
+    print(make_demo_data(a.out_dir, a.n, a.n_eval, skewed=a.skewed))
+
+
+def cmd_bench_data(words):
+    from ds_train.bench import bench_data
+
+    bench_data(_config(words))
+
+
+def cmd_show_config(words):
+    from ds_train.config import to_yaml
+
+    print(to_yaml(_config(words)), end="")
+
+
+COMMANDS = {
+    "train": cmd_train, "prepare": cmd_prepare, "consolidate": cmd_consolidate, "merge": cmd_merge,
+    "make-tiny": cmd_make_tiny, "make-demo-data": cmd_make_demo_data, "bench-data": cmd_bench_data,
+    "show-config": cmd_show_config,
+}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"ds-train: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr, end="")
+        return 2
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except ConfigError as e:
+        print(f"ds-train {argv[0]}: config error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from ds_train.prepare import DataError
+
+        if isinstance(e, (DataError, FileNotFoundError)):
+            print(f"ds-train {argv[0]}: {e}", file=sys.stderr)
+            return 3
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

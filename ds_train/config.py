@@ -1,0 +1,373 @@
+"""The one source of truth for a run: typed dataclasses, YAML + dotlist overrides, old-trainer flag aliases,
+and the DeepSpeed JSON derived from them."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A setting that is unknown, malformed or contradicts another one."""
+
+
+# LoRA targets as module-path suffixes. Anchoring each on a '.' keeps `mlp.*` (text FFN) and `audio_mlp.*`
+# (DualFFN audio path) apart.
+DEFAULT_LORA_TARGETS = [
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "audio_mlp.gate_proj", "audio_mlp.up_proj", "audio_mlp.down_proj",
+]
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING  # local HiggsAudioModel dir or hub id (when online)
+    tokenizer_path: Optional[str] = None  # defaults to `path`
+    audio_tokenizer_path: str = MISSING
+    # boson's audio tokenizer hard-codes a hub id for its semantic teacher; point this at a local copy on offline nodes.
+    semantic_model_path: Optional[str] = None
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    activation_checkpointing: bool = False
+    train_audio_mlp: bool = False  # train the DualFFN audio_mlp weights fully (not through LoRA)
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        _choice("model.dtype", self.dtype, ("auto", "bf16", "fp32"))
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+    def __post_init__(self):
+        _positive("lora.r", self.r)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class DataConfig:
+    train_file: str = MISSING  # Boson ChatML (JSON list / JSONL) or a plain TTS manifest (JSONL)
+    eval_file: Optional[str] = None
+    cache_dir: Optional[str] = None  # prepared cache; default OUTPUT_DIR/../<manifest stem>.cache next to the manifest
+    format: str = "auto"  # auto | chatml | tts
+    system_prompt: str = "Generate audio following instruction."
+    max_audio_seconds: float = 30.0
+    min_audio_seconds: float = 0.05
+    loudness_normalize: bool = False
+    skip_bad: bool = False
+    max_tokens: int = 0  # >0: token-budget micro-batches (text + audio positions) instead of train.micro_batch_size
+    num_workers: int = 0
+    persistent_workers: bool = False
+    pin_memory: bool = False
+    prefetch_factor: Optional[int] = None
+    prepare_batch_size: int = 8  # clips per audio-tokenizer call in `prepare`
+    shard_size: int = 256  # samples per cache shard
+
+    def __post_init__(self):
+        _choice("data.format", self.format, ("auto", "chatml", "tts"))
+        _positive("data.max_audio_seconds", self.max_audio_seconds)
+        if self.max_tokens < 0:
+            raise ConfigError(f"data.max_tokens must be >= 0, got {self.max_tokens}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.num_workers == 0 and (self.persistent_workers or self.prefetch_factor is not None):
+            raise ConfigError("data.persistent_workers / data.prefetch_factor need data.num_workers > 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "cosine"  # any transformers.get_scheduler name
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        _positive("optim.lr", self.lr)
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas needs two values, got {list(self.betas)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class LossConfig:
+    text_weight: float = 1.0
+    audio_weight: float = 1.0
+
+    def __post_init__(self):
+        if self.text_weight < 0 or self.audio_weight < 0 or self.text_weight + self.audio_weight == 0:
+            raise ConfigError("loss.text_weight and loss.audio_weight must be >= 0 and not both 0")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = MISSING
+    deepspeed_config: str = "ds_configs/zero3.json"
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int = 0  # >0 stops after this many optimizer steps (overrides epochs)
+    seed: int = 42
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate only at the end (when data.eval_file is set)
+    resume: str = "none"  # none | auto | PATH of a step-XXXXXX checkpoint dir
+    max_consecutive_skips: int = 5  # non-finite loss/grad steps in a row before the run stops
+
+    def __post_init__(self):
+        _positive("train.micro_batch_size", self.micro_batch_size)
+        _positive("train.grad_accum", self.grad_accum)
+        _positive("train.log_every", self.log_every)
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("set train.epochs > 0 or train.max_steps > 0")
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every must be >= 0, got {self.eval_every}")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end
+    keep_last: int = 2
+    keep_best: int = 0  # by eval loss, when evaluation runs
+    merge: bool = False  # write OUTPUT_DIR/merged at the end of training
+
+    def __post_init__(self):
+        _positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "ds_train"
+    entity: Optional[str] = None
+    run_name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        _choice("wandb.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self):
+        if not self.lora.enabled and not self.model.train_audio_mlp:
+            raise ConfigError("nothing to train: lora.enabled is false and model.train_audio_mlp is false")
+        if self.model.train_audio_mlp and self.lora.enabled and any(
+            t.startswith("audio_mlp.") for t in self.lora.target_modules
+        ):
+            raise ConfigError(
+                "model.train_audio_mlp trains audio_mlp fully, so lora.target_modules must not also target audio_mlp.*"
+            )
+        if self.train.eval_every > 0 and not self.data.eval_file:
+            raise ConfigError("train.eval_every > 0 needs data.eval_file")
+        if self.checkpoint.keep_best > 0 and not self.data.eval_file:
+            raise ConfigError("checkpoint.keep_best > 0 needs data.eval_file (best is measured by eval loss)")
+
+
+def _positive(name: str, value) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+# Flags of the user's old torchrun trainer -> our keys. Flags without a value are booleans.
+ALIASES = {
+    "--model_path": "model.path",
+    "--audio_tokenizer_path": "model.audio_tokenizer_path",
+    "--train_data_file": "data.train_file",
+    "--eval_data_file": "data.eval_file",
+    "--output_dir": "train.output_dir",
+    "--save_steps": "checkpoint.every_steps",
+    "--per_device_train_batch_size": "train.micro_batch_size",
+    "--gradient_accumulation_steps": "train.grad_accum",
+    "--learning_rate": "optim.lr",
+    "--num_train_epochs": "train.epochs",
+    "--logging_steps": "train.log_every",
+    "--warmup_steps": "optim.warmup_steps",
+}
+FLAG_ALIASES = {
+    "--disable_evaluation": ["data.eval_file=null", "train.eval_every=0"],
+    "--bf16": ["model.dtype=bf16"],
+    "--use_lora": ["lora.enabled=true"],
+}
+
+
+def translate_args(args: List[str]) -> tuple[Optional[str], List[str]]:
+    """Split CLI words into (yaml path or None, dotlist), turning old-trainer flags into dotlist entries."""
+    yaml_path, dotlist, i = None, [], 0
+    while i < len(args):
+        a = args[i]
+        flag, _, inline = a.partition("=") if a.startswith("--") else (a, "", "")
+        if flag in FLAG_ALIASES:
+            dotlist += FLAG_ALIASES[flag]
+        elif flag in ALIASES:
+            if inline:
+                value = inline
+            elif i + 1 < len(args):
+                i += 1
+                value = args[i]
+            else:
+                raise ConfigError(f"{flag} needs a value")
+            dotlist.append(f"{ALIASES[flag]}={value}")
+        elif a.startswith("-"):
+            known = ", ".join(sorted([*ALIASES, *FLAG_ALIASES]))
+            raise ConfigError(f"unknown flag {a!r}; use key=value overrides or one of: {known}")
+        elif "=" in a:
+            dotlist.append(a)
+        elif yaml_path is None and a.endswith((".yaml", ".yml")):
+            yaml_path = a
+        else:
+            raise ConfigError(f"unexpected argument {a!r}: expected CONFIG.yaml, key=value or --flag")
+        i += 1
+    return yaml_path, dotlist
+
+
+def load_config(yaml_path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Merge defaults <- YAML <- dotlist into a validated Config. Unknown keys and bad values raise ConfigError."""
+    try:
+        merged = OmegaConf.structured(Config)
+        # Validation runs on the final values only; the schema itself is built without __post_init__ checks.
+        if yaml_path:
+            if not Path(yaml_path).is_file():
+                raise ConfigError(f"config file not found: {yaml_path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(yaml_path))
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"missing required settings: {', '.join(missing)}")
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        where = f" (in {yaml_path})" if yaml_path else ""
+        raise ConfigError(f"{_first_line(e)}{where}") from None
+    return cfg
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    detail = [ln for ln in lines[1:] if ln.startswith(("full_key", "object_type"))]
+    return " ".join([lines[0], *detail[:1]]) if lines else type(e).__name__
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed JSON: the file describes the system (ZeRO stage, offload, bucket sizes); the numbers that also live in
+# our config are injected from it, and a JSON that states a different value is an error, not a silent override.
+
+def resolve_dtype(cfg: Config, cuda: bool) -> str:
+    if cfg.model.dtype == "auto":
+        return "bf16" if cuda else "fp32"
+    return cfg.model.dtype
+
+
+def deepspeed_config(cfg: Config, world_size: int, cuda: bool, path: Optional[str] = None) -> dict:
+    path = path or cfg.train.deepspeed_config
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"DeepSpeed config not found: {path} (train.deepspeed_config)") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
+
+    t, o = cfg.train, cfg.optim
+    dtype = resolve_dtype(cfg, cuda)
+    ours = {
+        "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
+        "gradient_accumulation_steps": (t.grad_accum, "train.grad_accum"),
+        "train_batch_size": (t.micro_batch_size * t.grad_accum * world_size,
+                             "train.micro_batch_size x train.grad_accum x world size"),
+        "gradient_clipping": (o.max_grad_norm, "optim.max_grad_norm"),
+    }
+    for key, (value, source) in ours.items():
+        if key in ds and ds[key] != "auto" and ds[key] != value:
+            raise ConfigError(
+                f"{path}: {key}={ds[key]} but our config gives {value} (from {source}); "
+                f"remove {key} from the JSON or set it to \"auto\" - it is derived from the run config"
+            )
+        ds[key] = value
+
+    for key in ("bf16", "fp16"):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled") not in (None, "auto", key == dtype):
+            raise ConfigError(f"{path}: {key}.enabled contradicts model.dtype={cfg.model.dtype} (resolved {dtype})")
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": dtype == "bf16"}
+    ds["fp16"] = {"enabled": False}
+
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
+    params = opt.setdefault("params", {})
+    for key, value in (("lr", o.lr), ("weight_decay", o.weight_decay), ("betas", list(o.betas)), ("eps", o.eps)):
+        if key in params and params[key] != "auto" and params[key] != value:
+            raise ConfigError(f"{path}: optimizer.params.{key}={params[key]} but optim.{key} is {value}; remove it from the JSON")
+        params[key] = value
+    if "scheduler" in ds:
+        raise ConfigError(f"{path}: remove the 'scheduler' section; set optim.scheduler / optim.warmup_steps instead")
+
+    zero = ds.setdefault("zero_optimization", {})
+    if not cuda:
+        # Pinned host memory needs a GPU driver.
+        for off in ("offload_param", "offload_optimizer"):
+            if isinstance(zero.get(off), dict):
+                zero[off]["pin_memory"] = False
+    ds.setdefault("steps_per_print", 10**9)  # our logger reports; keep DeepSpeed's own step prints quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def redact(obj: Any) -> Any:
+    """Replace values of secret-looking keys, and any value equal to a credential in the environment."""
+    secrets = {v for k, v in os.environ.items() if v and len(v) >= 8 and _is_secret_key(k)}
+
+    def walk(x, key=""):
+        if isinstance(x, dict):
+            return {k: walk(v, str(k)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [walk(v, key) for v in x]
+        if isinstance(x, str) and (_is_secret_key(key) or x in secrets):
+            return "***"
+        return x
+
+    return walk(obj)
+
+
+def _is_secret_key(key: str) -> bool:
+    k = key.upper()
+    return any(s in k for s in ("API_KEY", "TOKEN", "SECRET", "PASSWORD")) and "TOKENIZER" not in k

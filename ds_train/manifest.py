@@ -1,0 +1,136 @@
+"""Read training manifests into Boson `ChatMLSample`s, each tagged with where it came from (file:line).
+
+Two inputs:
+- Boson ChatML: a JSON list or JSONL of ChatMLSample dicts (`messages`, `start_index`, ...).
+- A plain TTS manifest (JSONL): `audio`, `text`, optional `speaker`, optional `ref_audio` + `ref_text`. It becomes
+  the voice-cloning layout Boson's serve engine generates with: system prompt, reference text + reference audio as
+  an earlier turn kept out of the loss, then target text and target audio.
+Relative audio paths resolve against the manifest's directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import dacite
+from boson_multimodal.data_types import AudioContent, ChatMLSample, Message, TextContent
+
+TTS_KEYS = {"audio", "text", "speaker", "ref_audio", "ref_text"}
+
+
+@dataclass
+class Record:
+    source: str  # "manifest.jsonl:12" - what error reports and the cache name a sample by
+    sample: Optional[ChatMLSample]  # None when the record is bad
+    key: str  # content hash: the cache reuses work only for an identical record
+    error: Optional[str] = None
+
+
+def read_manifest(path: str, fmt: str = "auto", system_prompt: str = "") -> list[Record]:
+    """Every record of the manifest, good or bad, in file order."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"manifest not found: {path}")
+    base = Path(path).resolve().parent
+    out = []
+    for source, raw, error in _raw_records(path):
+        key = hashlib.sha1(json.dumps(raw, sort_keys=True).encode() if error is None else source.encode()).hexdigest()
+        if error is not None:
+            out.append(Record(source, None, key, error))
+            continue
+        try:
+            sample = _to_sample(raw, fmt, system_prompt)
+            _resolve_audio(sample, base)
+            out.append(Record(source, sample, key))
+        except (ValueError, TypeError, dacite.DaciteError) as e:
+            out.append(Record(source, None, key, f"does not fit the schema: {e}"))
+    return out
+
+
+def _raw_records(path: str) -> Iterator[tuple[str, Optional[dict], Optional[str]]]:
+    name = os.path.basename(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # a JSON list
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield f"{name}:{e.lineno}", None, f"invalid JSON: {e.msg} (column {e.colno})"
+            return
+        for i, item in enumerate(items):
+            src = f"{name}[{i}]"
+            yield (src, item, None) if isinstance(item, dict) else (src, None, "not a JSON object")
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        src = f"{name}:{lineno}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield src, None, f"invalid JSON: {e.msg} (column {e.colno})"
+            continue
+        yield (src, item, None) if isinstance(item, dict) else (src, None, "not a JSON object")
+
+
+def _to_sample(raw: dict, fmt: str, system_prompt: str) -> ChatMLSample:
+    if fmt == "auto":
+        fmt = "chatml" if "messages" in raw else "tts"
+    if fmt == "chatml":
+        sample = dacite.from_dict(ChatMLSample, raw, config=dacite.Config(strict=True, check_types=True))
+        if not sample.messages:
+            raise ValueError("'messages' is empty")
+        return sample
+    return tts_to_chatml(raw, system_prompt)
+
+
+def tts_to_chatml(raw: dict, system_prompt: str) -> ChatMLSample:
+    unknown = set(raw) - TTS_KEYS
+    if unknown:
+        raise ValueError(f"unknown TTS manifest keys {sorted(unknown)}; expected {sorted(TTS_KEYS)}")
+    for key in ("audio", "text"):
+        if not isinstance(raw.get(key), str):
+            raise ValueError(f"'{key}' must be a string")
+    if ("ref_audio" in raw) != ("ref_text" in raw):
+        raise ValueError("'ref_audio' and 'ref_text' go together")
+    messages = [Message("system", system_prompt)] if system_prompt else []
+    if "ref_audio" in raw:
+        messages += [Message("user", raw["ref_text"]), Message("assistant", AudioContent(audio_url=raw["ref_audio"]))]
+    messages += [Message("user", raw["text"]), Message("assistant", AudioContent(audio_url=raw["audio"]))]
+    # Only the final assistant turn (the target audio) is trained; the reference turn is context.
+    return ChatMLSample(messages=messages, start_index=len(messages) - 1, speaker=raw.get("speaker"))
+
+
+def _resolve_audio(sample: ChatMLSample, base: Path) -> None:
+    for content in audio_contents(sample):
+        if content.raw_audio:
+            raise ValueError("inline raw_audio is not supported; reference audio files by audio_url")
+        if not content.audio_url:
+            raise ValueError("AudioContent without audio_url")
+        if not os.path.isabs(content.audio_url):
+            content.audio_url = str(base / content.audio_url)
+
+
+def contents(message: Message) -> list:
+    c = message.content
+    return list(c) if isinstance(c, list) else [c]
+
+
+def audio_contents(sample: ChatMLSample) -> list[AudioContent]:
+    return [c for m in sample.messages for c in contents(m) if isinstance(c, AudioContent)]
+
+
+def text_of(sample: ChatMLSample) -> list[str]:
+    return [c if isinstance(c, str) else c.text for m in sample.messages for c in contents(m)
+            if isinstance(c, (str, TextContent))]
+
+
+def to_dict(sample: ChatMLSample) -> dict:
+    return dataclasses.asdict(sample)

@@ -1,0 +1,110 @@
+"""Micro-batch plans: which samples each rank trains on, deterministic for (seed, epoch), resumable.
+
+Two ways to cut an epoch into micro-batches:
+- fixed size (`train.micro_batch_size` samples), in shuffled order;
+- token budget (`data.max_tokens`): samples grouped by length so that (longest x count) <= max_tokens, which keeps
+  padding low when lengths are skewed.
+Either way the micro-batches are dealt round-robin over the global ranks, and their number is made a multiple of
+world_size x grad_accum so every rank runs the same number of forwards per step (ZeRO-3 hangs otherwise).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator, Sequence
+
+LENGTH_GROUP_FACTOR = 64  # sort by length within windows of this many micro-batches' worth of samples
+
+
+class MicroBatchSampler:
+    """A batch_sampler for DataLoader yielding this rank's micro-batches of one epoch, from `start` on."""
+
+    def __init__(self, lengths: Sequence[int], rank: int, world: int, grad_accum: int, seed: int,
+                 micro_batch_size: int = 1, max_tokens: int = 0, shuffle: bool = True, drop_remainder: bool = True):
+        if max_tokens and max(lengths) > max_tokens:
+            longest = max(range(len(lengths)), key=lambda i: lengths[i])
+            raise ValueError(f"sample {longest} has {lengths[longest]} tokens, more than data.max_tokens={max_tokens}")
+        self.lengths, self.rank, self.world, self.accum = list(lengths), rank, world, grad_accum
+        self.seed, self.mbs, self.max_tokens, self.shuffle = seed, micro_batch_size, max_tokens, shuffle
+        # False (evaluation): keep every sample; ranks may then differ by one micro-batch, which the caller pads.
+        self.drop_remainder = drop_remainder
+        self.epoch, self.start = 0, 0
+        self._plan_cache = None
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch and skip this rank's first `start` micro-batches (resume)."""
+        self.epoch, self.start = epoch, start
+
+    def plan(self) -> list[list[int]]:
+        """All micro-batches of the epoch, global order (micro-batch b goes to rank b % world)."""
+        if self._plan_cache and self._plan_cache[0] == self.epoch:
+            return self._plan_cache[1]
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            rng.shuffle(order)
+        batches = self._by_tokens(order, rng) if self.max_tokens else self._by_count(order)
+        if self.drop_remainder:
+            batches = _fit_multiple(batches, self.world * self.accum)
+        self._plan_cache = (self.epoch, batches)
+        return batches
+
+    def _by_count(self, order: list[int]) -> list[list[int]]:
+        return [order[i:i + self.mbs] for i in range(0, len(order), self.mbs)]
+
+    def _by_tokens(self, order: list[int], rng: random.Random) -> list[list[int]]:
+        avg = max(1, sum(self.lengths) // max(1, len(self.lengths)))
+        window = max(1, (self.max_tokens // avg) * LENGTH_GROUP_FACTOR)
+        batches = []
+        for w in range(0, len(order), window):
+            chunk = sorted(order[w:w + window], key=lambda i: self.lengths[i])
+            batch, longest = [], 0
+            for i in chunk:
+                longest_if = max(longest, self.lengths[i])
+                if batch and longest_if * (len(batch) + 1) > self.max_tokens:
+                    batches.append(batch)
+                    batch, longest_if = [], self.lengths[i]
+                batch.append(i)
+                longest = longest_if
+            if batch:
+                batches.append(batch)
+        if self.shuffle:
+            rng.shuffle(batches)  # mix lengths across steps; within a batch they stay alike
+        return batches
+
+    def rank_batches(self) -> list[list[int]]:
+        return self.plan()[self.rank::self.world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.rank_batches()[self.start:]
+
+    def __len__(self) -> int:
+        return len(self.rank_batches()) - self.start
+
+    def steps_per_epoch(self) -> int:
+        return len(self.plan()) // (self.world * self.accum)
+
+    def padding_efficiency(self) -> float:
+        """Real tokens / padded tokens over the epoch's micro-batches."""
+        real = padded = 0
+        for b in self.plan():
+            ls = [self.lengths[i] for i in b]
+            real += sum(ls)
+            padded += max(ls) * len(ls)
+        return real / padded if padded else 1.0
+
+    def dropped(self) -> int:
+        return len(self.lengths) - sum(len(b) for b in self.plan())
+
+
+def _fit_multiple(batches: list[list[int]], multiple: int) -> list[list[int]]:
+    """Make len(batches) a multiple of `multiple`: split the largest batches (no sample lost); only when every
+    batch is a single sample, drop the last few (reported by `dropped()`)."""
+    batches = [list(b) for b in batches]
+    while len(batches) % multiple:
+        largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+        if len(batches[largest]) < 2:
+            return batches[: len(batches) - len(batches) % multiple]
+        b = batches[largest]
+        batches[largest:largest + 1] = [b[: len(b) // 2], b[len(b) // 2:]]
+    return batches

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# ds_train front door.
+#   ./run.sh                      set up .venv if missing, then run the embedded tiny demo (runs/demo/)
+#   ./run.sh test [pytest args]   the whole test suite
+#   ./run.sh train CONFIG.yaml [key=value ...] [--hostfile FILE] [--master_port N]
+#   ./run.sh prepare CONFIG.yaml [key=value ...] [--hostfile FILE]
+#   ./run.sh <any other ds-train subcommand> ...   (consolidate, merge, make-tiny, bench-data, ...)
+#
+# Preemption: SIGTERM / SIGUSR1 reach every rank (the launcher forwards them); ranks agree at the next step
+# boundary, save a checkpoint and exit with code 143 ("preempted"). Under SLURM ask for the signal ahead of the
+# time limit, e.g. `#SBATCH --signal=B:USR1@120`, and requeue with train.resume=auto.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+cd "$ROOT"
+
+log() { printf '[run.sh] %s\n' "$*" >&2; }
+
+ensure_venv() {
+  if [[ -x "$VENV/bin/ds-train" && -f "$VENV/.ds_train_installed" ]]; then return; fi
+  log "creating $VENV and installing ds_train (first run only; several GB of wheels)"
+  python3 -m venv "$VENV"
+  "$PY" -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  # The pip config on some machines names missing local indexes; their warnings are noise here.
+  "$PY" -m pip install --quiet -e "$ROOT[test]" 2>&1 | grep -v "^WARNING: Location" || true
+  "$PY" -c "import ds_train, deepspeed, peft, boson_multimodal, torchaudio" \
+    || { log "install failed: see the pip output above"; exit 1; }
+  touch "$VENV/.ds_train_installed"
+}
+
+local_procs() {
+  # One process per GPU; two on a machine without GPUs (enough to exercise ZeRO-3 partitioning).
+  local n=0
+  if command -v nvidia-smi >/dev/null 2>&1; then n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
+  if [[ "$n" -gt 0 ]]; then echo "$n"; else echo 2; fi
+}
+
+set_env_defaults() {
+  local procs="$1"
+  export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+  export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+  local cores; cores=$(nproc)
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / procs > 0 ? cores / procs : 1 ))}"
+  export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+}
+
+slurm_hostfile() {
+  # Inside a SLURM allocation: one line per node, slots = GPUs per node.
+  local file="$1" slots="${SLURM_GPUS_ON_NODE:-$(local_procs)}"
+  scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=${slots}/" >"$file"
+  log "wrote $file from SLURM_JOB_NODELIST ($(wc -l <"$file") nodes x $slots slots)"
+}
+
+hostfile_hosts() { grep -v '^\s*\(#\|$\)' "$1" | awk '{print $1}'; }
+
+# launch SUBCOMMAND ARGS...: run `ds-train SUBCOMMAND` on every rank through the deepspeed launcher.
+launch() {
+  local sub="$1"; shift
+  local hostfile="" port="${MASTER_PORT:-29500}" args=()
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --hostfile) hostfile="${2:?--hostfile needs a file}"; shift 2 ;;
+      --hostfile=*) hostfile="${1#*=}"; shift ;;
+      --master_port) port="${2:?}"; shift 2 ;;
+      --master_port=*) port="${1#*=}"; shift ;;
+      *) args+=("$1"); shift ;;
+    esac
+  done
+  if [[ -z "$hostfile" && -n "${SLURM_JOB_NODELIST:-}" && "${SLURM_JOB_NUM_NODES:-1}" -gt 1 ]]; then
+    hostfile="$ROOT/hostfiles/slurm-${SLURM_JOB_ID:-job}"
+    slurm_hostfile "$hostfile"
+  fi
+  local launcher=("$VENV/bin/deepspeed" --master_port "$port" --no_local_rank)
+  if [[ -n "$hostfile" ]]; then
+    [[ -f "$hostfile" ]] || { log "hostfile not found: $hostfile"; exit 2; }
+    "$PY" -m ds_train.launch check-hostfile "$hostfile"
+    local hosts; hosts=$(hostfile_hosts "$hostfile" | wc -l)
+    if [[ "$hosts" -eq 1 ]]; then
+      # One node: no ssh needed.
+      launcher+=(--hostfile "$hostfile" --no_ssh --node_rank 0 --master_addr 127.0.0.1)
+      set_env_defaults "$(grep -v '^\s*\(#\|$\)' "$hostfile" | sed -n 's/.*slots=\([0-9]*\).*/\1/p' | head -1)"
+    else
+      launcher+=(--hostfile "$hostfile" --launcher "${DS_LAUNCHER:-openssh}")
+      set_env_defaults "$(local_procs)"
+      # Ranks on other hosts inherit these through DeepSpeed's .deepspeed_env mechanism.
+      "$PY" -m ds_train.launch write-env
+    fi
+  else
+    local n; n=$(local_procs)
+    set_env_defaults "$n"
+    launcher+=(--num_gpus "$n")
+    if [[ "$n" -gt 0 ]] && ! command -v nvidia-smi >/dev/null 2>&1; then export LOCAL_SIZE="$n"; fi
+  fi
+  log "${launcher[*]} --module ds_train $sub ${args[*]:-}"
+  exec "${launcher[@]}" --module ds_train "$sub" "${args[@]}"
+}
+
+demo() {
+  local demo_dir="runs/demo"
+  local t0=$SECONDS
+  rm -rf "$demo_dir/out"
+  [[ -f "$demo_dir/tiny-model/config.json" ]] || "$VENV/bin/ds-train" make-tiny "$demo_dir/tiny-model"
+  [[ -f "$demo_dir/data/train.jsonl" ]] || "$VENV/bin/ds-train" make-demo-data "$demo_dir/data" --n 24 --n-eval 4
+  ( launch prepare configs/demo.yaml )
+  ( launch train configs/demo.yaml )
+  "$PY" -m ds_train.launch demo-summary "$demo_dir/out" "$(( SECONDS - t0 ))"
+}
+
+cmd="${1:-demo}"
+[[ $# -gt 0 ]] && shift
+ensure_venv
+case "$cmd" in
+  demo) demo ;;
+  test)
+    export PATH="$VENV/bin:$PATH"
+    exec "$PY" -m pytest "$@" ;;
+  train|prepare) launch "$cmd" "$@" ;;
+  *) exec "$VENV/bin/ds-train" "$cmd" "$@" ;;
+esac
