@@ -1,0 +1,95 @@
+"""Shared fixtures: one tiny real-format checkpoint and one demo data set per session, and a runner for the real
+`deepspeed` launcher. Nothing here is mocked; tests that mock something (a GPU, the network) say so themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from ds_train.tiny import make_tiny
+
+    return make_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_nodelay(tmp_path_factory) -> Path:
+    from ds_train.tiny import make_tiny
+
+    return make_tiny(str(tmp_path_factory.mktemp("tiny_nodelay") / "model"), use_delay_pattern=False)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """8 train + 2 eval voice-cloning samples (TTS manifest). Its prepared cache is shared by the session."""
+    from ds_train.demo_data import make_demo_data
+
+    return make_demo_data(str(tmp_path_factory.mktemp("data") / "demo"), n=8, n_eval=2)
+
+
+def base_config(model_dir: Path, data_dir: Path, out: Path, **sections) -> dict:
+    """A small-run config as a dict; `sections` deep-merge over it (e.g. train={"max_steps": 3})."""
+    cfg = {
+        "model": {"path": str(model_dir), "audio_tokenizer_path": str(model_dir / "audio_tokenizer")},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train_file": str(data_dir / "train.jsonl")},
+        "optim": {"lr": 0.005, "warmup_steps": 0, "scheduler": "constant"},
+        "train": {"output_dir": str(out), "deepspeed_config": str(REPO / "ds_configs/zero3_partition_all.json"),
+                  "micro_batch_size": 1, "grad_accum": 1, "epochs": 1, "log_every": 1},
+        "wandb": {"mode": "disabled"},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], nprocs: int = 2, env: dict | None = None, timeout: int = 600,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N --module ds_train ARGS` on this machine: the real launcher, N real processes."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "LOCAL_SIZE": str(nprocs), "PYTHONUNBUFFERED": "1",
+                "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()), "--no_local_rank",
+           "--module", "ds_train", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def ds_train(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m ds_train ARGS` in one process (no launcher)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "ds_train", *args], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out) if "loss" in r]

@@ -1,0 +1,139 @@
+"""ds_train/config.py: one structured config, clear errors at start, old-trainer aliases, derived DeepSpeed JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ds_train.config import ConfigError, deepspeed_config, load_config, redact, to_dict, translate_args
+
+REQUIRED = ["model.path=/m", "model.audio_tokenizer_path=/m/audio_tokenizer", "data.train_file=/d/train.jsonl",
+            "train.output_dir=/o"]
+
+
+def cfg_with(*extra):
+    return load_config(None, [*REQUIRED, *extra])
+
+
+def test_defaults_and_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("optim:\n  lr: 0.002\ntrain:\n  grad_accum: 4\n")
+    cfg = load_config(str(y), [*REQUIRED, "optim.lr=3e-4"])
+    assert cfg.optim.lr == 3e-4  # dotlist wins over YAML
+    assert cfg.train.grad_accum == 4
+    assert "audio_mlp.gate_proj" in cfg.lora.target_modules and "mlp.gate_proj" not in cfg.lora.target_modules
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "Key 'lrr' not in 'OptimConfig'"),
+    ("nosuch.key=1", "nosuch"),
+    ("train.micro_batch_size=two", "train.micro_batch_size"),
+    ("train.micro_batch_size=0", "train.micro_batch_size must be > 0"),
+    ("model.dtype=fp16", "model.dtype must be one of"),
+    ("wandb.mode=maybe", "wandb.mode must be one of"),
+    ("lora.enabled=false", "nothing to train"),
+    ("train.eval_every=10", "needs data.eval_file"),
+    ("checkpoint.keep_best=1", "needs data.eval_file"),
+    ("data.prefetch_factor=2", "need data.num_workers > 0"),
+])
+def test_bad_settings_fail_at_start(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        cfg_with(override)
+
+
+def test_full_audio_mlp_and_lora_on_audio_mlp_contradict():
+    with pytest.raises(ConfigError, match="must not also target audio_mlp"):
+        cfg_with("model.train_audio_mlp=true")
+    cfg = cfg_with("model.train_audio_mlp=true", "lora.target_modules=[self_attn.q_proj]")
+    assert cfg.model.train_audio_mlp
+
+
+def test_missing_required_are_listed():
+    with pytest.raises(ConfigError, match="missing required settings: data.train_file, model.audio_tokenizer_path"):
+        load_config(None, ["model.path=/m"])
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("optim:\n  lerning_rate: 1\n")
+    with pytest.raises(ConfigError, match=r"lerning_rate.*bad.yaml"):
+        load_config(str(y), REQUIRED)
+
+
+def test_old_trainer_flags_are_aliases():
+    # The user's torchrun command (shared/seeds/001), word for word.
+    words = ("--model_path bosonai/higgs-audio-v2-generation-3B-base --audio_tokenizer_path bosonai/higgs-audio-v2-tokenizer "
+             "--train_data_file ../../higgs-audio/training_data/chatml/train_chatml_samples.json --output_dir ./output_expmt_v1 "
+             "--save_steps 5000 --disable_evaluation --per_device_train_batch_size 2 --learning_rate 5e-5 "
+             "--num_train_epochs 3 --logging_steps 50 --warmup_steps 500 --bf16 --use_lora").split()
+    yaml_path, dotlist = translate_args(words)
+    cfg = load_config(yaml_path, dotlist)
+    assert yaml_path is None
+    assert cfg.model.path == "bosonai/higgs-audio-v2-generation-3B-base"
+    assert cfg.model.audio_tokenizer_path == "bosonai/higgs-audio-v2-tokenizer"
+    assert cfg.data.train_file.endswith("train_chatml_samples.json") and cfg.data.eval_file is None
+    assert cfg.train.output_dir == "./output_expmt_v1"
+    assert cfg.checkpoint.every_steps == 5000 and cfg.train.micro_batch_size == 2 and cfg.optim.lr == 5e-5
+    assert cfg.train.epochs == 3 and cfg.train.log_every == 50 and cfg.optim.warmup_steps == 500
+    assert cfg.model.dtype == "bf16" and cfg.lora.enabled and cfg.train.eval_every == 0
+
+
+def test_alias_forms_and_unknown_flags():
+    assert translate_args(["c.yml", "--learning_rate=1e-3", "x.y=1"]) == ("c.yml", ["optim.lr=1e-3", "x.y=1"])
+    with pytest.raises(ConfigError, match="unknown flag '--lr'"):
+        translate_args(["--lr", "1"])
+    with pytest.raises(ConfigError, match="needs a value"):
+        translate_args(["--learning_rate"])
+
+
+def _ds_json(tmp_path, body) -> str:
+    p = tmp_path / "ds.json"
+    p.write_text(body if isinstance(body, str) else json.dumps(body))
+    return str(p)
+
+
+def test_deepspeed_json_takes_numbers_from_config(tmp_path):
+    cfg = cfg_with("train.micro_batch_size=3", "train.grad_accum=4", "optim.lr=2e-4", "optim.max_grad_norm=0.5")
+    ds = deepspeed_config(cfg, world_size=16, cuda=True, path="ds_configs/zero3.json")
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 4
+    assert ds["train_batch_size"] == 3 * 4 * 16 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is True and ds["optimizer"]["params"]["lr"] == 2e-4
+    assert ds["zero_optimization"]["stage"] == 3
+    cpu = deepspeed_config(cfg, world_size=2, cuda=False, path="ds_configs/zero3_offload.json")
+    assert cpu["bf16"]["enabled"] is False  # auto -> fp32 without a GPU
+    assert cpu["zero_optimization"]["offload_param"]["pin_memory"] is False  # pinning needs a GPU driver
+    assert deepspeed_config(cfg, 8, True, "ds_configs/zero2.json")["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize("body, message", [
+    ('{"zero_optimization": {"stage": 3},\n "train_batch_size": 7', "not valid JSON: line 2"),
+    ({"train_batch_size": 64}, r"train_batch_size=64 but our config gives 32"),
+    ({"train_micro_batch_size_per_gpu": 2}, "train.micro_batch_size"),
+    ({"gradient_accumulation_steps": 8}, "train.grad_accum"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, "optimizer.params.lr"),
+    ({"scheduler": {"type": "WarmupLR"}}, "remove the 'scheduler' section"),
+    ({"bf16": {"enabled": True}}, "bf16.enabled contradicts model.dtype=fp32"),
+    ([1, 2], "must be a JSON object"),
+])
+def test_deepspeed_json_errors(tmp_path, body, message):
+    cfg = cfg_with("train.micro_batch_size=1", "train.grad_accum=2", "model.dtype=fp32")
+    with pytest.raises(ConfigError, match=message):
+        deepspeed_config(cfg, world_size=16, cuda=False, path=_ds_json(tmp_path, body))
+    # "auto" and equal values are accepted
+    ok = deepspeed_config(cfg, 16, False, _ds_json(tmp_path, {"train_batch_size": 32, "gradient_clipping": "auto"}))
+    assert ok["gradient_clipping"] == 1.0
+
+
+def test_missing_deepspeed_json():
+    with pytest.raises(ConfigError, match="DeepSpeed config not found: nope.json"):
+        deepspeed_config(cfg_with(), 1, False, "nope.json")
+
+
+def test_redact_hides_credentials(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "abcdef0123456789secret")
+    cfg = cfg_with("wandb.run_name=abcdef0123456789secret", "wandb.tags=[hf_token_here]")
+    red = redact({**to_dict(cfg), "HF_TOKEN": "hf_xyz", "tokenizer_path": "/m"})
+    text = json.dumps(red)
+    assert "abcdef0123456789secret" not in text and "hf_xyz" not in text
+    assert red["tokenizer_path"] == "/m" and red["wandb"]["tags"] == ["hf_token_here"]
