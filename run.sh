@@ -82,7 +82,7 @@ launch() {
       launcher+=(--hostfile "$hostfile" --no_ssh --node_rank 0 --master_addr 127.0.0.1)
       set_env_defaults "$(grep -v '^\s*\(#\|$\)' "$hostfile" | sed -n 's/.*slots=\([0-9]*\).*/\1/p' | head -1)"
     else
-      launcher+=(--hostfile "$hostfile" --launcher "${DS_LAUNCHER:-openssh}")
+      launcher+=(--hostfile "$hostfile" --launcher "${DS_LAUNCHER:-pdsh}")
       set_env_defaults "$(local_procs)"
       # Ranks on other hosts inherit these through DeepSpeed's .deepspeed_env mechanism.
       "$PY" -m ds_train.launch write-env

@@ -19,6 +19,7 @@ from ds_train import checkpoint, dist
 from ds_train.config import Config, ConfigError, deepspeed_config, resolve_dtype, to_yaml
 from ds_train.data import CachedDataset, build_loader, make_collator
 from ds_train.loss import compute_loss
+from ds_train.merge import merge
 from ds_train.metrics import make_logger, peak_memory_gb, truncate_metrics
 from ds_train.model import build_model, check_audio_tokenizer, load_model_config, load_text_tokenizer, torch_dtype
 from ds_train.prepare import prepare, write_report
@@ -87,6 +88,9 @@ def train(cfg: Config) -> dict:
         eval_loader, _ = build_loader(eval_set, collator, cfg, rank, world, sampler=eval_sampler)
     total_steps = planned_steps(cfg, sampler)
 
+    # Seed right before the adapters are initialised: whether `prepare` just ran the audio tokenizer (which draws
+    # random numbers while it is built) must not change the LoRA init.
+    seed_everything(cfg.train.seed)
     model = build_model(cfg, ds_config, torch_dtype(resolve_dtype(cfg, cuda)))
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(
@@ -168,6 +172,11 @@ def train(cfg: Config) -> dict:
     dist.barrier()
     summary = {"first_loss": first_loss, "last_loss": last_loss, "steps": state["step"],
                "adapter": str(out / "adapter")}
+    if cfg.checkpoint.merge and dist.is_main():
+        merge(cfg.model.path, out / "adapter", out / "merged", "bf16" if cuda else "fp32")
+    dist.barrier()
+    if cfg.checkpoint.merge:
+        summary["merged"] = str(out / "merged")
     logger.summary(summary)
     logger.finish()
     return summary

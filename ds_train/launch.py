@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 HOST_LINE = re.compile(r"^(?P<host>[A-Za-z0-9_.\-\[\]:]+)\s+slots=(?P<slots>[1-9][0-9]*)\s*$")
-# Settings every rank on every host should share; credentials are deliberately absent (use `wandb login` on the
-# nodes: a key written into an env file would sit on disk in the working directory).
+# Settings every rank on every host should share. Credentials are deliberately absent (use `wandb login` on the
+# nodes: a key written into an env file would sit on disk in the working directory), and so are interface names
+# (GLOO/NCCL_SOCKET_IFNAME), which differ from host to host.
 PROPAGATE = ("OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "PYTORCH_CUDA_ALLOC_CONF",
-             "TOKENIZERS_PARALLELISM", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "NCCL_DEBUG",
+             "TOKENIZERS_PARALLELISM", "NCCL_IB_DISABLE", "NCCL_DEBUG",
              "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "HF_HOME", "HF_HUB_OFFLINE", "PATH")
 
 
@@ -40,9 +41,11 @@ def parse_hostfile(path: str) -> list[tuple[str, int]]:
 
 
 def write_env(path: str = ".deepspeed_env") -> None:
-    """The env file DeepSpeed's multi-node launchers export on every host."""
+    """The env file DeepSpeed's multi-node launchers export on every host (never empty: its parser splits
+    every line on '=')."""
     lines = [f"{k}={os.environ[k]}" for k in PROPAGATE if os.environ.get(k)]
-    Path(path).write_text("\n".join(lines) + "\n")
+    if lines:
+        Path(path).write_text("\n".join(lines) + "\n")
 
 
 def demo_summary(out_dir: str, seconds: str) -> None:
