@@ -6,9 +6,10 @@
 #   ./run.sh prepare CONFIG.yaml [key=value ...] [--hostfile FILE]
 #   ./run.sh <any other ds-train subcommand> ...   (consolidate, merge, make-tiny, bench-data, ...)
 #
-# Preemption: SIGTERM / SIGUSR1 reach every rank (the launcher forwards them); ranks agree at the next step
-# boundary, save a checkpoint and exit with code 143 ("preempted"). Under SLURM ask for the signal ahead of the
-# time limit, e.g. `#SBATCH --signal=B:USR1@120`, and requeue with train.resume=auto.
+# Preemption: SIGTERM or SIGUSR1 to run.sh (or to any rank) makes every rank save a checkpoint at the next step
+# boundary and exit with code 75. Under SLURM ask for the signal ahead of the time limit and let it reach run.sh:
+#   #SBATCH --signal=B:USR1@120        (B: signal the batch shell; `exec ./run.sh train ...` in the script)
+# then requeue / relaunch with train.resume=auto.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,7 +25,7 @@ ensure_venv() {
   python3 -m venv "$VENV"
   "$PY" -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   # The pip config on some machines names missing local indexes; their warnings are noise here.
-  "$PY" -m pip install --quiet -e "$ROOT[test]" 2>&1 | grep -v "^WARNING: Location" || true
+  "$PY" -m pip install --quiet -e "${ROOT}[test]" 2>&1 | grep -v "^WARNING: Location" || true
   "$PY" -c "import ds_train, deepspeed, peft, boson_multimodal, torchaudio" \
     || { log "install failed: see the pip output above"; exit 1; }
   touch "$VENV/.ds_train_installed"
@@ -94,7 +95,43 @@ launch() {
     if [[ "$n" -gt 0 ]] && ! command -v nvidia-smi >/dev/null 2>&1; then export LOCAL_SIZE="$n"; fi
   fi
   log "${launcher[*]} --module ds_train $sub ${args[*]:-}"
-  exec "${launcher[@]}" --module ds_train "$sub" "${args[@]}"
+  "${launcher[@]}" --module ds_train "$sub" "${args[@]}" &
+  local child=$! rc=0
+  # shellcheck disable=SC2064  # expand $child now
+  trap "forward_preemption $child" TERM USR1
+  while true; do
+    rc=0
+    wait "$child" || rc=$?
+    kill -0 "$child" 2>/dev/null || break  # still running: wait was interrupted by a trapped signal
+  done
+  trap - TERM USR1
+  return "$rc"
+}
+
+# The ranks of a local launch: descendants of the launcher running `-m ds_train` (not DeepSpeed's own launcher).
+rank_pids() {
+  local pid args
+  for pid in $(pgrep -P "$1" || true); do
+    args=$(ps -o args= -p "$pid" 2>/dev/null || true)
+    if [[ "$args" == *"-m ds_train"* && "$args" != *deepspeed.launcher* ]]; then echo "$pid"; fi
+    rank_pids "$pid"
+  done
+}
+
+# SIGTERM/SIGUSR1 to run.sh: every rank checkpoints at the next step boundary and exits 75.
+forward_preemption() {
+  local ranks
+  ranks=$(rank_pids "$1")
+  if [[ -n "$ranks" ]]; then
+    log "preemption signal: asking ranks $(echo $ranks) to checkpoint and stop"
+    # shellcheck disable=SC2086
+    kill -USR1 $ranks 2>/dev/null || true
+  else
+    # Multi-node (pdsh): DeepSpeed's runner relays SIGTERM to every host's launcher, which relays it to its
+    # ranks and gives them 30 s.
+    log "preemption signal: relaying SIGTERM to the DeepSpeed runner"
+    kill -TERM "$1" 2>/dev/null || true
+  fi
 }
 
 demo() {
@@ -116,6 +153,6 @@ case "$cmd" in
   test)
     export PATH="$VENV/bin:$PATH"
     exec "$PY" -m pytest "$@" ;;
-  train|prepare) launch "$cmd" "$@" ;;
+  train|prepare) rc=0; launch "$cmd" "$@" || rc=$?; exit "$rc" ;;
   *) exec "$VENV/bin/ds-train" "$cmd" "$@" ;;
 esac

@@ -139,6 +139,15 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"ds-train {argv[0]}: config error: {e}", file=sys.stderr)
         return 2
+    except SystemExit:
+        raise
+    except RuntimeError as e:
+        from ds_train.resilience import DIVERGED_EXIT, Diverged
+
+        if isinstance(e, Diverged):
+            print(f"ds-train {argv[0]}: stopped: {e}", file=sys.stderr)
+            return DIVERGED_EXIT
+        raise
     except Exception as e:
         from ds_train.prepare import DataError
 

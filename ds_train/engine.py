@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ds_train import checkpoint, dist
+from ds_train import checkpoint, dist, faults
 from ds_train.config import Config, ConfigError, deepspeed_config, resolve_dtype, to_yaml
 from ds_train.data import CachedDataset, build_loader, make_collator
 from ds_train.loss import compute_loss
@@ -23,6 +23,7 @@ from ds_train.merge import merge
 from ds_train.metrics import make_logger, peak_memory_gb, truncate_metrics
 from ds_train.model import build_model, check_audio_tokenizer, load_model_config, load_text_tokenizer, torch_dtype
 from ds_train.prepare import prepare, write_report
+from ds_train.resilience import Diverged, Preempted, PreemptionFlag, SkipCounter
 from ds_train.sampler import MicroBatchSampler
 
 
@@ -97,6 +98,9 @@ def train(cfg: Config) -> dict:
         model=model, model_parameters=trainable, config=ds_config,
         lr_scheduler=lambda opt: get_scheduler(cfg.optim.scheduler, opt, num_warmup_steps=cfg.optim.warmup_steps,
                                                num_training_steps=total_steps))
+    if hasattr(engine.optimizer, "check_grad_overflow"):
+        # ZeRO-1/2 check the grad norm for inf/NaN only in fp16/bf16; ask for it in fp32 too. (ZeRO-3 always does.)
+        engine.optimizer.check_grad_overflow = True
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0}
     if resume_from is not None:
         saved = checkpoint.load(engine, resume_from)
@@ -108,6 +112,7 @@ def train(cfg: Config) -> dict:
                 f"padding efficiency {sampler.padding_efficiency():.3f}")
 
     # The loop.
+    preemption, skips = PreemptionFlag(), SkipCounter(cfg.train.max_consecutive_skips)
     accum, device = cfg.train.grad_accum, dist.device()
     first_loss = last_loss = None
     it, steps_this_epoch = None, 0
@@ -132,8 +137,10 @@ def train(cfg: Config) -> dict:
             batch = next(it).to(device)
             outputs = engine(**batch.inputs)
             loss = compute_loss(outputs, batch.label_audio_ids, cfg.loss.text_weight, cfg.loss.audio_weight)
+            if faults.active("nan_loss", state["step"] + 1):
+                loss.total = loss.total * float("nan")
             engine.backward(loss.total)
-            engine.step()  # DeepSpeed updates only at the accumulation boundary
+            engine.step()  # DeepSpeed updates only at the accumulation boundary, and skips a non-finite one
             sums[:4] += [loss.total.item(), loss.text.item(), loss.audio.item(), batch.num_tokens]
             sums[4:] += loss.codebooks.cpu().numpy()
             samples += batch.num_samples
@@ -144,27 +151,47 @@ def train(cfg: Config) -> dict:
         reduced = dist.all_reduce([*sums.tolist(), samples, step_time], op="sum")
         n = accum * world
         loss_mean = reduced[0] / n
-        first_loss = loss_mean if first_loss is None else first_loss
-        last_loss = loss_mean
         step_time = reduced[-1] / world
         last_step = state["step"] == total_steps
-        if state["step"] % cfg.train.log_every == 0 or state["step"] == 1 or last_step:
+        skipped = skips.update(loss_mean, engine.was_step_applied())
+        if skipped:
+            dist.print0(f"step {state['step']}: non-finite loss or gradient norm; update skipped on every rank "
+                        f"({skips.in_a_row} in a row, {skips.total} in total)")
+        else:
+            first_loss = loss_mean if first_loss is None else first_loss
+            last_loss = loss_mean
+        if state["step"] % cfg.train.log_every == 0 or state["step"] == 1 or last_step or skipped:
             logger.log({
                 "step": state["step"], "epoch": state["epoch"], "loss": loss_mean, "text_loss": reduced[1] / n,
                 "audio_loss": reduced[2] / n, "codebook_losses": [c / n for c in reduced[4:4 + len(sums) - 4]],
                 "lr": scheduler.get_last_lr()[0], "grad_norm": _grad_norm(engine),
                 "tokens_per_s": reduced[3] / step_time, "samples_per_s": reduced[-2] / step_time,
                 "step_time_s": step_time, "peak_mem_gb": peak_memory_gb(),
+                "skipped": skipped, "skipped_steps": skips.total,
             })
         progress.update(1, loss_mean)
+        if skips.exhausted():
+            path = checkpoint.save(engine, model, cfg, out, state)  # skipped updates left the last good weights
+            raise Diverged(f"{skips.in_a_row} consecutive steps (up to step {state['step']}) had a non-finite loss "
+                           f"or gradient norm (train.max_consecutive_skips={cfg.train.max_consecutive_skips}). The "
+                           f"last good state is saved in {path}; lower optim.lr or inspect the data, then resume "
+                           "with train.resume=auto.")
 
         eval_loss = None
         if eval_loader is not None and (last_step or (cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0)):
             eval_loss = evaluate(engine, eval_loader, cfg)
             logger.log({"step": state["step"], "epoch": state["epoch"], "eval_loss": eval_loss})
         every = cfg.checkpoint.every_steps
-        if last_step or (every and state["step"] % every == 0):
+        saved = last_step or (every and state["step"] % every == 0)
+        if saved:
             checkpoint.save(engine, model, cfg, out, state, eval_loss)
+        if not last_step and preemption.agreed():
+            path = checkpoint.save(engine, model, cfg, out, state) if not saved else checkpoint.read_latest(out)
+            logger.log({"step": state["step"], "epoch": state["epoch"], "preempted": preemption.received or "peer"})
+            logger.finish()
+            dist.print0(f"preempted ({preemption.received or 'signal on another rank'}): saved {path} at step "
+                        f"{state['step']}; relaunch with train.resume=auto to continue")
+            raise Preempted(path)
 
     # Cleanup: the final adapter, and a merged model when asked.
     progress.close()

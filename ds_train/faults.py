@@ -1,0 +1,25 @@
+"""Deliberate faults for the resilience tests, switched on by DS_TRAIN_FAULT; inert otherwise.
+
+DS_TRAIN_FAULT is a comma-separated list of NAME:STEP[:RANK] entries, e.g.
+  nan_loss:3:1       rank 1 computes a NaN loss at step 3 (the ranks must still agree to skip)
+  after_shards:4     the process exits (code 99) mid-save at step 4: shards written, `latest` not yet
+"""
+
+from __future__ import annotations
+
+import os
+
+from ds_train import dist
+
+
+def active(name: str, step: int) -> bool:
+    for entry in filter(None, os.environ.get("DS_TRAIN_FAULT", "").split(",")):
+        parts = entry.split(":")
+        if parts[0] == name and int(parts[1]) == step and (len(parts) < 3 or int(parts[2]) == dist.rank()):
+            return True
+    return False
+
+
+def crash_if(name: str, step: int) -> None:
+    if active(name, step):
+        os._exit(99)
