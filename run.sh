@@ -75,8 +75,8 @@ launch() {
   fi
   local launcher=("$VENV/bin/deepspeed" --master_port "$port" --no_local_rank)
   if [[ -n "$hostfile" ]]; then
-    [[ -f "$hostfile" ]] || { log "hostfile not found: $hostfile"; exit 2; }
-    "$PY" -m ds_train.launch check-hostfile "$hostfile"
+    [[ -f "$hostfile" ]] || { log "hostfile not found: $hostfile"; return 2; }
+    "$PY" -m ds_train.launch check-hostfile "$hostfile" || return 2
     local hosts; hosts=$(hostfile_hosts "$hostfile" | wc -l)
     if [[ "$hosts" -eq 1 ]]; then
       # One node: no ssh needed.
@@ -86,7 +86,7 @@ launch() {
       launcher+=(--hostfile "$hostfile" --launcher "${DS_LAUNCHER:-pdsh}")
       set_env_defaults "$(local_procs)"
       # Ranks on other hosts inherit these through DeepSpeed's .deepspeed_env mechanism.
-      "$PY" -m ds_train.launch write-env
+      "$PY" -m ds_train.launch write-env || return 2
     fi
   else
     local n; n=$(local_procs)

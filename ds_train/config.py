@@ -275,12 +275,13 @@ def _first_line(e: Exception) -> str:
     return " ".join([lines[0], *detail[:1]]) if lines else type(e).__name__
 
 
-def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
 def to_dict(cfg: Config) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    """The resolved config as plain data, credentials redacted (it is written to disk and sent to W&B)."""
+    return redact(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 
 
 # ----------------------------------------------------------------------------------------------------------------

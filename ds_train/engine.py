@@ -58,13 +58,13 @@ def train(cfg: Config) -> dict:
     text_tokenizer = load_text_tokenizer(cfg, model_config)
     check_audio_tokenizer(cfg, model_config)
     out = check_output_dir(cfg)
-    deepspeed.init_distributed()
     cuda = torch.cuda.is_available()
+    ds_config = deepspeed_config(cfg, dist.world_size(), cuda)  # world size from the launcher's environment
+    resume_from = checkpoint.find_resume(cfg, out)
+    deepspeed.init_distributed()
     if cuda:
         torch.cuda.set_device(dist.local_rank())
     world, rank = dist.world_size(), dist.rank()
-    ds_config = deepspeed_config(cfg, world, cuda)
-    resume_from = checkpoint.find_resume(cfg, out)
     seed_everything(cfg.train.seed)
     if dist.is_main():
         (out / "config.yaml").write_text(to_yaml(cfg))

@@ -21,9 +21,11 @@ class MetricsLogger:
         if cfg.wandb.mode != "disabled":
             import wandb
 
+            resolved = to_dict(cfg)  # redacted: run name and tags go to W&B too
+            w = resolved["wandb"]
             self.wandb = wandb.init(
-                mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.run_name,
-                tags=list(cfg.wandb.tags), config=redact(to_dict(cfg)), dir=str(out_dir), resume="allow",
+                mode=w["mode"], project=w["project"], entity=w["entity"], name=w["run_name"], tags=w["tags"],
+                config=resolved, dir=str(out_dir), resume="allow",
             )
 
     def log(self, record: dict) -> None:

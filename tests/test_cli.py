@@ -1,0 +1,153 @@
+"""The command line and run.sh: errors that must stop a run before any process group exists, secrets that must
+never be written, and user input that must reach the launcher exactly as typed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import REPO, base_config, ds_train, write_config
+
+SECRET = "wandb-key-0123456789abcdef0123456789"
+
+
+def _train_error(cfg: dict, tmp_path, env=None) -> str:
+    proc = ds_train(["train", str(write_config(tmp_path / "c.yaml", cfg))], env=env)
+    assert proc.returncode in (2, 3), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # DeepSpeed announces its process group with this line; none may have been made.
+    assert "Initializing TorchBackend" not in proc.stdout + proc.stderr
+    return proc.stderr
+
+
+def test_help_and_unknown_command():
+    assert "consolidate CHECKPOINT_DIR OUT_DIR" in ds_train(["--help"]).stdout
+    proc = ds_train(["trian"])
+    assert proc.returncode == 2 and "unknown command 'trian'" in proc.stderr
+
+
+def test_environment_errors_stop_before_process_group(tiny_model, demo_data, tmp_path):
+    ok = base_config(tiny_model, demo_data, tmp_path / "out")
+
+    bad = base_config(tiny_model, demo_data, tmp_path / "out")
+    bad["model"]["path"] = str(tmp_path / "no_model")
+    assert f"model.path={tmp_path / 'no_model'} does not exist" in _train_error(bad, tmp_path)
+
+    tok_dir = tmp_path / "tok_without_specials"
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab={"a": 0}, merges=[]))).save_pretrained(tok_dir)
+    bad = base_config(tiny_model, demo_data, tmp_path / "out", model={"tokenizer_path": str(tok_dir)})
+    assert "lacks the Higgs audio special tokens" in _train_error(bad, tmp_path)
+
+    other = tmp_path / "audio_tok_4"
+    shutil.copytree(tiny_model / "audio_tokenizer", other)
+    conf = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**conf, "n_q": 4}))
+    bad = base_config(tiny_model, demo_data, tmp_path / "out", model={"audio_tokenizer_path": str(other)})
+    assert "has 4 codebooks but the model has 8" in _train_error(bad, tmp_path)
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": 16}))
+    bad = base_config(tiny_model, demo_data, tmp_path / "out", train={"deepspeed_config": str(ds)})
+    err = _train_error(bad, tmp_path, env={"WORLD_SIZE": "4"})
+    assert "train_batch_size=16 but our config gives 4" in err
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    bad = base_config(tiny_model, demo_data, blocker / "out")
+    assert "is not writable" in _train_error(bad, tmp_path)
+
+    previous = tmp_path / "previous_run"
+    (previous / "checkpoints" / "step-000010").mkdir(parents=True)
+    (previous / "checkpoints" / "latest").write_text("step-000010")
+    bad = base_config(tiny_model, demo_data, previous)
+    assert "already holds checkpoints of a run; set train.resume=auto" in _train_error(bad, tmp_path)
+    bad = base_config(tiny_model, demo_data, tmp_path / "fresh", train={"resume": "auto"})
+    assert "no complete checkpoint" in _train_error(bad, tmp_path)
+    assert ok["train"]["resume"] if "resume" in ok["train"] else True
+
+
+@pytest.mark.parametrize("text, line", [
+    ("node1 slots=8\nnode2 slot=8\n", 2),
+    ("# comment\nnode1 slots=0\n", 2),
+    ("node1 slots=4\n\nnode1 slots=4\n", 3),
+    ("node1\n", 1),
+])
+def test_hostfile_syntax_errors_name_the_line(tmp_path, text, line):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(text)
+    proc = subprocess.run([str(REPO / "run.sh"), "train", "x.yaml", "--hostfile", str(hostfile)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"hostfile error: {hostfile}:{line}:" in proc.stderr
+
+
+def test_shipped_hostfiles_parse():
+    from ds_train.launch import parse_hostfile
+
+    assert parse_hostfile(str(REPO / "hostfiles/localhost")) == [("localhost", 2)]
+    assert parse_hostfile(str(REPO / "hostfiles/two_nodes_8gpu")) == [("node001", 8), ("node002", 8)]
+
+
+def test_trust_remote_code_stays_off(tiny_model, tmp_path):
+    """A tokenizer whose config asks for custom code: loading it must not run that code unless the config says so."""
+    from ds_train.config import ConfigError, load_config
+    from ds_train.model import load_model_config, load_text_tokenizer
+
+    tok = tmp_path / "remote_tok"
+    shutil.copytree(tiny_model, tok, ignore=shutil.ignore_patterns("*.safetensors", "audio_tokenizer"))
+    marker = tmp_path / "remote_code_ran"
+    (tok / "evil_tok.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                     "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    conf = json.loads((tok / "tokenizer_config.json").read_text())
+    conf["auto_map"] = {"AutoTokenizer": [None, "evil_tok.EvilTokenizer"]}
+    (tok / "tokenizer_config.json").write_text(json.dumps(conf))
+    base = [f"model.path={tiny_model}", f"model.audio_tokenizer_path={tiny_model}/audio_tokenizer",
+            "data.train_file=x.jsonl", "train.output_dir=o", f"model.tokenizer_path={tok}"]
+    cfg = load_config(None, base)
+    assert cfg.model.trust_remote_code is False
+    model_config = load_model_config(str(tiny_model))
+    try:
+        load_text_tokenizer(cfg, model_config)
+    except ConfigError:
+        pass  # refusing is fine too; running the code is not
+    assert not marker.exists()
+    # The same directory with the switch on does run it: the check above can fail.
+    load_text_tokenizer(load_config(None, [*base, "model.trust_remote_code=true"]), model_config)
+    assert marker.exists()
+
+
+@pytest.mark.slow
+def test_secrets_never_written_and_run_sh_passes_input_verbatim(tiny_model, demo_data, tmp_path):
+    out = tmp_path / "secret_run"
+    tricky = "a b;touch PWNED_$(id -u) 'q'"
+    cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 2},
+                      wandb={"mode": "offline", "project": "ds_train_test", "tags": [SECRET]})
+    config = write_config(tmp_path / "s.yaml", cfg)
+    env = {**os.environ, "WANDB_API_KEY": SECRET, "HF_TOKEN": "hf_" + SECRET, "LOCAL_SIZE": "2",
+           "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    # (A credential typed on the command line is visible in `ps` and launcher logs; the config file is the place.)
+    proc = subprocess.run([str(REPO / "run.sh"), "train", str(config), f"wandb.run_name={tricky}",
+                           "--master_port", "29655"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not list(tmp_path.glob("PWNED*")) and not list(REPO.glob("PWNED*"))
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["wandb"]["run_name"] == tricky  # reached the trainer exactly as typed
+    assert saved["wandb"]["tags"] == ["***"]  # a value equal to a credential is redacted
+
+    written = [proc.stdout, proc.stderr] + [p.read_text(errors="ignore") for p in out.rglob("*")
+                                            if p.is_file() and p.suffix in (".jsonl", ".yaml", ".json", ".log", ".txt")]
+    wandb_files = list(out.rglob("wandb/*/files/*")) + list(out.rglob("*.wandb"))
+    assert wandb_files, "offline W&B run was not written"
+    written += [p.read_bytes().decode("latin-1") for p in wandb_files if p.is_file()]
+    for text in written:
+        assert SECRET not in text
+
