@@ -10,10 +10,13 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from ds_train import checkpoint, dist, faults
 from ds_train.config import Config, ConfigError, deepspeed_config, resolve_dtype, to_yaml
@@ -64,29 +67,13 @@ def train(cfg: Config) -> dict:
     deepspeed.init_distributed()
     if cuda:
         torch.cuda.set_device(dist.local_rank())
-    world, rank = dist.world_size(), dist.rank()
+    world = dist.world_size()
     seed_everything(cfg.train.seed)
     if dist.is_main():
         (out / "config.yaml").write_text(to_yaml(cfg))
 
-    prepared = [prepare(cfg, cfg.data.train_file, text_tokenizer, cfg.data.cache_dir)]
-    if cfg.data.eval_file:
-        prepared.append(prepare(cfg, cfg.data.eval_file, text_tokenizer))
-    if dist.is_main():
-        write_report(out, prepared)
-    train_cache = prepared[0].cache_dir
-    eval_cache = prepared[1].cache_dir if cfg.data.eval_file else None
-    whisper = bool(model_config.encode_whisper_embed)
-    train_set = CachedDataset(train_cache, model_config, whisper)
-    collator = make_collator(model_config, text_tokenizer)
-    loader, sampler = build_loader(train_set, collator, cfg, rank, world)
-    eval_loader = None
-    if eval_cache:
-        eval_set = CachedDataset(eval_cache, model_config, whisper)
-        eval_sampler = MicroBatchSampler(eval_set.lengths, rank, world, 1, cfg.train.seed,
-                                         micro_batch_size=cfg.train.micro_batch_size, shuffle=False,
-                                         drop_remainder=False)
-        eval_loader, _ = build_loader(eval_set, collator, cfg, rank, world, sampler=eval_sampler)
+    data = build_data(cfg, model_config, text_tokenizer, out)
+    train_set, loader, sampler, eval_loader = data.train_set, data.loader, data.sampler, data.eval_loader
     total_steps = planned_steps(cfg, sampler)
 
     # Seed right before the adapters are initialised: whether `prepare` just ran the audio tokenizer (which draws
@@ -126,8 +113,9 @@ def train(cfg: Config) -> dict:
             sampler.set_epoch(state["epoch"], start=state["step_in_epoch"] * accum)
             steps_this_epoch = sampler.steps_per_epoch()
             it = iter(loader)
-            logger.log({"step": state["step"], "epoch": state["epoch"],
-                        "padding_efficiency": sampler.padding_efficiency(), "dropped_samples": sampler.dropped()})
+            logger.log({"step": state["step"], "epoch": state["epoch"], "padding_efficiency":
+                        sampler.padding_efficiency(), "dropped_samples": sampler.dropped(),
+                        "bad_samples_skipped": data.bad_samples_skipped})
 
         engine.train()
         t0 = time.perf_counter()
@@ -207,6 +195,37 @@ def train(cfg: Config) -> dict:
     logger.summary(summary)
     logger.finish()
     return summary
+
+
+@dataclass
+class Data:
+    train_set: CachedDataset
+    loader: DataLoader
+    sampler: MicroBatchSampler
+    eval_loader: Optional[DataLoader]
+    bad_samples_skipped: int
+
+
+def build_data(cfg: Config, model_config, text_tokenizer, out: Path) -> Data:
+    """Prepare (or reuse) the caches on all ranks, then loaders over this rank's shard of the micro-batches."""
+    prepared = [prepare(cfg, cfg.data.train_file, text_tokenizer, cfg.data.cache_dir)]
+    if cfg.data.eval_file:
+        prepared.append(prepare(cfg, cfg.data.eval_file, text_tokenizer))
+    if dist.is_main():
+        write_report(out, prepared)
+    rank, world, whisper = dist.rank(), dist.world_size(), bool(model_config.encode_whisper_embed)
+    train_set = CachedDataset(prepared[0].cache_dir, model_config, whisper)
+    collator = make_collator(model_config, text_tokenizer)
+    loader, sampler = build_loader(train_set, collator, cfg, rank, world)
+    eval_loader = None
+    if cfg.data.eval_file:
+        eval_set = CachedDataset(prepared[1].cache_dir, model_config, whisper)
+        # Evaluation keeps every sample (no dropping); `evaluate` evens out the ranks' forward counts.
+        eval_sampler = MicroBatchSampler(eval_set.lengths, rank, world, 1, cfg.train.seed,
+                                         micro_batch_size=cfg.train.micro_batch_size, shuffle=False,
+                                         drop_remainder=False)
+        eval_loader, _ = build_loader(eval_set, collator, cfg, rank, world, sampler=eval_sampler)
+    return Data(train_set, loader, sampler, eval_loader, sum(len(p.bad) for p in prepared))
 
 
 def planned_steps(cfg: Config, sampler: MicroBatchSampler) -> int:
