@@ -71,7 +71,6 @@ class DataConfig:
     persistent_workers: bool = False
     pin_memory: bool = False
     prefetch_factor: Optional[int] = None
-    prepare_batch_size: int = 8  # clips per audio-tokenizer call in `prepare`
     shard_size: int = 256  # samples per cache shard
 
     def __post_init__(self):

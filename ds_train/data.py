@@ -63,26 +63,38 @@ class CachedDataset(Dataset):
         return len(ids) + extra
 
     def __getitem__(self, i: int):
-        from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
+        return to_dataset_sample(self.entries[i], self.audio_in_id, self.audio_out_id, self.whisper)
 
-        e = self.entries[i]
-        n = len(e["audio_starts"])
-        if self.whisper:
-            wavs = [torch.from_numpy(load_audio(p, WHISPER_RATE)) for p in e["audio_paths"]]
-            wv_starts = torch.tensor([0] + [len(w) for w in wavs[:-1]]).cumsum(0)
-            wv, rates = torch.cat(wavs), torch.full((n,), WHISPER_RATE)
-        else:
-            wv, wv_starts, rates = torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0)
-        return ChatMLDatasetSample(
-            input_ids=e["input_ids"].to(torch.long, copy=True),  # fresh copies: the collator edits label_ids
-            label_ids=e["label_ids"].to(torch.long, copy=True),
-            audio_ids_concat=e["audio_codes"].long(),
-            audio_ids_start=e["audio_starts"].clone(),
-            audio_waveforms_concat=wv,
-            audio_waveforms_start=wv_starts,
-            audio_sample_rate=rates,
-            audio_speaker_indices=torch.full((n,), -1, dtype=torch.long),
-        )
+
+def to_dataset_sample(e: dict, audio_in_id: int, audio_out_id: int, whisper: bool = False):
+    """A cache entry (see ds_train.prepare.encode_record) as the ChatMLDatasetSample boson's collator takes.
+
+    Every tensor is fresh: the collator writes into label_ids, and the cache must stay as prepared.
+    """
+    from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
+
+    n = len(e["audio_starts"])
+    if whisper:
+        # Whisper features are computed for audio-in clips only, so only those are decoded; an audio-out clip
+        # (every clip of the TTS layout) keeps its slot with an empty waveform.
+        ids = e["input_ids"]
+        kinds = ids[(ids == audio_in_id) | (ids == audio_out_id)].tolist()
+        wavs = [torch.from_numpy(load_audio(p, WHISPER_RATE)) if kind == audio_in_id else torch.zeros(0)
+                for p, kind in zip(e["audio_paths"], kinds)]
+        wv_starts = torch.tensor([0] + [len(w) for w in wavs[:-1]], dtype=torch.long).cumsum(0)
+        wv, rates = torch.cat(wavs), torch.full((n,), WHISPER_RATE)
+    else:
+        wv, wv_starts, rates = torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    return ChatMLDatasetSample(
+        input_ids=e["input_ids"].to(torch.long, copy=True),
+        label_ids=e["label_ids"].to(torch.long, copy=True),
+        audio_ids_concat=e["audio_codes"].to(torch.long, copy=True),
+        audio_ids_start=e["audio_starts"].clone(),
+        audio_waveforms_concat=wv,
+        audio_waveforms_start=wv_starts,
+        audio_sample_rate=rates,
+        audio_speaker_indices=torch.full((n,), -1, dtype=torch.long),
+    )
 
 
 def make_collator(model_config, text_tokenizer):
@@ -122,7 +134,8 @@ class Batch:
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "audio_features", "audio_feature_attention_mask", "audio_out_ids",
-                "audio_out_ids_start", "audio_out_ids_start_group_loc", "audio_in_ids", "audio_in_ids_start", "label_ids")
+                "audio_out_ids_start", "audio_out_ids_start_group_loc", "audio_in_ids", "audio_in_ids_start",
+                "label_ids")
 
 
 class Collate:

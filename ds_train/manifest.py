@@ -28,7 +28,7 @@ TTS_KEYS = {"audio", "text", "speaker", "ref_audio", "ref_text"}
 class Record:
     source: str  # "manifest.jsonl:12" - what error reports and the cache name a sample by
     sample: Optional[ChatMLSample]  # None when the record is bad
-    key: str  # content hash: the cache reuses work only for an identical record
+    key: str  # content hash (sample + its audio files' size/mtime): the cache reuses work only for identical input
     error: Optional[str] = None
 
 
@@ -40,33 +40,40 @@ def read_manifest(path: str, fmt: str = "auto", system_prompt: str = "") -> list
     base = Path(path).resolve().parent
     out = []
     for source, raw, error in _raw_records(path):
-        key = hashlib.sha1(json.dumps(raw, sort_keys=True).encode() if error is None else source.encode()).hexdigest()
         if error is not None:
-            out.append(Record(source, None, key, error))
+            out.append(Record(source, None, _hash(source, raw), error))
             continue
         try:
             sample = _to_sample(raw, fmt, system_prompt)
             _resolve_audio(sample, base)
-            out.append(Record(source, sample, key))
         except (ValueError, TypeError, dacite.DaciteError) as e:
-            out.append(Record(source, None, key, f"does not fit the schema: {e}"))
+            out.append(Record(source, None, _hash(source, raw), f"does not fit the schema: {e}"))
+            continue
+        out.append(Record(source, sample, _sample_key(sample)))
     return out
 
 
-def _raw_records(path: str) -> Iterator[tuple[str, Optional[dict], Optional[str]]]:
+def _hash(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _sample_key(sample: ChatMLSample) -> str:
+    # Paths are resolved, so the same row in another manifest shares work; size and mtime make a replaced audio
+    # file (same name, new recording) a new record instead of silently keeping its old codes.
+    stats = []
+    for clip in audio_contents(sample):
+        st = os.stat(clip.audio_url) if os.path.isfile(clip.audio_url) else None
+        stats.append([st.st_size, st.st_mtime_ns] if st else None)
+    return _hash(to_dict(sample), stats)
+
+
+def _raw_records(path: str) -> Iterator[tuple[str, object, Optional[str]]]:
+    """(source, raw record or the text that failed to parse, error or None) for each record."""
     name = os.path.basename(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a BOM (some Windows editors write one) is not data
         text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):  # a JSON list
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            yield f"{name}:{e.lineno}", None, f"invalid JSON: {e.msg} (column {e.colno})"
-            return
-        for i, item in enumerate(items):
-            src = f"{name}[{i}]"
-            yield (src, item, None) if isinstance(item, dict) else (src, None, "not a JSON object")
+    if text.lstrip().startswith("["):  # a JSON list
+        yield from _json_list_records(name, text)
         return
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -75,13 +82,39 @@ def _raw_records(path: str) -> Iterator[tuple[str, Optional[dict], Optional[str]
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
-            yield src, None, f"invalid JSON: {e.msg} (column {e.colno})"
+            yield src, line, f"invalid JSON: {e.msg} (column {e.colno})"
             continue
-        yield (src, item, None) if isinstance(item, dict) else (src, None, "not a JSON object")
+        yield (src, item, None) if isinstance(item, dict) else (src, item, "not a JSON object")
+
+
+def _json_list_records(name: str, text: str) -> Iterator[tuple[str, object, Optional[str]]]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        yield f"{name}:{e.lineno}", text, f"invalid JSON: {e.msg} (column {e.colno})"
+        return
+    # Parsed fine; walk it again to name each item by the line it starts on.
+    decoder, pos, line, counted = json.JSONDecoder(), text.index("[") + 1, 1, 0
+    for item in items:
+        pos = _skip_json_space(text, pos)
+        line += text.count("\n", counted, pos)
+        counted = pos
+        _, pos = decoder.raw_decode(text, pos)
+        pos = _skip_json_space(text, pos) + 1  # past the ',' (or the closing ']')
+        src = f"{name}:{line}"
+        yield (src, item, None) if isinstance(item, dict) else (src, item, "not a JSON object")
+
+
+def _skip_json_space(text: str, pos: int) -> int:
+    while text[pos] in " \t\r\n":
+        pos += 1
+    return pos
 
 
 def _to_sample(raw: dict, fmt: str, system_prompt: str) -> ChatMLSample:
     if fmt == "auto":
+        if "messages" not in raw and "audio" not in raw:
+            raise ValueError(f"neither a ChatML sample ('messages') nor a TTS row ('audio', 'text'): {sorted(raw)}")
         fmt = "chatml" if "messages" in raw else "tts"
     if fmt == "chatml":
         sample = dacite.from_dict(ChatMLSample, raw, config=dacite.Config(strict=True, check_types=True))
@@ -98,6 +131,9 @@ def tts_to_chatml(raw: dict, system_prompt: str) -> ChatMLSample:
     for key in ("audio", "text"):
         if not isinstance(raw.get(key), str):
             raise ValueError(f"'{key}' must be a string")
+    for key in ("speaker", "ref_audio", "ref_text"):
+        if key in raw and not isinstance(raw[key], str):
+            raise ValueError(f"'{key}' must be a string, got {type(raw[key]).__name__}")
     if ("ref_audio" in raw) != ("ref_text" in raw):
         raise ValueError("'ref_audio' and 'ref_text' go together")
     messages = [Message("system", system_prompt)] if system_prompt else []
@@ -115,7 +151,7 @@ def _resolve_audio(sample: ChatMLSample, base: Path) -> None:
         if not content.audio_url:
             raise ValueError("AudioContent without audio_url")
         if not os.path.isabs(content.audio_url):
-            content.audio_url = str(base / content.audio_url)
+            content.audio_url = os.path.normpath(base / content.audio_url)
 
 
 def contents(message: Message) -> list:

@@ -25,10 +25,16 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_nodelay(tmp_path_factory) -> Path:
-    from ds_train.tiny import make_tiny
+def tiny_model_nodelay(tiny_model, tmp_path_factory) -> Path:
+    """The same checkpoint with the delay pattern off (a config switch: the weights do not depend on it)."""
+    import shutil
 
-    return make_tiny(str(tmp_path_factory.mktemp("tiny_nodelay") / "model"), use_delay_pattern=False)
+    out = tmp_path_factory.mktemp("tiny_nodelay") / "model"
+    shutil.copytree(tiny_model, out)
+    config = json.loads((out / "config.json").read_text())
+    config["use_delay_pattern"] = False
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,244 @@
+"""ds_train.data on the demo set's prepared cache: labels checked by brute force with and without the delay pattern,
+labels that never drift across epochs, lengths that match what the model runs, DataLoader workers."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from conftest import base_config, write_config
+from ds_train.config import load_config
+from ds_train.data import IGNORE, Collate, CachedDataset, build_loader, make_collator, to_dataset_sample
+from ds_train.prepare import prepare
+from ds_train.sampler import MicroBatchSampler
+from ds_train.tiny import SPECIAL_ID
+
+AUDIO_OUT = SPECIAL_ID["<|AUDIO_OUT|>"]
+AUDIO_IN = SPECIAL_ID["<|AUDIO|>"]
+TARGET_TAIL = [SPECIAL_ID[t] for t in ("<|audio_out_bos|>", "<|AUDIO_OUT|>", "<|audio_eos|>", "<|eot_id|>")]
+BOS, EOS = 1024, 1025  # the tiny model's audio_stream_bos_id / audio_stream_eos_id
+K = 8  # codebooks
+
+
+def make_cfg(model, out, **data):
+    d = base_config(model, model, out, data={"train_file": "unused.jsonl", **data})
+    return load_config(str(write_config(out.parent / f"{out.name}.yaml", d)))
+
+
+@pytest.fixture(scope="module")
+def text_tok(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def configs(tiny_model, tiny_model_nodelay):
+    from boson_multimodal.model.higgs_audio import HiggsAudioConfig
+
+    return {"delay": HiggsAudioConfig.from_pretrained(str(tiny_model)),
+            "nodelay": HiggsAudioConfig.from_pretrained(str(tiny_model_nodelay))}
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_model, demo_data, text_tok, tmp_path_factory):
+    """The demo train set prepared with default settings (the session's shared cache next to the manifest)."""
+    cfg = make_cfg(tiny_model, tmp_path_factory.mktemp("data_out") / "out")
+    result = prepare(cfg, str(demo_data / "train.jsonl"), text_tok)
+    assert result.num_samples == 8 and not result.bad
+    return result.cache_dir
+
+
+def dataset(cache, configs, kind="delay"):
+    return CachedDataset(cache, configs[kind])
+
+
+def collate(configs, text_tok, kind="delay"):
+    return Collate(make_collator(configs[kind], text_tok))
+
+
+def expected_audio(codes: torch.Tensor, delay: bool, trained: bool):
+    """(input codes, labels) boson's collator must give one audio-out segment, written out position by position."""
+    T = codes.shape[1]
+    width = T + 2 + (K - 1 if delay else 0)
+    inp = torch.full((K, width), EOS, dtype=torch.long)
+    lab = torch.full((K, width), IGNORE, dtype=torch.long)
+    for k in range(K):
+        lead = k if delay else 0  # codebook k starts k steps late under the delay pattern
+        inp[k, : lead + 1] = BOS
+        inp[k, lead + 1: lead + 1 + T] = codes[k]
+        if trained:
+            lab[k, lead + 1: lead + 1 + T] = codes[k]
+            lab[k, lead + 1 + T] = EOS  # the model must learn to stop
+    return inp, lab
+
+
+def expected_text_labels(ids: list[int], text_tok) -> list[int]:
+    """Only the final assistant turn is trained, and <|AUDIO_OUT|> itself never is (its audio is)."""
+    header = text_tok.encode("<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False)
+    starts = [p for p in range(len(ids)) if ids[p:p + len(header)] == header]
+    assert len(starts) == 2  # the reference turn and the target turn
+    last = starts[-1] + len(header)
+    assert ids[last:] == TARGET_TAIL
+    return [IGNORE] * last + [t if t != AUDIO_OUT else IGNORE for t in ids[last:]]
+
+
+@pytest.mark.parametrize("kind", ["delay", "nodelay"])
+def test_labels_train_the_target_and_mask_the_reference(cache, configs, text_tok, kind):
+    ds, fn, delay = dataset(cache, configs, kind), collate(configs, text_tok, kind), kind == "delay"
+    for i in range(len(ds)):
+        e = ds.entries[i]
+        b = fn([ds[i]])
+        ids = e["input_ids"].tolist()
+        assert b.inputs["label_ids"][0].tolist() == expected_text_labels(ids, text_tok)
+
+        ref_codes = e["audio_codes"][:, : e["audio_starts"][1]].long()
+        target_codes = e["audio_codes"][:, e["audio_starts"][1]:].long()
+        ref_in, ref_lab = expected_audio(ref_codes, delay, trained=False)
+        tgt_in, tgt_lab = expected_audio(target_codes, delay, trained=True)
+        assert b.inputs["audio_out_ids_start"].tolist() == [0, ref_in.shape[1]]
+        assert torch.equal(b.inputs["audio_out_ids"], torch.cat([ref_in, tgt_in], dim=1))
+        assert torch.equal(b.label_audio_ids, torch.cat([ref_lab, tgt_lab], dim=1))
+        assert (b.label_audio_ids[:, : ref_in.shape[1]] == IGNORE).all()  # the reference adds no loss
+        assert int((b.label_audio_ids == EOS).sum()) == K  # one stop target per codebook
+        assert (b.label_audio_ids[:, ref_in.shape[1]:] >= 0).sum() == K * (target_codes.shape[1] + 1)
+
+
+def test_batched_labels_are_the_single_sample_labels_laid_side_by_side(cache, configs, text_tok):
+    ds, fn = dataset(cache, configs), collate(configs, text_tok)
+    picks = [7, 0, 3]
+    singles = [fn([ds[i]]) for i in picks]
+    b = fn([ds[i] for i in picks])
+    width = max(s.inputs["label_ids"].shape[1] for s in singles)
+    for row, s in zip(b.inputs["label_ids"], singles):
+        n = s.inputs["label_ids"].shape[1]
+        assert torch.equal(row[:n], s.inputs["label_ids"][0]) and (row[n:] == IGNORE).all()
+    assert b.inputs["label_ids"].shape[1] == width
+    assert torch.equal(b.label_audio_ids, torch.cat([s.label_audio_ids for s in singles], dim=1))
+    assert b.num_tokens == sum(s.num_tokens for s in singles) == sum(ds.lengths[i] for i in picks)
+
+
+def test_boson_collator_edits_its_input_labels(cache, configs, text_tok):
+    """Why data.py hands the collator fresh copies: given the same sample twice, it trains no audio the second time."""
+    ds, fn = dataset(cache, configs), collate(configs, text_tok)
+    sample = ds[0]
+    first = fn([sample])
+    second = fn([sample])
+    assert (first.label_audio_ids >= 0).any()
+    assert (second.label_audio_ids == IGNORE).all()  # the target audio silently dropped out of the loss
+    assert (sample.label_ids[sample.input_ids == AUDIO_OUT] == IGNORE).all()
+
+
+def test_labels_are_identical_in_epoch_1_and_epoch_5(tiny_model, cache, configs, text_tok, tmp_path):
+    ds = dataset(cache, configs)
+    # A cache that keeps int64 ids (so no dtype conversion copies them by accident): only data.py's explicit copy
+    # stands between the collator's in-place edit and the cache.
+    for e in ds.entries:
+        e["input_ids"], e["label_ids"] = e["input_ids"].long(), e["label_ids"].long()
+    pristine = [e["label_ids"].clone() for e in ds.entries]
+    cfg = make_cfg(tiny_model, tmp_path / "out")
+    loader, sampler = build_loader(ds, collate(configs, text_tok).collator, cfg, rank=0, world=1)
+
+    def epoch_labels(epoch):
+        sampler.set_epoch(epoch)
+        order = [b[0] for b in sampler.rank_batches()]
+        return {i: (b.inputs["label_ids"].clone(), b.label_audio_ids.clone()) for i, b in zip(order, loader)}
+
+    first, fifth = epoch_labels(0), epoch_labels(4)
+    assert sorted(first) == sorted(fifth) == list(range(8))
+    for i in range(8):
+        assert torch.equal(first[i][0], fifth[i][0]) and torch.equal(first[i][1], fifth[i][1])
+        assert (fifth[i][1] >= 0).any()  # still trains the target audio
+        assert torch.equal(ds.entries[i]["label_ids"], pristine[i])
+
+
+@pytest.mark.parametrize("kind", ["delay", "nodelay"])
+def test_lengths_are_the_sequences_the_model_runs(tiny_model, tiny_model_nodelay, cache, configs, text_tok, kind):
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    model = HiggsAudioModel.from_pretrained(str(tiny_model if kind == "delay" else tiny_model_nodelay)).eval()
+    ds, fn = dataset(cache, configs, kind), collate(configs, text_tok, kind)
+    with torch.no_grad():
+        for picks in ([0], [5], [1, 6, 2]):
+            b = fn([ds[i] for i in picks])
+            out = model(**b.inputs)
+            # Each row holds exactly its sample's merged length; the model pads the batch to a multiple of 8.
+            assert out.attention_mask.sum(dim=1).tolist() == [ds.lengths[i] for i in picks]
+            assert out.expanded_labels.shape[1] == -(-max(ds.lengths[i] for i in picks) // 8) * 8
+            assert b.num_tokens == sum(ds.lengths[i] for i in picks)
+    if kind == "delay":  # the delay pattern adds K-1 positions to each audio-out segment
+        plain = dataset(cache, configs, "nodelay")
+        assert [a - b for a, b in zip(ds.lengths, plain.lengths)] == [2 * (K - 1)] * len(ds)  # reference + target
+
+
+def test_workers_give_the_same_batches_as_the_main_process(tiny_model, cache, configs, text_tok, tmp_path):
+    ds, collator = dataset(cache, configs), collate(configs, text_tok).collator
+    budget = 2 * max(ds.lengths) + 10
+    inline_cfg = make_cfg(tiny_model, tmp_path / "a", max_tokens=budget)
+    worker_cfg = make_cfg(tiny_model, tmp_path / "b", max_tokens=budget, num_workers=2, persistent_workers=True,
+                          prefetch_factor=3, pin_memory=True)
+    inline, s0 = build_loader(ds, collator, inline_cfg, rank=0, world=1)
+    workers, s2 = build_loader(ds, collator, worker_cfg, rank=0, world=1)
+    assert (inline.num_workers, workers.num_workers) == (0, 2)
+    assert workers.persistent_workers and workers.prefetch_factor == 3
+    assert workers.pin_memory == torch.cuda.is_available()  # pinning needs a GPU
+    for epoch in (0, 1):
+        s0.set_epoch(epoch)
+        s2.set_epoch(epoch)
+        a, b = list(inline), list(workers)
+        assert len(a) == len(b) == len(s0) and len(a) >= 4
+        assert any(x.num_samples > 1 for x in a)
+        for x, y in zip(a, b):
+            assert x.num_samples == y.num_samples and x.num_tokens == y.num_tokens
+            assert torch.equal(x.label_audio_ids, y.label_audio_ids)
+            for key, value in x.inputs.items():
+                assert (value is None and y.inputs[key] is None) or torch.equal(value, y.inputs[key]), key
+    # resume mid-epoch in a fresh loader: the rest of the epoch, same batches
+    s2.set_epoch(1, start=2)
+    rest = list(workers)
+    assert [r.num_tokens for r in rest] == [x.num_tokens for x in a[2:]]
+
+
+def test_collate_survives_pickling_for_spawned_workers(cache, configs, text_tok):
+    ds, fn = dataset(cache, configs), collate(configs, text_tok)
+    again = pickle.loads(pickle.dumps(fn))
+    x, y = fn([ds[2], ds[4]]), again([ds[2], ds[4]])
+    assert torch.equal(x.label_audio_ids, y.label_audio_ids)
+    assert torch.equal(x.inputs["input_ids"], y.inputs["input_ids"])
+
+
+def test_whisper_decodes_audio_in_clips_only(cache, configs, demo_data):
+    from ds_train.audio import load_audio
+
+    ds = dataset(cache, configs)
+    tts = to_dataset_sample(ds.entries[0], AUDIO_IN, AUDIO_OUT, whisper=True)
+    assert tts.audio_waveforms_concat.numel() == 0  # TTS: both clips are audio-out; nothing to decode
+    assert tts.audio_waveforms_start.tolist() == [0, 0] and tts.audio_sample_rate.tolist() == [16000, 16000]
+
+    wav = str(demo_data / "audio" / "utt_0000.wav")
+    entry = copy.deepcopy(ds.entries[0])
+    entry["input_ids"] = torch.tensor([1, AUDIO_IN, 2, AUDIO_OUT, 3], dtype=torch.int32)
+    entry["audio_paths"] = [wav, entry["audio_paths"][1]]
+    asr = to_dataset_sample(entry, AUDIO_IN, AUDIO_OUT, whisper=True)
+    n = len(load_audio(wav, 16000))
+    assert asr.audio_waveforms_concat.shape == (n,) and asr.audio_waveforms_start.tolist() == [0, n]
+    assert torch.equal(asr.get_wv(0)[0], torch.from_numpy(load_audio(wav, 16000)))
+
+
+def test_dataset_needs_a_prepared_cache_that_fits_the_model(cache, configs, tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `ds-train prepare CONFIG` first"):
+        CachedDataset(tmp_path / "nothing", configs["delay"])
+    wide = copy.deepcopy(configs["delay"])
+    wide.audio_num_codebooks = 12
+    with pytest.raises(ValueError, match="cached audio has 8 codebooks, the model needs 12"):
+        CachedDataset(cache, wide)
+
+
+def test_token_budget_batches_respect_the_budget_on_real_lengths(cache, configs):
+    ds = dataset(cache, configs)
+    s = MicroBatchSampler(ds.lengths, 0, 1, 1, seed=0, max_tokens=3 * max(ds.lengths))
+    assert all(max(ds.lengths[i] for i in b) * len(b) <= 3 * max(ds.lengths) for b in s.plan())
+    assert sorted(i for b in s.plan() for i in b) == list(range(len(ds)))

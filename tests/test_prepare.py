@@ -1,0 +1,291 @@
+"""ds_train.prepare end to end on real files: every class of bad input in one report, skip_bad with its report,
+cache reuse and invalidation, and a 2-process prepare equal to a 1-process one."""
+
+from __future__ import annotations
+
+import json
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import base_config, launch, write_config
+from ds_train.config import load_config
+from ds_train.data import CachedDataset
+from ds_train.demo_data import RATE, synth
+from ds_train.prepare import CacheMismatchError, DataError, prepare, write_report
+
+
+@pytest.fixture(scope="module")
+def text_tok(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def audio_tok(tiny_model):
+    from ds_train.audio import load_audio_tokenizer
+
+    return load_audio_tokenizer(str(tiny_model / "audio_tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def model_config(tiny_model):
+    from boson_multimodal.model.higgs_audio import HiggsAudioConfig
+
+    return HiggsAudioConfig.from_pretrained(str(tiny_model))
+
+
+def make_cfg(model, out, **data):
+    """A Config; data.train_file is not read (tests hand prepare() the manifest)."""
+    d = base_config(model, model, out, data={"train_file": "unused.jsonl", **data})
+    return load_config(str(write_config(out.parent / f"{out.name}.yaml", d)))
+
+
+def write_bad_set(d):
+    """Audio files of every bad kind, and a manifest that uses them, with the (line, reason) prepare must give."""
+    a = d / "audio"
+    a.mkdir(parents=True)
+    sf.write(a / "good.wav", synth("hello world", 150.0), RATE)
+    sf.write(a / "good2.wav", synth("another line", 110.0), RATE)
+    sf.write(a / "ref.wav", synth("a reference", 180.0), RATE)
+    whole = (a / "good.wav").read_bytes()
+    (a / "trunc.wav").write_bytes(whole[: len(whole) // 2])  # libsndfile reads this as a shorter clip
+    (a / "garbage.wav").write_bytes(np.random.default_rng(0).bytes(4000))
+    sf.write(a / "zero.wav", np.zeros(0, np.float32), RATE)
+    sf.write(a / "silent.wav", np.zeros(RATE // 2, np.float32), RATE)
+    sf.write(a / "low.wav", synth("hello", 150.0)[::6], 4000)
+    sf.write(a / "long.wav", np.tile(synth("hello world", 150.0), 5), RATE)  # ~2.8 s > max_audio_seconds=2
+    nan = synth("hello", 150.0)
+    nan[100] = np.nan
+    sf.write(a / "nan.wav", nan, RATE, subtype="FLOAT")
+    sf.write(a / "whole.flac", synth("hello world", 150.0), RATE)
+    flac = (a / "whole.flac").read_bytes()
+    (a / "trunc.flac").write_bytes(flac[: len(flac) // 2])
+    sf.write(a / "short.wav", synth("hi", 150.0)[: int(0.02 * RATE)], RATE)
+
+    def tts(audio, text="hello world", **kw):
+        return json.dumps({"audio": f"audio/{audio}", "text": text, **kw})
+
+    asr = {"messages": [{"role": "user", "content": [{"type": "text", "text": "write down what you hear"},
+                                                     {"type": "audio", "audio_url": "audio/good.wav"}]},
+                        {"role": "assistant", "content": "hello world"}], "start_index": 1}
+    masked = {"messages": [{"role": "user", "content": "say it"},
+                           {"role": "assistant", "content": {"type": "audio", "audio_url": "audio/good.wav"}}],
+              "start_index": 5}
+    lines = [
+        (tts("good.wav", ref_audio="audio/ref.wav", ref_text="a reference"), None),
+        (tts("missing.wav"), f"audio file not found: {a / 'missing.wav'}"),
+        (tts("trunc.wav"), "truncated WAV: its header promises"),
+        (tts("garbage.wav"), "cannot read audio header"),
+        (tts("zero.wav"), "audio has zero length"),
+        (tts("silent.wav"), f"audio is silent (peak 0.0e+00 < 1e-04): {a / 'silent.wav'}"),
+        (tts("low.wav"), "sample rate 4000 Hz is below the 8000 Hz the audio tokenizer can take"),
+        (tts("long.wav"), "longer than data.max_audio_seconds=2.0"),
+        (tts("good.wav", text="  "), "empty text"),
+        (tts("good.wav", ref_audio="audio/silent.wav", ref_text="ref"), f"audio is silent (peak 0.0e+00 < 1e-04): "
+                                                                         f"{a / 'silent.wav'}"),
+        ('{"audio": "audio/good.wav", "text": "unterminated', "invalid JSON"),
+        (json.dumps({"audio": "audio/good.wav"}), "does not fit the schema: 'text' must be a string"),
+        (tts("nan.wav"), "audio contains NaN or infinite samples"),
+        (json.dumps(asr), None),  # trains text only: kept, and reported as training no audio
+        (json.dumps(masked), "nothing to train on: every label is masked"),
+        (tts("good2.wav", text="another line"), None),
+        (tts("trunc.flac"), "cannot decode audio"),
+        (tts("short.wav"), "shorter than data.min_audio_seconds=0.05"),
+    ]
+    (d / "mixed.jsonl").write_text("".join(line + "\n" for line, _ in lines))
+    expected = [(f"mixed.jsonl:{n}", reason) for n, (_, reason) in enumerate(lines, start=1) if reason]
+    good = [f"mixed.jsonl:{n}" for n, (_, reason) in enumerate(lines, start=1) if not reason]
+    return d / "mixed.jsonl", expected, good
+
+
+def assert_report(bad, expected):
+    assert [b["source"] for b in bad] == [src for src, _ in expected]  # every bad sample, in manifest order
+    for b, (src, reason) in zip(bad, expected):
+        assert reason in b["reason"], (src, b["reason"], reason)
+
+
+def test_every_bad_sample_is_in_one_report_before_any_encoding(tiny_model, text_tok, tmp_path):
+    manifest, expected, _ = write_bad_set(tmp_path / "set")
+    cfg = make_cfg(tiny_model, tmp_path / "out", max_audio_seconds=2.0)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError) as err:
+        prepare(cfg, str(manifest), text_tok, str(cache), audio_tokenizer="must not be used")
+    assert len(expected) == 15
+    assert_report(err.value.bad, expected)
+    message = str(err.value)
+    assert message.startswith(f"15 bad sample(s) in {manifest}:")
+    for src, _ in expected:
+        assert f"\n  {src}: " in message
+    assert "data.skip_bad=true" in message
+    assert sorted(p.name for p in cache.iterdir()) == ["fingerprint.json"]  # nothing encoded, nothing half-written
+
+
+def test_loudness_normalize_rejects_clips_it_cannot_measure(tiny_model, text_tok, tmp_path):
+    (tmp_path / "a.wav").write_bytes(b"")
+    sf.write(tmp_path / "a.wav", synth("hi there", 150.0)[: int(0.3 * RATE)], RATE)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "a.wav", "text": "hi"}) + "\n")
+    cfg = make_cfg(tiny_model, tmp_path / "out", loudness_normalize=True)
+    with pytest.raises(DataError) as err:  # pyloudnorm would raise mid-encoding on a clip under 0.4 s
+        prepare(cfg, str(tmp_path / "m.jsonl"), text_tok, str(tmp_path / "cache"))
+    assert_report(err.value.bad, [("m.jsonl:1", "too short for data.loudness_normalize (needs > 0.4s)")])
+
+
+def test_skip_bad_trains_on_the_rest_and_logs_the_count(tiny_model, text_tok, audio_tok, model_config, tmp_path,
+                                                        capsys):
+    manifest, expected, good = write_bad_set(tmp_path / "set")
+    out = tmp_path / "out"
+    cfg = make_cfg(tiny_model, out, skip_bad=True, max_audio_seconds=2.0)
+    result = prepare(cfg, str(manifest), text_tok, str(tmp_path / "cache"), audio_tokenizer=audio_tok)
+    assert result.num_samples == 3 and result.no_trainable_audio == ["mixed.jsonl:14"]
+    assert_report(result.bad, expected)
+    write_report(out, [result])  # what `ds-train prepare` and `ds-train train` call on rank 0
+    logged = capsys.readouterr().out
+    assert f"data: skipped 15 bad sample(s) (data.skip_bad=true); see {out}/data_report.json" in logged
+    assert "data: 1 sample(s) train no audio (text loss only), e.g. mixed.jsonl:14" in logged
+
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["skipped"] == 15 and report["samples"] == {str(tmp_path / "cache"): 3}
+    assert_report(report["bad"], expected)
+    assert {b["manifest"] for b in report["bad"]} == {str(manifest)}
+    assert report["no_trainable_audio"] == ["mixed.jsonl:14"]
+
+    ds = CachedDataset(tmp_path / "cache", model_config)
+    assert [e["source"] for e in ds.entries] == good  # no dummy stands in for a skipped sample
+    for e in ds.entries:
+        assert e["audio_codes"].shape[0] == 8 and e["audio_codes"].shape[1] > 10
+        assert (e["label_ids"] >= 0).any()
+    assert [e["trains_audio"] for e in ds.entries] == [True, False, True]
+
+
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+
+
+def short_set(d, n, pitch=140.0):
+    """n TTS rows without references, each with its own short clip (quick to encode): (manifest, rows)."""
+    (d / "audio").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        sf.write(d / "audio" / f"{i}.wav", synth(WORDS[i][:5], pitch + 10 * i), RATE)
+        rows.append({"audio": f"audio/{i}.wav", "text": WORDS[i]})
+    return write_rows(d / "train.jsonl", rows), rows
+
+
+def write_rows(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def entries(cache, model_config):
+    return CachedDataset(cache, model_config).entries
+
+
+def assert_same_entry(a, b):
+    for k in ("input_ids", "label_ids", "audio_codes", "audio_starts"):
+        assert torch.equal(a[k], b[k]), (a["source"], k)
+    for k in ("source", "key", "audio_paths", "trains_audio"):
+        assert a[k] == b[k], (a["source"], k)
+
+
+def test_rerun_reuses_current_shards_and_refuses_a_changed_fingerprint(tiny_model, text_tok, audio_tok,
+                                                                      model_config, tmp_path):
+    manifest, rows = short_set(tmp_path / "set", 4)
+    cfg = make_cfg(tiny_model, tmp_path / "out", shard_size=2)
+    cache = tmp_path / "cache"
+    first = prepare(cfg, str(manifest), text_tok, str(cache), audio_tokenizer=audio_tok)
+    assert (first.num_samples, first.encoded_shards) == (4, 2)
+    before = entries(cache, model_config)
+
+    again = prepare(cfg, str(manifest), text_tok, str(cache), audio_tokenizer="must not be used")
+    assert (again.num_samples, again.encoded_shards) == (4, 0)
+
+    rows[3]["text"] = "a changed line"  # shard 1 only
+    write_rows(manifest, rows)
+    assert prepare(cfg, str(manifest), text_tok, str(cache), audio_tokenizer=audio_tok).encoded_shards == 1
+    after = entries(cache, model_config)
+    for i in (0, 1, 2):
+        assert_same_entry(before[i], after[i])
+    assert not torch.equal(before[3]["input_ids"], after[3]["input_ids"])
+
+    # A re-recorded file under the same name is new input, not a cache hit.
+    sf.write(tmp_path / "set" / "audio" / "0.wav", synth("something longer", 120.0), RATE)
+    assert prepare(cfg, str(manifest), text_tok, str(cache), audio_tokenizer=audio_tok).encoded_shards == 1
+    rerecorded = entries(cache, model_config)
+    assert rerecorded[0]["audio_codes"].shape[1] > 2 * before[0]["audio_codes"].shape[1]
+    assert_same_entry(after[1], rerecorded[1])
+
+    changed = make_cfg(tiny_model, tmp_path / "out", shard_size=2, max_audio_seconds=12.5)
+    with pytest.raises(CacheMismatchError, match=f"cache {cache} was made with a different "
+                                                 r"settings.max_audio_seconds \(30.0 then, 12.5 now\)"):
+        prepare(changed, str(manifest), text_tok, str(cache), audio_tokenizer=audio_tok)
+    # An interrupted run leaves shards but no index: the fingerprint written first still guards them.
+    (cache / "index.json").unlink()
+    with pytest.raises(CacheMismatchError, match="settings.max_audio_seconds"):
+        prepare(changed, str(manifest), text_tok, str(cache), audio_tokenizer=audio_tok)
+    assert prepare(cfg, str(manifest), text_tok, str(cache), audio_tokenizer="unused").encoded_shards == 0
+
+    write_rows(manifest, rows[:2])  # the manifest shrank by a shard: its file goes, the index counts what is left
+    assert prepare(cfg, str(manifest), text_tok, str(cache), audio_tokenizer="unused").num_samples == 2
+    assert sorted(p.name for p in cache.glob("shard-*.pt")) == ["shard-00000.pt"]
+
+
+def test_repaired_input_is_encoded_on_the_next_run(tiny_model, text_tok, audio_tok, model_config, tmp_path):
+    manifest, rows = short_set(tmp_path / "set", 3)
+    late = tmp_path / "set" / "audio" / "2.wav"
+    late.rename(tmp_path / "2.wav")  # delivered later
+    write_rows(manifest, [rows[0], '{"audio": "audio/1.wav", "text": "bravo"', rows[2]])
+    cfg = make_cfg(tiny_model, tmp_path / "out", skip_bad=True)
+    cache = str(tmp_path / "cache")
+    first = prepare(cfg, str(manifest), text_tok, cache, audio_tokenizer=audio_tok)
+    assert first.num_samples == 1 and [b["source"] for b in first.bad] == ["train.jsonl:2", "train.jsonl:3"]
+
+    write_rows(manifest, rows)  # the broken line, repaired in place
+    assert prepare(cfg, str(manifest), text_tok, cache, audio_tokenizer=audio_tok).num_samples == 2
+    (tmp_path / "2.wav").rename(late)  # the manifest line is unchanged; its file now exists
+    last = prepare(cfg, str(manifest), text_tok, cache, audio_tokenizer=audio_tok)
+    assert (last.num_samples, last.bad, last.encoded_shards) == (3, [], 1)
+    assert [e["source"] for e in entries(cache, model_config)] == [f"train.jsonl:{n}" for n in (1, 2, 3)]
+
+
+@pytest.mark.slow
+def test_two_process_prepare_equals_one_process(tiny_model, text_tok, audio_tok, model_config, tmp_path):
+    d = tmp_path / "set"
+    manifest, rows = short_set(d, 5)
+    sf.write(d / "audio" / "silent.wav", np.zeros(RATE // 4, np.float32), RATE)
+    rows.insert(1, {"audio": "audio/silent.wav", "text": "quiet"})
+    rows.insert(5, '{"audio": broken')
+    rows.append({"audio": "audio/missing.wav", "text": "gone"})
+    write_rows(manifest, rows)  # 8 lines in shards of 3: bad ones in shards 0, 1 and 2, so on both ranks
+
+    single = make_cfg(tiny_model, tmp_path / "out1", shard_size=3, skip_bad=True)
+    one = prepare(single, str(manifest), text_tok, str(tmp_path / "cache1"), audio_tokenizer=audio_tok)
+
+    out2 = tmp_path / "out2"
+    cfg2 = base_config(tiny_model, d, out2, data={"train_file": str(manifest), "shard_size": 3, "skip_bad": False,
+                                                  "cache_dir": str(tmp_path / "cache2")})
+    # Without skip_bad every rank stops with the whole report, also the rank whose own shards are clean.
+    failed = launch(["prepare", str(write_config(tmp_path / "fail.yaml", cfg2))], nprocs=2, check=False)
+    assert failed.returncode != 0
+    logs = failed.stdout + failed.stderr
+    assert logs.count(f"ds-train prepare: 3 bad sample(s) in {manifest}:\n  train.jsonl:2: audio is silent") == 2
+    assert logs.count("\n  train.jsonl:6: invalid JSON") == 2 and logs.count("\n  train.jsonl:8: audio file not") == 2
+    assert not list((tmp_path / "cache2").glob("shard-*"))
+
+    cfg2["data"]["skip_bad"] = True
+    proc = launch(["prepare", str(write_config(tmp_path / "cfg2.yaml", cfg2))], nprocs=2)
+    assert proc.stdout.count("data: skipped 3 bad sample(s)") == 1, proc.stdout[-3000:]  # rank 0 alone reports
+
+    index = json.loads((tmp_path / "cache2" / "index.json").read_text())
+    assert index["num_shards"] == 3 and index["num_samples"] == 5 == one.num_samples
+    assert [b["source"] for b in one.bad] == ["train.jsonl:2", "train.jsonl:6", "train.jsonl:8"]
+    assert index["bad"] == one.bad  # the same report in manifest order, though two ranks found its parts
+    report = json.loads((out2 / "data_report.json").read_text())
+    assert report["skipped"] == 3 and [b["source"] for b in report["bad"]] == [b["source"] for b in one.bad]
+    a, b = entries(tmp_path / "cache1", model_config), entries(tmp_path / "cache2", model_config)
+    assert [e["source"] for e in a] == ["train.jsonl:1", "train.jsonl:3", "train.jsonl:4", "train.jsonl:5",
+                                        "train.jsonl:7"]
+    assert len(b) == len(a)
+    for x, y in zip(a, b):
+        assert_same_entry(x, y)
