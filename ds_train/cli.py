@@ -149,9 +149,10 @@ def main(argv=None) -> int:
             return DIVERGED_EXIT
         raise
     except Exception as e:
+        from ds_train.checkpoint import CheckpointError
         from ds_train.prepare import DataError
 
-        if isinstance(e, (DataError, FileNotFoundError)):
+        if isinstance(e, (DataError, CheckpointError, FileNotFoundError, FileExistsError)):
             print(f"ds-train {argv[0]}: {e}", file=sys.stderr)
             return 3
         raise

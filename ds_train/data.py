@@ -163,6 +163,9 @@ def build_loader(dataset: CachedDataset, collator, cfg, rank: int, world: int, s
     kwargs = {}
     if d.num_workers > 0:
         kwargs = {"persistent_workers": d.persistent_workers, "prefetch_factor": d.prefetch_factor}
+    # Its own generator: otherwise each iter(loader) draws a seed from the global RNG, and a resumed run (which
+    # starts an iterator mid-epoch) would draw at a different point than an uninterrupted one.
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=Collate(collator), num_workers=d.num_workers,
-                        pin_memory=d.pin_memory and torch.cuda.is_available(), **kwargs)
+                        pin_memory=d.pin_memory and torch.cuda.is_available(),
+                        generator=torch.Generator().manual_seed(cfg.train.seed), **kwargs)
     return loader, sampler

@@ -105,7 +105,10 @@ def train(cfg: Config) -> dict:
     it, steps_this_epoch = None, 0
     progress = _progress(total_steps, state["step"])
     while state["step"] < total_steps:
-        if it is not None and state["step_in_epoch"] == steps_this_epoch:
+        if it is None:  # first step of this process, fresh or resumed
+            sampler.set_epoch(state["epoch"])
+            steps_this_epoch = sampler.steps_per_epoch()
+        if state["step_in_epoch"] == steps_this_epoch:  # epoch done (or resumed from its last step)
             state["epoch"] += 1
             state["step_in_epoch"] = 0
             it = None

@@ -1,0 +1,247 @@
+"""ds_train/checkpoint.py: save, resume and adapter export, on real 2-rank ZeRO-3 runs of the tiny model.
+
+The reference is one uninterrupted run of 8 steps (2 epochs of 4 steps, a checkpoint every 2 steps, cosine schedule
+with warmup, so the learning rate differs at every step). Every resumed run must reproduce its logged losses and
+learning rates and end with the same adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import base_config, launch, read_metrics, write_config
+from ds_train.checkpoint import (ADAPTER_WEIGHTS, META, _prune, find_resume, staged_dir, tag_of)
+from ds_train.config import ConfigError, load_config
+
+STEPS = 8  # 8 samples / 2 ranks = 4 steps per epoch, 2 epochs
+
+
+def run_config(tiny_model: Path, demo_data: Path, out: Path, dropout: float = 0.0, **overrides) -> Path:
+    cfg = base_config(tiny_model, demo_data, out, train={"epochs": 2},
+                      lora={"r": 8, "alpha": 16, "dropout": dropout},
+                      optim={"lr": 0.005, "warmup_steps": 2, "scheduler": "cosine"},
+                      checkpoint={"every_steps": 2, "keep_last": 10})
+    for section, values in overrides.items():
+        cfg[section].update(values)
+    return write_config(out.parent / f"{out.name}.yaml", cfg)
+
+
+def train(config: Path, **kwargs):
+    return launch(["train", str(config)], **kwargs)
+
+
+def rewind(src: Path, dst: Path, step: int) -> Path:
+    """A copy of run `src` as if it had died right after checkpoint `step` was complete."""
+    shutil.copytree(src, dst)
+    root = dst / "checkpoints"
+    for d in root.glob("step-*"):
+        if int(d.name.removeprefix("step-")) > step:
+            shutil.rmtree(d)
+    shutil.rmtree(dst / "adapter")
+    (root / "latest").write_text(tag_of(step))
+    return dst
+
+
+def loss_records(out: Path) -> dict[int, dict]:
+    records = [r for r in read_metrics(out) if "loss" in r]
+    steps = [r["step"] for r in records]
+    assert steps == list(range(1, STEPS + 1)), f"{out}: one loss record per step expected, got steps {steps}"
+    return {r["step"]: r for r in records}
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    got, want = loss_records(out), loss_records(reference)
+    for step in want:
+        assert math.isclose(got[step]["loss"], want[step]["loss"], rel_tol=1e-5), \
+            f"step {step}: loss {got[step]['loss']} after resume, {want[step]['loss']} uninterrupted"
+        assert got[step]["lr"] == pytest.approx(want[step]["lr"], rel=1e-12, abs=1e-15), f"step {step}: lr"
+    assert_same_adapter(out / "adapter", reference / "adapter")
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    ta, tb = load_file(a / ADAPTER_WEIGHTS), load_file(b / ADAPTER_WEIGHTS)
+    assert ta.keys() == tb.keys()
+    for k in ta:  # bit-equal: same data, same order of operations
+        assert torch.equal(ta[k], tb[k]), f"{k}: max difference {(ta[k] - tb[k]).abs().max()}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, demo_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "uninterrupted"
+    train(run_config(tiny_model, demo_data, out))
+    return out
+
+
+@pytest.mark.slow
+def test_resume_at_epoch_boundary_continues_exactly(uninterrupted, tiny_model, demo_data, tmp_path):
+    out = rewind(uninterrupted, tmp_path / "resumed", 4)  # step 4 ends epoch 1
+    train(run_config(tiny_model, demo_data, out, train={"resume": "auto"}))
+    assert_same_run(out, uninterrupted)
+
+
+@pytest.mark.slow
+def test_resume_restores_rng(tiny_model, demo_data, tmp_path):
+    # LoRA dropout consumes the torch RNG at every forward: equal losses need each rank's RNG restored exactly.
+    reference = tmp_path / "reference"
+    train(run_config(tiny_model, demo_data, reference, dropout=0.3))
+    out = rewind(reference, tmp_path / "resumed", 6)
+    train(run_config(tiny_model, demo_data, out, dropout=0.3, train={"resume": "auto"}))
+    assert_same_run(out, reference)
+
+
+@pytest.mark.slow
+def test_crash_mid_save_keeps_latest_complete_and_resumes(uninterrupted, tiny_model, demo_data, tmp_path):
+    # Killed while saving step 4, resumed from step 2: the middle of epoch 1, so the sampler must restart at its
+    # saved position; the losses and learning rates of steps 3-8 must be those of the uninterrupted run.
+    out = tmp_path / "crashed"
+    config = run_config(tiny_model, demo_data, out, checkpoint={"every_steps": 2, "keep_last": 2})
+    proc = train(config, env={"DS_TRAIN_FAULT": "after_shards:4"}, check=False)
+    assert proc.returncode != 0
+    root = out / "checkpoints"
+    # Step 4's shards are on disk but the save never finished: `latest` still names step 2.
+    assert (root / "latest").read_text() == "step-000002"
+    assert (root / "step-000002" / META).is_file()
+    assert list((root / "step-000004").glob("zero_pp_rank_*_optim_states.pt"))
+    assert not (root / "step-000004" / META).exists()
+
+    resumed = train(run_config(tiny_model, demo_data, out, train={"resume": "auto"},
+                               checkpoint={"every_steps": 2, "keep_last": 2}))
+    assert f"resumed from {root / 'step-000002'} at step 2" in resumed.stdout
+    assert_same_run(out, uninterrupted)
+    # keep_last=2 pruned the rest; no half-written dir or staging dir is left.
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step-000006", "step-000008"]
+    assert all((root / t / META).is_file() for t in ("step-000006", "step-000008"))
+    assert not [p for p in out.rglob(".*") if ".tmp" in p.name or ".old" in p.name]
+
+
+@pytest.mark.slow
+def test_checkpoint_holds_only_trainable_state(uninterrupted, tiny_model):
+    step = uninterrupted / "checkpoints" / "step-000008"
+    world = json.loads((step / META).read_text())["world_size"]
+    adapter = load_file(uninterrupted / "adapter" / ADAPTER_WEIGHTS)
+    trainable = sum(t.numel() for t in adapter.values())
+    base_bytes = sum(f.stat().st_size for f in tiny_model.glob("*.safetensors"))
+    frozen = sum(t.numel() for t in load_file(tiny_model / "model.safetensors").values())
+
+    module = torch.load(step / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert module and all("lora_" in name for name in module), "a frozen weight is in the module state"
+    optim = sum(f.stat().st_size for f in step.glob("zero_pp_rank_*_optim_states.pt"))
+    model_states = sum(f.stat().st_size for f in step.glob("zero_pp_rank_*_model_states.pt"))
+    # fp32 master weights + two Adam moments per trainable parameter, plus pickle/zip overhead per rank file.
+    assert 12 * trainable <= optim <= 12 * trainable + world * 64 * 1024, (optim, trainable)
+    assert model_states <= world * 64 * 1024, model_states
+    # The frozen weights alone would add 4 bytes per frozen parameter.
+    assert optim + model_states < 4 * frozen / 10
+    assert optim + model_states < base_bytes / 10
+
+
+@pytest.mark.slow
+def test_exported_adapter_is_the_trained_weights_and_loads_with_peft(uninterrupted, tiny_model):
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    shards = get_fp32_state_dict_from_zero_checkpoint(str(uninterrupted / "checkpoints"), tag="step-000008",
+                                                      exclude_frozen_parameters=True)
+    for adapter in (uninterrupted / "adapter", uninterrupted / "checkpoints" / "step-000008" / "adapter"):
+        saved = load_file(adapter / ADAPTER_WEIGHTS)
+        assert len(saved) == len(shards) == 36  # lora_A + lora_B of q/k/v/o x 3 layers and gate/up/down x 2
+        for name, value in shards.items():
+            assert torch.equal(saved[name.replace(".default", "")], value), name
+        assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in saved.items())  # trained
+
+        model = PeftModel.from_pretrained(HiggsAudioModel.from_pretrained(str(tiny_model)), str(adapter))
+        loaded = get_peft_model_state_dict(model)
+        assert loaded.keys() == saved.keys()
+        assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+# ---- without a launch -------------------------------------------------------------------------------------------
+
+def fake_checkpoint(root: Path, step: int, eval_loss=None, world_size: int = 2, complete: bool = True) -> Path:
+    d = root / tag_of(step)
+    d.mkdir(parents=True)
+    (d / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    if complete:
+        (d / META).write_text(json.dumps({"step": step, "eval_loss": eval_loss, "world_size": world_size}))
+    return d
+
+
+def test_prune_keeps_last_and_best_and_drops_incomplete(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, loss in [(1, 5.0), (2, 2.0), (3, None), (4, 3.0), (5, float("nan")), (6, 4.0)]:
+        fake_checkpoint(root, step, loss)
+    fake_checkpoint(root, 7, complete=False)  # a crashed save
+    fake_checkpoint(root, 9, 1.0)  # a later branch of the run (resumed from an older checkpoint): not ours to drop
+    (root / "latest").write_text("step-000006")
+    _prune(root, "step-000006", keep_last=2, keep_best=1)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000002", "step-000005", "step-000006",
+                                                       "step-000009"]
+
+
+def resume_config(tmp_path: Path, resume: str, **optim):
+    cfg = base_config(Path("/nonexistent/model"), Path("/nonexistent/data"), tmp_path / "out",
+                      train={"resume": resume}, optim={"lr": 0.005, **optim})
+    return load_config(str(write_config(tmp_path / "c.yaml", cfg)))
+
+
+def test_find_resume(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert find_resume(resume_config(tmp_path, "none"), out) is None
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        find_resume(resume_config(tmp_path, "auto"), out)
+
+    root = out / "checkpoints"
+    step = fake_checkpoint(root, 4)
+    fake_checkpoint(root, 6, complete=False)
+    with pytest.raises(ConfigError, match="not a complete ds_train checkpoint"):
+        find_resume(resume_config(tmp_path, str(root / "step-000006")), out)
+    (root / "latest").write_text("step-000004")
+    assert find_resume(resume_config(tmp_path, "auto"), out) == step
+    assert find_resume(resume_config(tmp_path, str(step)), out) == step
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"written by 2 ranks but this run has 4.*relaunch with 2 ranks.*consolidate"):
+        find_resume(resume_config(tmp_path, "auto"), out)
+
+    # A changed setting that alters the continuation is reported.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    meta = json.loads((step / META).read_text())
+    saved = resume_config(tmp_path, "auto")
+    from ds_train.config import to_dict
+    (step / META).write_text(json.dumps({**meta, "config": to_dict(saved)}))
+    capsys.readouterr()
+    find_resume(resume_config(tmp_path, "auto"), out)
+    assert "warning" not in capsys.readouterr().out
+    find_resume(resume_config(tmp_path, "auto", lr=0.01), out)
+    assert "optim.lr: 0.005 -> 0.01" in capsys.readouterr().out
+
+
+def test_staged_dir_is_all_or_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="boom"):
+        with staged_dir(out, replace=lambda d: True) as tmp:
+            (tmp / "a").write_text("partial")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+    with staged_dir(out, replace=lambda d: True) as tmp:
+        (tmp / "a").write_text("1")
+    with staged_dir(out, replace=lambda d: (d / "a").is_file()) as tmp:
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    with pytest.raises(FileExistsError, match="not an earlier output"):
+        with staged_dir(out, replace=lambda d: False):
+            pass
+    assert (out / "b").read_text() == "2"

@@ -1,0 +1,170 @@
+"""ds_train/merge.py and the engine's checkpoint.merge hook: a real 2-rank run trains LoRA on the attention
+projections and the DualFFN audio_mlp fully, then writes OUTPUT_DIR/merged; the merged model must compute what
+base + adapter computes, and load wherever the base model loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import base_config, launch, write_config
+from ds_train.checkpoint import ADAPTER_WEIGHTS, BASE_TRAINABLE, CheckpointError
+from ds_train.merge import MERGE_INFO, merge
+
+ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, demo_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("merge") / "run"
+    cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 3},
+                      lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ATTENTION},
+                      checkpoint={"merge": True})
+    cfg["model"]["train_audio_mlp"] = True
+    proc = launch(["train", str(write_config(out.parent / "run.yaml", cfg))])
+    summary = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith('{"first_loss"')][-1])
+    assert summary["merged"] == str(out / "merged")
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch(run, tiny_model, demo_data):
+    """A real collated batch of 4 training samples (the prepared cache the run wrote)."""
+    from boson_multimodal.model.higgs_audio import HiggsAudioConfig
+    from transformers import AutoTokenizer
+
+    from ds_train.data import CachedDataset, Collate, make_collator
+    from ds_train.prepare import default_cache_dir
+
+    config = HiggsAudioConfig.from_pretrained(str(tiny_model))
+    dataset = CachedDataset(default_cache_dir(str(demo_data / "train.jsonl")), config)
+    collate = Collate(make_collator(config, AutoTokenizer.from_pretrained(str(tiny_model))))
+    return collate([dataset[i] for i in range(4)]).inputs
+
+
+def load(path: Path, dtype=torch.float32):
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    return HiggsAudioModel.from_pretrained(str(path), torch_dtype=dtype).eval()
+
+
+def base_plus_adapter(tiny_model: Path, adapter: Path, lora: bool = True, mlp: bool = True):
+    """The unmerged reference: base, trained audio_mlp loaded over it, LoRA applied by PEFT."""
+    from peft import PeftModel
+
+    model = load(tiny_model)
+    if mlp:
+        missing, unexpected = model.load_state_dict(load_file(adapter / BASE_TRAINABLE), strict=False)
+        assert not unexpected
+    return PeftModel.from_pretrained(model, str(adapter)).eval() if lora else model
+
+
+@torch.no_grad()
+def outputs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(**batch)
+    assert out.logits.numel() and out.audio_logits.numel()
+    return out.logits, out.audio_logits
+
+
+@pytest.mark.slow
+def test_merged_model_computes_base_plus_adapter(run, tiny_model, batch):
+    merged = load(run / "merged")
+    assert all(p.dtype == torch.float32 for p in merged.parameters())  # the engine merges in fp32 on CPU
+    logits, audio_logits = outputs(merged, batch)
+    ref_logits, ref_audio = outputs(base_plus_adapter(tiny_model, run / "adapter"), batch)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(audio_logits, ref_audio, rtol=1e-5, atol=1e-5)
+    # Both parts of the adapter matter, so the comparison above would see either one missing.
+    for partial in (base_plus_adapter(tiny_model, run / "adapter", lora=False),
+                    base_plus_adapter(tiny_model, run / "adapter", mlp=False)):
+        _, partial_audio = outputs(partial, batch)
+        assert (partial_audio - ref_audio).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_merged_dir_is_a_drop_in_for_the_base(run, tiny_model):
+    from transformers import AutoTokenizer
+
+    merged = run / "merged"
+    for f in tiny_model.rglob("*"):  # every file of the base except its weights, unchanged
+        rel = f.relative_to(tiny_model)
+        if f.is_file() and str(rel) not in ("model.safetensors", "config.json", "generation_config.json"):
+            assert (merged / rel).read_bytes() == f.read_bytes(), rel
+    assert (merged / "generation_config.json").is_file()
+    assert json.loads((merged / "config.json").read_text())["torch_dtype"] == "float32"
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []  # no staging dir left
+    base_tok, tok = AutoTokenizer.from_pretrained(str(tiny_model)), AutoTokenizer.from_pretrained(str(merged))
+    assert tok.get_vocab() == base_tok.get_vocab()
+    model, base = load(merged), load(tiny_model)
+    config, base_config_ = model.config.to_dict(), base.config.to_dict()
+    config.pop("_name_or_path"), base_config_.pop("_name_or_path")
+    assert config == base_config_
+    assert sorted(n for n, _ in model.named_parameters()) == sorted(n for n, _ in base.named_parameters())
+
+
+@pytest.mark.slow
+def test_serve_engine_generates_from_merged_dir(run):
+    from boson_multimodal.data_types import ChatMLSample, Message
+    from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
+
+    from ds_train.audio import _local_semantic_teacher
+
+    merged = run / "merged"
+    # The tiny audio tokenizer ships its semantic teacher; boson would otherwise fetch it from the hub.
+    with _local_semantic_teacher(str(merged / "audio_tokenizer" / "semantic_model")):
+        engine = HiggsAudioServeEngine(str(merged), str(merged / "audio_tokenizer"), device="cpu",
+                                       torch_dtype=torch.float32, kv_cache_lengths=[256])
+    sample = ChatMLSample(messages=[Message(role="system", content="Generate audio following instruction."),
+                                    Message(role="user", content="the quick brown fox")])
+    response = engine.generate(sample, max_new_tokens=16, force_audio_gen=True, seed=0)
+    assert response.audio is not None and response.audio.size > 0
+
+
+@pytest.mark.slow
+def test_bf16_sharded_merge(run, tiny_model, tmp_path):
+    out = merge(tiny_model, run / "adapter", tmp_path / "merged", "bf16", max_shard_size="1MB")
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    model = load(out, dtype=torch.bfloat16)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    fp32 = dict(load(run / "merged").named_parameters())
+    for name, p in model.named_parameters():  # merged in fp32, rounded once
+        assert p.dtype == torch.bfloat16 and torch.equal(p, fp32[name].to(torch.bfloat16)), name
+    assert json.loads((out / MERGE_INFO).read_text())["dtype"] == "bf16"
+
+
+@pytest.mark.slow
+def test_failed_merge_leaves_nothing(run, tiny_model, tmp_path):
+    adapter = shutil.copytree(run / "adapter", tmp_path / "adapter")
+    weights = load_file(adapter / ADAPTER_WEIGHTS)
+    renamed = {k.replace("layers.0.", "layers.9."): v for k, v in weights.items()}  # no such layer in the base
+    save_file(renamed, str(adapter / ADAPTER_WEIGHTS))
+    parent = tmp_path / "outputs"
+    parent.mkdir()
+    with pytest.raises(CheckpointError, match="does not fit the base model"):
+        merge(tiny_model, adapter, parent / "merged", "fp32")
+    (adapter / ADAPTER_WEIGHTS).unlink()
+    with pytest.raises(CheckpointError, match="no adapter_model.safetensors"):
+        merge(tiny_model, adapter, parent / "merged", "fp32")
+    assert list(parent.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_output_dir_rules(run, tiny_model, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        merge(tiny_model, run / "adapter", foreign, "fp32")
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    # An earlier merge output is replaced (a re-run of a finished training run merges again).
+    out = merge(tiny_model, run / "adapter", tmp_path / "merged", "bf16")
+    merge(tiny_model, run / "adapter", out, "fp32")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "merged"]
