@@ -38,8 +38,6 @@ def cmd_train(words):
 
 
 def cmd_prepare(words):
-    import deepspeed
-
     from ds_train import dist
     from ds_train.engine import check_output_dir
     from ds_train.model import check_audio_tokenizer, load_model_config, load_text_tokenizer
@@ -51,7 +49,7 @@ def cmd_prepare(words):
     check_audio_tokenizer(cfg, model_config)
     out = check_output_dir(cfg, for_prepare=True)
     if "WORLD_SIZE" in os.environ:  # launched with several ranks: they share the shards
-        deepspeed.init_distributed()
+        dist.init_distributed()
     results = [prepare(cfg, cfg.data.train_file, tokenizer, cfg.data.cache_dir)]
     if cfg.data.eval_file:
         results.append(prepare(cfg, cfg.data.eval_file, tokenizer))

@@ -64,7 +64,7 @@ def train(cfg: Config) -> dict:
     cuda = torch.cuda.is_available()
     ds_config = deepspeed_config(cfg, dist.world_size(), cuda)  # world size from the launcher's environment
     resume_from = checkpoint.find_resume(cfg, out)
-    deepspeed.init_distributed()
+    dist.init_distributed()
     if cuda:
         torch.cuda.set_device(dist.local_rank())
     world = dist.world_size()

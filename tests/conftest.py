@@ -45,6 +45,24 @@ def demo_data(tmp_path_factory) -> Path:
     return make_demo_data(str(tmp_path_factory.mktemp("data") / "demo"), n=8, n_eval=2)
 
 
+@pytest.fixture(scope="session")
+def audio_mlp_run(tiny_model, demo_data, tmp_path_factory) -> Path:
+    """OUTPUT_DIR of a 3-step 2-rank run: LoRA on attention plus fully trained audio_mlp, checkpoints step-000002
+    and step-000003 (= latest), and merged/ (checkpoint.merge=true). Shared by the consolidate and merge tests."""
+    out = tmp_path_factory.mktemp("audio_mlp_run") / "run"
+    cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 3},
+                      lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ATTENTION},
+                      checkpoint={"every_steps": 2, "keep_last": 5, "merge": True})
+    cfg["model"]["train_audio_mlp"] = True
+    proc = launch(["train", str(write_config(out.parent / "run.yaml", cfg))])
+    summary = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith('{"first_loss"')][-1])
+    assert summary["merged"] == str(out / "merged")
+    return out
+
+
+ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+
+
 def base_config(model_dir: Path, data_dir: Path, out: Path, **sections) -> dict:
     """A small-run config as a dict; `sections` deep-merge over it (e.g. train={"max_steps": 3})."""
     cfg = {

@@ -15,23 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import base_config, launch, write_config
 from ds_train.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_TRAINABLE, META, CheckpointError
 from ds_train.consolidate import consolidate
 
-ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
-
-
 @pytest.fixture(scope="module")
-def run(tiny_model, demo_data, tmp_path_factory) -> Path:
+def run(audio_mlp_run) -> Path:
     """OUTPUT_DIR of a 3-step run with checkpoints step-000002 and step-000003 (= latest)."""
-    out = tmp_path_factory.mktemp("consolidate") / "run"
-    cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 3},
-                      lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ATTENTION},
-                      checkpoint={"every_steps": 2, "keep_last": 5})
-    cfg["model"]["train_audio_mlp"] = True
-    launch(["train", str(write_config(out.parent / "run.yaml", cfg))])
-    return out
+    return audio_mlp_run
 
 
 def zero_to_fp32(root: Path, tag: str) -> dict:

@@ -4,6 +4,7 @@ partitioned (stage3_param_persistence_threshold 0), real peft, real boson classe
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -27,8 +28,11 @@ def test_zero3_two_ranks_loss_falls_and_outputs(tiny_model, demo_data, tmp_path)
                       optim={"lr": 0.01, "scheduler": "constant"},
                       train={"epochs": 8, "micro_batch_size": 2, "eval_every": 8},
                       checkpoint={"every_steps": 16})
+    shm_before = set(Path("/dev/shm").glob("deepspeed_*"))
     proc = launch(["train", str(write_config(tmp_path / "c.yaml", cfg))])
     assert "parameters:" in proc.stdout and "trainable" in proc.stdout
+    # DeepSpeed's CPU shm all-reduce would leave 69 MB per rank in /dev/shm (RAM) after every run; it is off.
+    assert set(Path("/dev/shm").glob("deepspeed_*")) == shm_before
 
     records = read_metrics(out)
     steps = [r for r in records if "loss" in r]

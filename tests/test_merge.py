@@ -12,24 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import base_config, launch, write_config
 from ds_train.checkpoint import ADAPTER_WEIGHTS, BASE_TRAINABLE, CheckpointError
 from ds_train.merge import MERGE_INFO, merge
 
-ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
-
-
 @pytest.fixture(scope="module")
-def run(tiny_model, demo_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("merge") / "run"
-    cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 3},
-                      lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ATTENTION},
-                      checkpoint={"merge": True})
-    cfg["model"]["train_audio_mlp"] = True
-    proc = launch(["train", str(write_config(out.parent / "run.yaml", cfg))])
-    summary = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith('{"first_loss"')][-1])
-    assert summary["merged"] == str(out / "merged")
-    return out
+def run(audio_mlp_run) -> Path:
+    """A 3-step run with LoRA on attention and audio_mlp trained fully; its merged/ came from checkpoint.merge."""
+    return audio_mlp_run
 
 
 @pytest.fixture(scope="module")
