@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -105,7 +106,8 @@ def test_trust_remote_code_stays_off(tiny_model, tmp_path):
     shutil.copytree(tiny_model, tok, ignore=shutil.ignore_patterns("*.safetensors", "audio_tokenizer"))
     marker = tmp_path / "remote_code_ran"
     (tok / "evil_tok.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
-                                     "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+                                     "from transformers import PreTrainedTokenizerFast\n"
+                                     "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
     conf = json.loads((tok / "tokenizer_config.json").read_text())
     conf["auto_map"] = {"AutoTokenizer": [None, "evil_tok.EvilTokenizer"]}
     (tok / "tokenizer_config.json").write_text(json.dumps(conf))
@@ -119,8 +121,13 @@ def test_trust_remote_code_stays_off(tiny_model, tmp_path):
     except ConfigError:
         pass  # refusing is fine too; running the code is not
     assert not marker.exists()
-    # The same directory with the switch on does run it: the check above can fail.
-    load_text_tokenizer(load_config(None, [*base, "model.trust_remote_code=true"]), model_config)
+    # The same directory with the switch on does run it: the check above can fail. In a subprocess, because
+    # transformers registers loaded remote classes globally and that would leak into later tests.
+    code = ("from ds_train.config import load_config; from ds_train.model import load_model_config, load_text_tokenizer;"
+            f"load_text_tokenizer(load_config(None, {[*base, 'model.trust_remote_code=true']!r}), "
+            f"load_model_config({str(tiny_model)!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.exists()
 
 
