@@ -134,6 +134,9 @@ def main(argv=None) -> int:
         return 2
     try:
         COMMANDS[argv[0]](argv[1:])
+        from ds_train import dist
+
+        dist.shutdown()  # only on success: after a failure the peers may never reach the barrier
     except ConfigError as e:
         print(f"ds-train {argv[0]}: config error: {e}", file=sys.stderr)
         return 2
