@@ -123,6 +123,7 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate only at the end (when data.eval_file is set)
+    eval_on_start: bool = False  # also evaluate the untrained adapter at step 0: the baseline for the curve
     resume: str = "none"  # none | auto | PATH of a step-XXXXXX checkpoint dir
     max_consecutive_skips: int = 5  # non-finite loss/grad steps in a row before the run stops
 
@@ -181,6 +182,8 @@ class Config:
             )
         if self.train.eval_every > 0 and not self.data.eval_file:
             raise ConfigError("train.eval_every > 0 needs data.eval_file")
+        if self.train.eval_on_start and not self.data.eval_file:
+            raise ConfigError("train.eval_on_start needs data.eval_file")
         if self.checkpoint.keep_best > 0 and not self.data.eval_file:
             raise ConfigError("checkpoint.keep_best > 0 needs data.eval_file (best is measured by eval loss)")
 

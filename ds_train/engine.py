@@ -104,6 +104,8 @@ def train(cfg: Config) -> dict:
     first_loss = last_loss = None
     it, steps_this_epoch = None, 0
     progress = _progress(total_steps, state["step"])
+    if eval_loader is not None and cfg.train.eval_on_start and state["step"] == 0:
+        logger.log({"step": 0, "epoch": 0, "eval_loss": evaluate(engine, eval_loader, cfg)})
     while state["step"] < total_steps:
         if it is None:  # first step of this process, fresh or resumed
             sampler.set_epoch(state["epoch"])

@@ -51,13 +51,14 @@ def write_env(path: str = ".deepspeed_env") -> None:
 def demo_summary(out_dir: str, seconds: str) -> None:
     out = Path(out_dir)
     losses = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    evals = [r["eval_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-             if "eval_loss" in r]
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
     print("\n=== ds_train demo finished ===")
     print(f"first loss (step {losses[0]['step']}): {losses[0]['loss']:.4f}")
     print(f"last loss  (step {losses[-1]['step']}): {losses[-1]['loss']:.4f}")
     if evals:
-        print(f"eval loss: {evals[0]:.4f} -> {evals[-1]:.4f}")
+        best = min(evals, key=lambda r: r["eval_loss"])
+        first_best_last = (f"{r['eval_loss']:.4f} (step {r['step']})" for r in (evals[0], best, evals[-1]))
+        print("eval loss: first {} -> best {} -> last {}".format(*first_best_last))
     print(f"adapter:   {out / 'adapter'}")
     if (out / "merged").is_dir():
         print(f"merged:    {out / 'merged'}")

@@ -34,6 +34,7 @@ def test_defaults_and_overrides(tmp_path):
     ("wandb.mode=maybe", "wandb.mode must be one of"),
     ("lora.enabled=false", "nothing to train"),
     ("train.eval_every=10", "needs data.eval_file"),
+    ("train.eval_on_start=true", "needs data.eval_file"),
     ("checkpoint.keep_best=1", "needs data.eval_file"),
     ("data.prefetch_factor=2", "need data.num_workers > 0"),
 ])

@@ -26,7 +26,7 @@ def test_zero3_two_ranks_loss_falls_and_outputs(tiny_model, demo_data, tmp_path)
                                                "audio_mlp.down_proj", "audio_lm_head", "text_lm_head"]},
                       data={"train_file": str(demo_data / "train.jsonl"), "eval_file": str(demo_data / "eval.jsonl")},
                       optim={"lr": 0.01, "scheduler": "constant"},
-                      train={"epochs": 8, "micro_batch_size": 2, "eval_every": 8},
+                      train={"epochs": 8, "micro_batch_size": 2, "eval_every": 8, "eval_on_start": True},
                       checkpoint={"every_steps": 16})
     shm_before = set(Path("/dev/shm").glob("deepspeed_*"))
     proc = launch(["train", str(write_config(tmp_path / "c.yaml", cfg))])
@@ -43,8 +43,8 @@ def test_zero3_two_ranks_loss_falls_and_outputs(tiny_model, demo_data, tmp_path)
     first, last = steps[0]["loss"], steps[-1]["loss"]
     assert last < first - 2.0, (first, last)  # overfits 8 samples: the loss clearly falls
     assert steps[-1]["audio_loss"] < steps[0]["audio_loss"] - 0.3
-    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
-    assert len(evals) == 2 and all(v == v for v in evals)
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 8, 16] and all(r["eval_loss"] == r["eval_loss"] for r in evals)
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["epochs"] == 8 and saved["model"]["path"] == str(tiny_model)
