@@ -132,20 +132,24 @@ def main(argv=None) -> int:
     if argv[0] not in COMMANDS:
         print(f"ds-train: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr, end="")
         return 2
+    from ds_train import dist
+    from ds_train.resilience import DIVERGED_EXIT, Diverged, Preempted
+
+    # The process group is left together after success and after stops every rank agreed on (preemption,
+    # divergence); after any other failure the peers may never reach the barrier.
     try:
         COMMANDS[argv[0]](argv[1:])
-        from ds_train import dist
-
-        dist.shutdown()  # only on success: after a failure the peers may never reach the barrier
+        dist.shutdown()
     except ConfigError as e:
         print(f"ds-train {argv[0]}: config error: {e}", file=sys.stderr)
         return 2
-    except SystemExit:
+    except SystemExit as e:
+        if isinstance(e, Preempted):
+            dist.shutdown()
         raise
     except RuntimeError as e:
-        from ds_train.resilience import DIVERGED_EXIT, Diverged
-
         if isinstance(e, Diverged):
+            dist.shutdown()
             print(f"ds-train {argv[0]}: stopped: {e}", file=sys.stderr)
             return DIVERGED_EXIT
         raise
