@@ -135,24 +135,17 @@ def main(argv=None) -> int:
     from ds_train import dist
     from ds_train.resilience import DIVERGED_EXIT, Diverged, Preempted
 
-    # The process group is left together after success and after stops every rank agreed on (preemption,
-    # divergence); after any other failure the peers may never reach the barrier.
     try:
         COMMANDS[argv[0]](argv[1:])
-        dist.shutdown()
+        code = 0
+    except Preempted as e:
+        code = e.code
+    except Diverged as e:
+        print(f"ds-train {argv[0]}: stopped: {e}", file=sys.stderr)
+        code = DIVERGED_EXIT
     except ConfigError as e:
         print(f"ds-train {argv[0]}: config error: {e}", file=sys.stderr)
         return 2
-    except SystemExit as e:
-        if isinstance(e, Preempted):
-            dist.shutdown()
-        raise
-    except RuntimeError as e:
-        if isinstance(e, Diverged):
-            dist.shutdown()
-            print(f"ds-train {argv[0]}: stopped: {e}", file=sys.stderr)
-            return DIVERGED_EXIT
-        raise
     except Exception as e:
         from ds_train.checkpoint import CheckpointError
         from ds_train.prepare import DataError
@@ -161,7 +154,10 @@ def main(argv=None) -> int:
             print(f"ds-train {argv[0]}: {e}", file=sys.stderr)
             return 3
         raise
-    return 0
+    # Success, or a stop every rank agreed on: the ranks leave the process group together. (After any other
+    # failure the peers may never reach the barrier.)
+    dist.leave(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -46,12 +47,21 @@ def init_distributed() -> None:
     deepspeed.init_distributed()
 
 
-def shutdown() -> None:
-    """Leave the process group together. A rank that exits while gloo still holds live pairs to its peers dies in
-    std::terminate ("terminate called without an active exception"), which turned a finished run into rc -6."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+def leave(code: int) -> None:
+    """A rank's end in a process group: wait for the peers, destroy the group, and exit with `code` at once.
+
+    Both halves stop gloo from aborting finished runs with "terminate called without an active exception" (rc -6):
+    a rank exiting while its peers still held live pairs to it (3 of 6 CPU launches of prepare), and gloo threads
+    dying in the interpreter's teardown, since DeepSpeed keeps process groups in module globals (1 train launch in
+    a suite run). Everything is written and closed by now. Without a process group this returns.
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier() -> None:

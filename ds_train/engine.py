@@ -165,6 +165,7 @@ def train(cfg: Config) -> dict:
         progress.update(1, loss_mean)
         if skips.exhausted():
             path = checkpoint.save(engine, model, cfg, out, state)  # skipped updates left the last good weights
+            logger.finish()
             raise Diverged(f"{skips.in_a_row} consecutive steps (up to step {state['step']}) had a non-finite loss "
                            f"or gradient norm (train.max_consecutive_skips={cfg.train.max_consecutive_skips}). The "
                            f"last good state is saved in {path}; lower optim.lr or inspect the data, then resume "
