@@ -50,8 +50,9 @@ def write_env(path: str = ".deepspeed_env") -> None:
 
 def demo_summary(out_dir: str, seconds: str) -> None:
     out = Path(out_dir)
-    losses = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
     print("\n=== ds_train demo finished ===")
     print(f"first loss (step {losses[0]['step']}): {losses[0]['loss']:.4f}")
     print(f"last loss  (step {losses[-1]['step']}): {losses[-1]['loss']:.4f}")
