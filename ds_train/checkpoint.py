@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ds_train import dist, faults
-from ds_train.config import Config, ConfigError, to_dict
+from ds_train.config import Config, ConfigError, flatten, to_dict
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -53,7 +53,7 @@ def atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
 
 
 def read_latest(out_dir: Path) -> Optional[Path]:
@@ -94,15 +94,12 @@ def _fsync_rank_files(step_dir: Path, rank: int) -> None:
                                                               or p.name == f"rng-rank{rank:05d}.pt"
                                                               or (rank == 0 and p.name.startswith("mp_rank_")))]
     for p in mine:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _fsync_dir(step_dir)
+        _fsync(p)
+    _fsync(step_dir)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (a rename is durable only once its directory is)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -203,16 +200,9 @@ def load(engine, path: Path) -> dict:
 
 def config_changes(saved: dict, current: dict) -> list[str]:
     """'key: old -> new' for the CONTINUATION_KEYS that differ between two config dicts."""
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
     if not saved:  # checkpoints written before META carried the config
         return []
-    old, new = dict(flat(saved)), dict(flat(current))
+    old, new = flatten(saved), flatten(current)
     keys = sorted(k for k in old.keys() | new.keys()
                   if any(k == c or k.startswith(c + ".") for c in CONTINUATION_KEYS))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
@@ -283,8 +273,7 @@ def staged_dir(out_dir: Path, replace: Callable[[Path], bool]) -> Iterator[Path]
         yield tmp
         for p in tmp.rglob("*"):
             if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
+                _fsync(p)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -292,5 +281,5 @@ def staged_dir(out_dir: Path, replace: Callable[[Path], bool]) -> Iterator[Path]
     if out_dir.exists():
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
-    _fsync_dir(out_dir.parent)
+    _fsync(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)

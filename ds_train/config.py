@@ -282,6 +282,17 @@ def to_dict(cfg: Config) -> dict:
     return redact(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a.b": leaf} for every leaf of a nested dict: dotted keys, as the command line writes them."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 

@@ -30,7 +30,7 @@ import torch
 
 from ds_train import dist
 from ds_train.audio import AudioError, audio_info, encode, load_audio, load_audio_tokenizer, tokenizer_fingerprint
-from ds_train.config import Config
+from ds_train.config import Config, flatten
 from ds_train.manifest import Record, audio_contents, read_manifest, text_of
 
 CACHE_VERSION = 2
@@ -340,15 +340,14 @@ def _claim_cache(cache: Path, fp: dict) -> None:
     dist.barrier()
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+def _differences(old: dict, new: dict) -> list[str]:
+    old, new = flatten(old), flatten(new)
     out = []
-    for key in sorted(set(old) | set(new)):
+    for key in sorted(old.keys() | new.keys()):
         a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            shown = f" ({a!r} then, {b!r} now)" if not isinstance(a, (dict, list)) and len(repr(a)) < 80 else ""
-            out.append(f"{prefix}{key}{shown}")
+        if a != b:
+            shown = f" ({a!r} then, {b!r} now)" if not isinstance(a, list) and len(repr(a)) < 80 else ""
+            out.append(f"{key}{shown}")
     return out
 
 
