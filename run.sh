@@ -142,7 +142,7 @@ demo() {
   [[ -f "$demo_dir/data/train.jsonl" ]] || "$VENV/bin/ds-train" make-demo-data "$demo_dir/data" --n 24 --n-eval 4
   ( launch prepare configs/demo.yaml )
   ( launch train configs/demo.yaml )
-  "$PY" -m ds_train.launch demo-summary "$demo_dir/out" "$(( SECONDS - t0 ))"
+  "$PY" -m ds_train.demo.summary "$demo_dir/out" "$(( SECONDS - t0 ))"
 }
 
 cmd="${1:-demo}"

@@ -1,4 +1,4 @@
-"""Checkpoints: save, resume, and the PEFT adapter export that runs at each save and at the end.
+"""Checkpoints: save, find, validate and resume; prune old ones. (The adapter each save exports: export.py.)
 
 OUTPUT_DIR/checkpoints/
   step-000123/          DeepSpeed ZeRO shards (trainable parameters only) + our client state
@@ -10,31 +10,25 @@ OUTPUT_DIR/checkpoints/
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from ds_train import dist, faults
-from ds_train.config import Config, ConfigError, flatten, to_dict
+from ds_train.adapter import export_adapter
+from ds_train.config import Config, flatten, to_dict
+from ds_train.errors import CheckpointError, ConfigError
+from ds_train.fsutil import atomic_write, fsync
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-BASE_TRAINABLE = "base_trainable.safetensors"  # fully trained base weights (audio_mlp), merged by `ds-train merge`
 META = "ds_train_meta.json"
 STEP_DIR = re.compile(r"step-(\d+)")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: missing, incomplete, damaged or written by another setup."""
 
 
 def tag_of(step: int) -> str:
@@ -43,17 +37,6 @@ def tag_of(step: int) -> str:
 
 def checkpoint_root(out_dir: Path) -> Path:
     return Path(out_dir) / "checkpoints"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write-to-temp, fsync, rename: readers see the old content or the new, never a torn file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
 
 
 def read_latest(out_dir: Path) -> Optional[Path]:
@@ -94,17 +77,8 @@ def _fsync_rank_files(step_dir: Path, rank: int) -> None:
                                                               or p.name == f"rng-rank{rank:05d}.pt"
                                                               or (rank == 0 and p.name.startswith("mp_rank_")))]
     for p in mine:
-        _fsync(p)
-    _fsync(step_dir)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a directory's entries (a rename is durable only once its directory is)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync(p)
+    fsync(step_dir)
 
 
 def step_of(path: Path) -> Optional[int]:
@@ -208,78 +182,85 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-def export_adapter(model, out_dir: Path) -> None:
-    """Collective: gather the fp32 trainable weights on every rank; rank 0 writes a PEFT adapter dir.
-
-    Under ZeRO-3 a plain `save_pretrained` sees empty partitions (the 40-byte adapter files of public reports);
-    DeepSpeed's safe_get_full_fp32_param gathers the full fp32 master copy of each parameter.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    full = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            value = safe_get_full_fp32_param(p)
-            value = (value if value is not None else p.detach().float()).cpu().clone()
-            shape = tuple(getattr(p, "ds_shape", p.shape))
-            if tuple(value.shape) != shape or value.numel() == 0:
-                raise RuntimeError(f"adapter export of {name} gathered shape {tuple(value.shape)}, expected {shape}")
-            full[name] = value
-    if dist.is_main():
-        write_adapter(model, full, out_dir)
-
-
-def write_adapter(model, full: dict, out_dir: Path) -> None:
-    """Write trainable weights (full names) as a PEFT adapter dir, atomically; never an empty file."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    if not full or any(t.numel() == 0 for t in full.values()):
-        raise RuntimeError(f"adapter export to {out_dir}: no trainable tensors, or an empty one")
-    lora = {n: t for n, t in full.items() if "lora_" in n}
-    base = {strip_peft_prefix(n): t for n, t in full.items() if "lora_" not in n}
-    with staged_dir(out_dir, replace=lambda _: True) as tmp:
-        if lora:
-            state = get_peft_model_state_dict(model, state_dict=lora)
-            if len(state) != len(lora) or any(t.numel() == 0 for t in state.values()):
-                raise RuntimeError(f"adapter export lost tensors: {len(lora)} trainable LoRA tensors, "
-                                   f"{len(state)} exported")
-            model.peft_config["default"].save_pretrained(str(tmp))
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS),
-                      metadata={"format": "pt"})
-        if base:
-            save_file({k: v.contiguous() for k, v in base.items()}, str(tmp / BASE_TRAINABLE),
-                      metadata={"format": "pt"})
+def resolve_step_dir(checkpoint_dir: Path, tag: Optional[str]) -> Path:
+    if not checkpoint_dir.is_dir():
+        raise CheckpointError(f"{checkpoint_dir} is not a directory")
+    if (checkpoint_dir / "checkpoints").is_dir():  # OUTPUT_DIR given
+        checkpoint_dir = checkpoint_dir / "checkpoints"
+    if step_of(checkpoint_dir) is not None and not (checkpoint_dir / "latest").exists():
+        if tag is not None and tag != checkpoint_dir.name:
+            raise CheckpointError(f"--tag {tag} given with the step dir {checkpoint_dir}; give one or the other")
+        step_dir = checkpoint_dir
+    else:
+        if tag is None:
+            latest = checkpoint_dir / "latest"
+            if not latest.is_file():
+                raise CheckpointError(f"{checkpoint_dir} has no `latest` file: give a step-XXXXXX dir, or --tag "
+                                      f"(available: {_tags(checkpoint_dir)})")
+            tag = latest.read_text().strip()
+        step_dir = checkpoint_dir / tag
+        if not step_dir.is_dir():
+            raise CheckpointError(f"no checkpoint {tag} in {checkpoint_dir} (available: {_tags(checkpoint_dir)})")
+    if not (step_dir / META).is_file():
+        raise CheckpointError(f"{step_dir} is not a complete ds_train checkpoint (no {META}: its save did not "
+                              f"finish); use an earlier one (available: {_tags(step_dir.parent)})")
+    return step_dir
 
 
-def strip_peft_prefix(name: str) -> str:
-    """Parameter name in the PeftModel -> its name in HiggsAudioModel."""
-    return name.removeprefix("base_model.model.")
+def _tags(root: Path) -> str:
+    tags = sorted((p for p in root.iterdir() if (p / META).is_file()), key=lambda p: step_of(p) or -1)
+    return ", ".join(p.name for p in tags) or "none"
 
 
-@contextlib.contextmanager
-def staged_dir(out_dir: Path, replace: Callable[[Path], bool]) -> Iterator[Path]:
-    """Build OUT_DIR's content in a hidden sibling and move it into place only when complete: on error nothing is
-    left behind. An existing non-empty OUT_DIR is replaced only when `replace(OUT_DIR)` says it is ours."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not replace(out_dir))):
-        raise FileExistsError(f"{out_dir} exists and is not an earlier output of this command; "
-                              "remove it or choose another output dir")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def shard_files(step_dir: Path, rank: int) -> tuple[Path, Path]:
+    prefix = step_dir / f"zero_pp_rank_{rank}_mp_rank_00"
+    return Path(f"{prefix}_model_states.pt"), Path(f"{prefix}_optim_states.pt")
+
+
+def check_shards(step_dir: Path) -> dict:
+    """Check that each rank of the world size in META left a readable model and optimizer file of one ZeRO-3 run;
+    raise one CheckpointError listing every problem. Returns the run config saved in the client state."""
+    world = json.loads((step_dir / META).read_text())["world_size"]
+    if (step_dir / "mp_rank_00_model_states.pt").is_file():
+        raise CheckpointError(f"{step_dir} was saved under ZeRO-1/2 (mp_rank_00_model_states.pt); consolidate reads "
+                              "ZeRO-3 shards. Its adapter/ dir, exported at save time, is the same adapter.")
+    problems, shapes, config = [], None, {}
+    extra = sorted(p.name for p in step_dir.glob("zero_pp_rank_*_states.pt")
+                   if int(p.name.split("_")[3]) >= world)
+    if extra:
+        problems.append(f"files of ranks beyond the {world} in {META}: {', '.join(extra)}")
+    for rank in range(world):
+        model_file, optim_file = shard_files(step_dir, rank)
+        for f in (model_file, optim_file):
+            if not f.is_file():
+                problems.append(f"{f.name}: missing")
+        if not model_file.is_file() or not optim_file.is_file():
+            continue
+        model_state = _load(model_file, problems)
+        optim_state = _load(optim_file, problems)
+        if model_state is None or optim_state is None:
+            continue
+        osd = optim_state.get("optimizer_state_dict", {})
+        if int(osd.get("zero_stage", -1)) != 3 or "fp32_flat_groups" not in osd:
+            problems.append(f"{optim_file.name}: not a ZeRO-3 optimizer shard (stage {osd.get('zero_stage')})")
+            continue
+        if osd.get("partition_count") != world or model_state.get("dp_world_size") != world:
+            problems.append(f"{optim_file.name}: written by {osd.get('partition_count')} ranks, {META} says {world}")
+        if shapes is None:
+            shapes, config = model_state.get("param_shapes"), model_state.get("ds_train", {}).get("config", {})
+        elif model_state.get("param_shapes") != shapes:
+            problems.append(f"{model_file.name}: parameter list differs from rank 0's (files of different runs)")
+    if problems:
+        raise CheckpointError(f"checkpoint {step_dir} ({world} ranks) cannot be consolidated:\n  "
+                              + "\n  ".join(problems))
+    return config
+
+
+def _load(path: Path, problems: list) -> Optional[dict]:
     try:
-        yield tmp
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                _fsync(p)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    _fsync(out_dir.parent)
-    shutil.rmtree(old, ignore_errors=True)
+        # mmap: the optimizer file's Adam moments are mapped, not read.
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # torch raises several types for a truncated or garbled zip
+        problems.append(f"{path.name}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]}), "
+                        "truncated or corrupt")
+        return None

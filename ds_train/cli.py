@@ -8,7 +8,10 @@ import json
 import os
 import sys
 
-from ds_train.config import ConfigError, load_config, translate_args
+from typing import List, Optional
+
+from ds_train.config import load_config
+from ds_train.errors import CheckpointError, ConfigError, DataError
 
 USAGE = """ds-train <command> ...
 
@@ -23,13 +26,65 @@ USAGE = """ds-train <command> ...
 """
 
 
+# Flags of the user's old torchrun trainer -> our keys. Flags without a value are booleans.
+ALIASES = {
+    "--model_path": "model.path",
+    "--audio_tokenizer_path": "model.audio_tokenizer_path",
+    "--train_data_file": "data.train_file",
+    "--eval_data_file": "data.eval_file",
+    "--output_dir": "train.output_dir",
+    "--save_steps": "checkpoint.every_steps",
+    "--per_device_train_batch_size": "train.micro_batch_size",
+    "--gradient_accumulation_steps": "train.grad_accum",
+    "--learning_rate": "optim.lr",
+    "--num_train_epochs": "train.epochs",
+    "--logging_steps": "train.log_every",
+    "--warmup_steps": "optim.warmup_steps",
+}
+FLAG_ALIASES = {
+    "--disable_evaluation": ["data.eval_file=null", "train.eval_every=0"],
+    "--bf16": ["model.dtype=bf16"],
+    "--use_lora": ["lora.enabled=true"],
+}
+
+
+def translate_args(args: List[str]) -> tuple[Optional[str], List[str]]:
+    """Split CLI words into (yaml path or None, dotlist), turning old-trainer flags into dotlist entries."""
+    yaml_path, dotlist, i = None, [], 0
+    while i < len(args):
+        a = args[i]
+        flag, _, inline = a.partition("=") if a.startswith("--") else (a, "", "")
+        if flag in FLAG_ALIASES:
+            dotlist += FLAG_ALIASES[flag]
+        elif flag in ALIASES:
+            if inline:
+                value = inline
+            elif i + 1 < len(args):
+                i += 1
+                value = args[i]
+            else:
+                raise ConfigError(f"{flag} needs a value")
+            dotlist.append(f"{ALIASES[flag]}={value}")
+        elif a.startswith("-"):
+            known = ", ".join(sorted([*ALIASES, *FLAG_ALIASES]))
+            raise ConfigError(f"unknown flag {a!r}; use key=value overrides or one of: {known}")
+        elif "=" in a:
+            dotlist.append(a)
+        elif yaml_path is None and a.endswith((".yaml", ".yml")):
+            yaml_path = a
+        else:
+            raise ConfigError(f"unexpected argument {a!r}: expected CONFIG.yaml, key=value or --flag")
+        i += 1
+    return yaml_path, dotlist
+
+
 def _config(words):
     yaml_path, dotlist = translate_args(words)
     return load_config(yaml_path, dotlist)
 
 
 def cmd_train(words):
-    from ds_train.engine import train
+    from ds_train.train import train
 
     summary = train(_config(words))
     from ds_train import dist
@@ -39,22 +94,18 @@ def cmd_train(words):
 
 def cmd_prepare(words):
     from ds_train import dist
-    from ds_train.engine import check_output_dir
-    from ds_train.model import check_audio_tokenizer, load_model_config, load_text_tokenizer
-    from ds_train.prepare import prepare, write_report
+    from ds_train.data.prepare import prepare, write_report
+    from ds_train.preflight import preflight
 
     cfg = _config(words)
-    model_config = load_model_config(cfg.model.path)
-    tokenizer = load_text_tokenizer(cfg, model_config)
-    check_audio_tokenizer(cfg, model_config)
-    out = check_output_dir(cfg, for_prepare=True)
+    pre = preflight(cfg, for_prepare=True)
     if "WORLD_SIZE" in os.environ:  # launched with several ranks: they share the shards
         dist.init_distributed()
-    results = [prepare(cfg, cfg.data.train_file, tokenizer, cfg.data.cache_dir)]
+    results = [prepare(cfg, cfg.data.train_file, pre.text_tokenizer, cfg.data.cache_dir)]
     if cfg.data.eval_file:
-        results.append(prepare(cfg, cfg.data.eval_file, tokenizer))
+        results.append(prepare(cfg, cfg.data.eval_file, pre.text_tokenizer))
     if dist.is_main():
-        write_report(out, results)
+        write_report(pre.out_dir, results)
         for r in results:
             print(f"prepared {r.cache_dir}: {r.num_samples} samples, {len(r.bad)} skipped as bad, "
                   f"{r.encoded_shards} shard(s) encoded in {r.seconds:.1f}s")
@@ -66,7 +117,7 @@ def cmd_consolidate(words):
     p.add_argument("out_dir")
     p.add_argument("--tag", default=None)
     a = p.parse_args(words)
-    from ds_train.consolidate import consolidate
+    from ds_train.export import consolidate
 
     print(consolidate(a.checkpoint_dir, a.out_dir, a.tag))
 
@@ -78,7 +129,7 @@ def cmd_merge(words):
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     a = p.parse_args(words)
-    from ds_train.merge import merge
+    from ds_train.export import merge
 
     print(merge(a.base_model_dir, a.adapter_dir, a.out_dir, a.dtype))
 
@@ -88,7 +139,7 @@ def cmd_make_tiny(words):
     p.add_argument("out_dir")
     p.add_argument("--no-delay-pattern", action="store_true")
     a = p.parse_args(words)
-    from ds_train.tiny import make_tiny
+    from ds_train.demo.tiny import make_tiny
 
     print(make_tiny(a.out_dir, use_delay_pattern=not a.no_delay_pattern))
 
@@ -100,13 +151,13 @@ def cmd_make_demo_data(words):
     p.add_argument("--n-eval", type=int, default=4)
     p.add_argument("--skewed", action="store_true", help="length-skewed clips (for bench-data)")
     a = p.parse_args(words)
-    from ds_train.demo_data import make_demo_data
+    from ds_train.demo.data import make_demo_data
 
     print(make_demo_data(a.out_dir, a.n, a.n_eval, skewed=a.skewed))
 
 
 def cmd_bench_data(words):
-    from ds_train.bench import bench_data
+    from ds_train.bench.data import bench_data
 
     bench_data(_config(words))
 
@@ -147,9 +198,6 @@ def main(argv=None) -> int:
         print(f"ds-train {argv[0]}: config error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from ds_train.checkpoint import CheckpointError
-        from ds_train.prepare import DataError
-
         if isinstance(e, (DataError, CheckpointError, FileNotFoundError, FileExistsError)):
             print(f"ds-train {argv[0]}: {e}", file=sys.stderr)
             return 3

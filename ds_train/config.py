@@ -1,9 +1,8 @@
-"""The one source of truth for a run: typed dataclasses, YAML + dotlist overrides, old-trainer flag aliases,
-and the DeepSpeed JSON derived from them."""
+"""The one source of truth for a run: typed dataclasses validated in __post_init__, loaded from YAML + dotlist
+overrides. The DeepSpeed JSON derived from it is ds_config.py; the old trainer's flags are translated in cli.py."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +11,7 @@ from typing import Any, List, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A setting that is unknown, malformed or contradicts another one."""
+from ds_train.errors import ConfigError
 
 
 # LoRA targets as module-path suffixes. Anchoring each on a '.' keeps `mlp.*` (text FFN) and `audio_mlp.*`
@@ -198,58 +195,6 @@ def _choice(name: str, value: str, choices) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
-# Flags of the user's old torchrun trainer -> our keys. Flags without a value are booleans.
-ALIASES = {
-    "--model_path": "model.path",
-    "--audio_tokenizer_path": "model.audio_tokenizer_path",
-    "--train_data_file": "data.train_file",
-    "--eval_data_file": "data.eval_file",
-    "--output_dir": "train.output_dir",
-    "--save_steps": "checkpoint.every_steps",
-    "--per_device_train_batch_size": "train.micro_batch_size",
-    "--gradient_accumulation_steps": "train.grad_accum",
-    "--learning_rate": "optim.lr",
-    "--num_train_epochs": "train.epochs",
-    "--logging_steps": "train.log_every",
-    "--warmup_steps": "optim.warmup_steps",
-}
-FLAG_ALIASES = {
-    "--disable_evaluation": ["data.eval_file=null", "train.eval_every=0"],
-    "--bf16": ["model.dtype=bf16"],
-    "--use_lora": ["lora.enabled=true"],
-}
-
-
-def translate_args(args: List[str]) -> tuple[Optional[str], List[str]]:
-    """Split CLI words into (yaml path or None, dotlist), turning old-trainer flags into dotlist entries."""
-    yaml_path, dotlist, i = None, [], 0
-    while i < len(args):
-        a = args[i]
-        flag, _, inline = a.partition("=") if a.startswith("--") else (a, "", "")
-        if flag in FLAG_ALIASES:
-            dotlist += FLAG_ALIASES[flag]
-        elif flag in ALIASES:
-            if inline:
-                value = inline
-            elif i + 1 < len(args):
-                i += 1
-                value = args[i]
-            else:
-                raise ConfigError(f"{flag} needs a value")
-            dotlist.append(f"{ALIASES[flag]}={value}")
-        elif a.startswith("-"):
-            known = ", ".join(sorted([*ALIASES, *FLAG_ALIASES]))
-            raise ConfigError(f"unknown flag {a!r}; use key=value overrides or one of: {known}")
-        elif "=" in a:
-            dotlist.append(a)
-        elif yaml_path is None and a.endswith((".yaml", ".yml")):
-            yaml_path = a
-        else:
-            raise ConfigError(f"unexpected argument {a!r}: expected CONFIG.yaml, key=value or --flag")
-        i += 1
-    return yaml_path, dotlist
-
-
 def load_config(yaml_path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
     """Merge defaults <- YAML <- dotlist into a validated Config. Unknown keys and bad values raise ConfigError."""
     try:
@@ -295,75 +240,6 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# DeepSpeed JSON: the file describes the system (ZeRO stage, offload, bucket sizes); the numbers that also live in
-# our config are injected from it, and a JSON that states a different value is an error, not a silent override.
-
-def resolve_dtype(cfg: Config, cuda: bool) -> str:
-    if cfg.model.dtype == "auto":
-        return "bf16" if cuda else "fp32"
-    return cfg.model.dtype
-
-
-def deepspeed_config(cfg: Config, world_size: int, cuda: bool, path: Optional[str] = None) -> dict:
-    path = path or cfg.train.deepspeed_config
-    try:
-        with open(path) as f:
-            ds = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"DeepSpeed config not found: {path} (train.deepspeed_config)") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg}") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
-
-    t, o = cfg.train, cfg.optim
-    dtype = resolve_dtype(cfg, cuda)
-    ours = {
-        "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
-        "gradient_accumulation_steps": (t.grad_accum, "train.grad_accum"),
-        "train_batch_size": (t.micro_batch_size * t.grad_accum * world_size,
-                             "train.micro_batch_size x train.grad_accum x world size"),
-        "gradient_clipping": (o.max_grad_norm, "optim.max_grad_norm"),
-    }
-    for key, (value, source) in ours.items():
-        if key in ds and ds[key] != "auto" and ds[key] != value:
-            raise ConfigError(
-                f"{path}: {key}={ds[key]} but our config gives {value} (from {source}); "
-                f"remove {key} from the JSON or set it to \"auto\" - it is derived from the run config"
-            )
-        ds[key] = value
-
-    for key in ("bf16", "fp16"):
-        if isinstance(ds.get(key), dict) and ds[key].get("enabled") not in (None, "auto", key == dtype):
-            raise ConfigError(f"{path}: {key}.enabled contradicts model.dtype={cfg.model.dtype} (resolved {dtype})")
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": dtype == "bf16"}
-    ds["fp16"] = {"enabled": False}
-
-    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
-    params = opt.setdefault("params", {})
-    for key, value in (("lr", o.lr), ("weight_decay", o.weight_decay), ("betas", list(o.betas)), ("eps", o.eps)):
-        if key in params and params[key] != "auto" and params[key] != value:
-            raise ConfigError(f"{path}: optimizer.params.{key}={params[key]} but optim.{key} is {value}; remove it from the JSON")
-        params[key] = value
-    if "scheduler" in ds:
-        raise ConfigError(f"{path}: remove the 'scheduler' section; set optim.scheduler / optim.warmup_steps instead")
-
-    zero = ds.setdefault("zero_optimization", {})
-    if not cuda:
-        # Pinned host memory needs a GPU driver.
-        for off in ("offload_param", "offload_optimizer"):
-            if isinstance(zero.get(off), dict):
-                zero[off]["pin_memory"] = False
-    ds.setdefault("steps_per_print", 10**9)  # our logger reports; keep DeepSpeed's own step prints quiet
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds
-
-
-def zero_stage(ds: dict) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
 def redact(obj: Any) -> Any:

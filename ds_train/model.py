@@ -3,80 +3,15 @@
 from __future__ import annotations
 
 import functools
-import json
-import os
 import re
-from pathlib import Path
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from ds_train import dist
-from ds_train.config import Config, ConfigError, zero_stage
-
-HIGGS_SPECIALS = {  # token -> HiggsAudioConfig attribute holding its id (None: only needs to exist)
-    "<|AUDIO|>": "audio_in_token_idx",
-    "<|AUDIO_OUT|>": "audio_out_token_idx",
-    "<|audio_out_bos|>": "audio_out_bos_token_id",
-    "<|audio_eos|>": "audio_eos_token_id",
-    "<|audio_bos|>": None,
-}
-
-
-def is_hub_id(path: str) -> bool:
-    """'org/name' that is not a local path: loadable from the hub when online."""
-    return not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None and not path.startswith(".")
-
-
-def require_local_or_hub(path: str, setting: str) -> None:
-    if not os.path.exists(path) and not is_hub_id(path):
-        raise ConfigError(f"{setting}={path} does not exist (and is not a hub id like org/name)")
-
-
-def load_model_config(path: str):
-    from boson_multimodal.model.higgs_audio import HiggsAudioConfig
-
-    require_local_or_hub(path, "model.path")
-    try:
-        return HiggsAudioConfig.from_pretrained(path)
-    except OSError as e:
-        raise ConfigError(f"cannot load a HiggsAudioConfig from model.path={path}: {e}") from None
-
-
-def load_text_tokenizer(cfg: Config, model_config):
-    """The text tokenizer, checked for the Higgs audio special tokens at the ids the model config names."""
-    from transformers import AutoTokenizer
-
-    path = cfg.model.tokenizer_path or cfg.model.path
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load the text tokenizer from {path}: {e}") from None
-    vocab = tok.get_vocab()
-    missing = [t for t in HIGGS_SPECIALS if t not in vocab]
-    if missing:
-        raise ConfigError(f"text tokenizer at {path} lacks the Higgs audio special tokens {missing}; "
-                          "use the tokenizer shipped with the Higgs Audio model")
-    for token, attr in HIGGS_SPECIALS.items():
-        if attr and vocab[token] != getattr(model_config, attr):
-            raise ConfigError(f"text tokenizer at {path} maps {token} to {vocab[token]} but the model config's "
-                              f"{attr} is {getattr(model_config, attr)}: tokenizer and model do not match")
-    return tok
-
-
-def check_audio_tokenizer(cfg: Config, model_config) -> None:
-    """Fail before any process group exists when the audio tokenizer cannot feed this model."""
-    path = cfg.model.audio_tokenizer_path
-    config_file = Path(path) / "config.json"
-    require_local_or_hub(path, "model.audio_tokenizer_path")
-    if is_hub_id(path):
-        return  # checked when it is downloaded
-    if not config_file.is_file():
-        raise ConfigError(f"audio tokenizer dir {path} has no config.json")
-    n_q = json.loads(config_file.read_text()).get("n_q", 8)
-    if n_q != model_config.audio_num_codebooks:
-        raise ConfigError(f"audio tokenizer at {path} has {n_q} codebooks but the model has "
-                          f"{model_config.audio_num_codebooks} (audio_num_codebooks): they must match")
-
+from ds_train.config import Config
+from ds_train.ds_config import zero_stage
+from ds_train.errors import ConfigError
 
 def lora_target_regex(targets: list[str]) -> str:
     """Full-match regex for module-path suffixes: 'mlp.up_proj' never matches 'audio_mlp.up_proj'."""
@@ -153,10 +88,6 @@ def count_parameters(model) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
-
-
-def trainable_named_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from ds_train.tiny import make_tiny
+    from ds_train.demo.tiny import make_tiny
 
     return make_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
 
@@ -40,7 +40,7 @@ def tiny_model_nodelay(tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """8 train + 2 eval voice-cloning samples (TTS manifest). Its prepared cache is shared by the session."""
-    from ds_train.demo_data import make_demo_data
+    from ds_train.demo.data import make_demo_data
 
     return make_demo_data(str(tmp_path_factory.mktemp("data") / "demo"), n=8, n_eval=2)
 

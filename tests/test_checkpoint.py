@@ -17,8 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import base_config, launch, read_metrics, write_config
-from ds_train.checkpoint import (ADAPTER_WEIGHTS, META, _prune, find_resume, staged_dir, tag_of)
-from ds_train.config import ConfigError, load_config
+from ds_train.adapter import ADAPTER_WEIGHTS
+from ds_train.checkpoint import META, _prune, find_resume, tag_of
+from ds_train.fsutil import staged_dir
+from ds_train.config import load_config
+from ds_train.errors import ConfigError
 
 STEPS = 8  # 8 samples / 2 ranks = 4 steps per epoch, 2 epochs
 

@@ -99,8 +99,9 @@ def test_shipped_hostfiles_parse():
 
 def test_trust_remote_code_stays_off(tiny_model, tmp_path):
     """A tokenizer whose config asks for custom code: loading it must not run that code unless the config says so."""
-    from ds_train.config import ConfigError, load_config
-    from ds_train.model import load_model_config, load_text_tokenizer
+    from ds_train.config import load_config
+    from ds_train.errors import ConfigError
+    from ds_train.preflight import load_model_config, load_text_tokenizer
 
     tok = tmp_path / "remote_tok"
     shutil.copytree(tiny_model, tok, ignore=shutil.ignore_patterns("*.safetensors", "audio_tokenizer"))
@@ -123,7 +124,7 @@ def test_trust_remote_code_stays_off(tiny_model, tmp_path):
     assert not marker.exists()
     # The same directory with the switch on does run it: the check above can fail. In a subprocess, because
     # transformers registers loaded remote classes globally and that would leak into later tests.
-    code = ("from ds_train.config import load_config; from ds_train.model import load_model_config, load_text_tokenizer;"
+    code = ("from ds_train.config import load_config; from ds_train.preflight import load_model_config, load_text_tokenizer;"
             f"load_text_tokenizer(load_config(None, {[*base, 'model.trust_remote_code=true']!r}), "
             f"load_model_config({str(tiny_model)!r}))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -6,7 +6,10 @@ import json
 
 import pytest
 
-from ds_train.config import ConfigError, deepspeed_config, load_config, redact, to_dict, translate_args
+from ds_train.cli import translate_args
+from ds_train.config import load_config, redact, to_dict
+from ds_train.ds_config import deepspeed_config
+from ds_train.errors import ConfigError
 
 REQUIRED = ["model.path=/m", "model.audio_tokenizer_path=/m/audio_tokenizer", "data.train_file=/d/train.jsonl",
             "train.output_dir=/o"]

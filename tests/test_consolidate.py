@@ -15,8 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ds_train.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_TRAINABLE, META, CheckpointError
-from ds_train.consolidate import consolidate
+from ds_train.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_TRAINABLE
+from ds_train.checkpoint import META
+from ds_train.errors import CheckpointError
+from ds_train.export import consolidate
 
 @pytest.fixture(scope="module")
 def run(audio_mlp_run) -> Path:

@@ -11,10 +11,12 @@ import torch
 
 from conftest import base_config, write_config
 from ds_train.config import load_config
-from ds_train.data import IGNORE, Collate, CachedDataset, build_loader, make_collator, to_dataset_sample
-from ds_train.prepare import prepare
-from ds_train.sampler import MicroBatchSampler
-from ds_train.tiny import SPECIAL_ID
+from ds_train.data.cache import CachedDataset
+from ds_train.data.collate import IGNORE, Collate, make_collator, to_dataset_sample
+from ds_train.data.loader import build_loader
+from ds_train.data.prepare import prepare
+from ds_train.data.sampler import MicroBatchSampler
+from ds_train.demo.tiny import SPECIAL_ID
 
 AUDIO_OUT = SPECIAL_ID["<|AUDIO_OUT|>"]
 AUDIO_IN = SPECIAL_ID["<|AUDIO|>"]
@@ -211,7 +213,7 @@ def test_collate_survives_pickling_for_spawned_workers(cache, configs, text_tok)
 
 
 def test_whisper_decodes_audio_in_clips_only(cache, configs, demo_data):
-    from ds_train.audio import load_audio
+    from ds_train.data.audio import load_audio
 
     ds = dataset(cache, configs)
     tts = to_dataset_sample(ds.entries[0], AUDIO_IN, AUDIO_OUT, whisper=True)

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from ds_train.config import load_config
-from ds_train.data import CachedDataset, Collate, make_collator
+from ds_train.data.cache import CachedDataset
+from ds_train.data.collate import Collate, make_collator
 from ds_train.loss import compute_loss
-from ds_train.model import load_model_config, load_text_tokenizer
-from ds_train.prepare import prepare
+from ds_train.preflight import load_model_config, load_text_tokenizer
+from ds_train.data.prepare import prepare
 
 IGNORE = -100
 

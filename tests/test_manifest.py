@@ -1,4 +1,4 @@
-"""ds_train.manifest: both input formats, the voice-cloning layout, line numbers of bad records, record keys."""
+"""ds_train.data.manifest: both input formats, the voice-cloning layout, line numbers of bad records, record keys."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 from boson_multimodal.data_types import AudioContent, ChatMLSample, Message
 
-from ds_train.manifest import audio_contents, read_manifest, text_of, to_dict, tts_to_chatml
+from ds_train.data.manifest import audio_contents, read_manifest, text_of, to_dict, tts_to_chatml
 
 SYSTEM = "Generate audio following instruction."
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ds_train.checkpoint import ADAPTER_WEIGHTS, BASE_TRAINABLE, CheckpointError
-from ds_train.merge import MERGE_INFO, merge
+from ds_train.adapter import ADAPTER_WEIGHTS, BASE_TRAINABLE
+from ds_train.errors import CheckpointError
+from ds_train.export import MERGE_INFO, merge
 
 @pytest.fixture(scope="module")
 def run(audio_mlp_run) -> Path:
@@ -27,8 +28,9 @@ def batch(run, tiny_model, demo_data):
     from boson_multimodal.model.higgs_audio import HiggsAudioConfig
     from transformers import AutoTokenizer
 
-    from ds_train.data import CachedDataset, Collate, make_collator
-    from ds_train.prepare import default_cache_dir
+    from ds_train.data.cache import CachedDataset
+    from ds_train.data.collate import Collate, make_collator
+    from ds_train.data.cache import default_cache_dir
 
     config = HiggsAudioConfig.from_pretrained(str(tiny_model))
     dataset = CachedDataset(default_cache_dir(str(demo_data / "train.jsonl")), config)
@@ -101,7 +103,7 @@ def test_serve_engine_generates_from_merged_dir(run):
     from boson_multimodal.data_types import ChatMLSample, Message
     from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
 
-    from ds_train.audio import _local_semantic_teacher
+    from ds_train.data.audio import _local_semantic_teacher
 
     merged = run / "merged"
     # The tiny audio tokenizer ships its semantic teacher; boson would otherwise fetch it from the hub.

@@ -8,9 +8,10 @@ import shutil
 import pytest
 import torch
 
-from ds_train.config import ConfigError, load_config
-from ds_train.model import (apply_lora, check_audio_tokenizer, enable_activation_checkpointing, load_model_config,
-                            load_text_tokenizer)
+from ds_train.config import load_config
+from ds_train.errors import ConfigError
+from ds_train.model import apply_lora, enable_activation_checkpointing
+from ds_train.preflight import check_audio_tokenizer, load_model_config, load_text_tokenizer
 
 
 def _cfg(model_dir, *extra):
@@ -69,8 +70,9 @@ def _forward_backward(model_dir, batch_inputs, label_audio_ids, checkpointing: b
 
 
 def test_activation_checkpointing_same_loss_and_grads(tiny_model, demo_data, tmp_path):
-    from ds_train.data import CachedDataset, Collate, make_collator
-    from ds_train.prepare import prepare
+    from ds_train.data.cache import CachedDataset
+    from ds_train.data.collate import Collate, make_collator
+    from ds_train.data.prepare import prepare
 
     cfg = _cfg(tiny_model, f"data.train_file={demo_data}/train.jsonl")
     mc = load_model_config(str(tiny_model))
@@ -106,8 +108,8 @@ def test_tiny_checkpoint_round_trip(tiny_model, tmp_path):
     """make-tiny writes what the real loaders read, deterministically."""
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
 
-    from ds_train.audio import load_audio_tokenizer
-    from ds_train.tiny import make_tiny
+    from ds_train.data.audio import load_audio_tokenizer
+    from ds_train.demo.tiny import make_tiny
 
     mc = load_model_config(str(tiny_model))
     assert mc.audio_adapter_type == "dual_ffn" and mc.audio_dual_ffn_layers == [0, 1]
@@ -135,7 +137,7 @@ def test_startup_checks(tiny_model, tmp_path):
 
     # A tokenizer without the Higgs audio specials (a plain Llama-style byte tokenizer).
     plain = tmp_path / "plain_tok"
-    from ds_train.tiny import build_text_tokenizer
+    from ds_train.demo.tiny import build_text_tokenizer
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

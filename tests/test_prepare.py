@@ -1,4 +1,4 @@
-"""ds_train.prepare end to end on real files: every class of bad input in one report, skip_bad with its report,
+"""ds_train.data.prepare end to end on real files: every class of bad input in one report, skip_bad with its report,
 cache reuse and invalidation, and a 2-process prepare equal to a 1-process one."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import torch
 
 from conftest import base_config, launch, write_config
 from ds_train.config import load_config
-from ds_train.data import CachedDataset
-from ds_train.demo_data import RATE, synth
-from ds_train.prepare import CacheMismatchError, DataError, prepare, write_report
+from ds_train.data.cache import CachedDataset
+from ds_train.demo.data import RATE, synth
+from ds_train.data.prepare import prepare, write_report
+from ds_train.errors import CacheMismatchError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def text_tok(tiny_model):
 
 @pytest.fixture(scope="module")
 def audio_tok(tiny_model):
-    from ds_train.audio import load_audio_tokenizer
+    from ds_train.data.audio import load_audio_tokenizer
 
     return load_audio_tokenizer(str(tiny_model / "audio_tokenizer"))
 

@@ -1,4 +1,4 @@
-"""ds_train.sampler: deterministic, sharded, equal per rank, resumable micro-batch plans; token budgets."""
+"""ds_train.data.sampler: deterministic, sharded, equal per rank, resumable micro-batch plans; token budgets."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from ds_train.sampler import MicroBatchSampler
+from ds_train.data.sampler import MicroBatchSampler
 
 
 def skewed_lengths(n: int, seed: int = 0) -> list[int]:

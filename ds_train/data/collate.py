@@ -1,4 +1,4 @@
-"""Training data: prepared cache -> ChatMLDatasetSample -> Boson's collator -> model inputs.
+"""Cache entry -> Boson's ChatMLDatasetSample -> Boson's collator -> a Batch of model inputs.
 
 Teacher forcing comes from Boson's own pieces, configured like its serve engine: `prepare_chatml_sample` makes the
 text labels (turns before `start_index` masked), `HiggsAudioSampleCollator` adds stream BOS/EOS, the delay pattern
@@ -8,66 +8,18 @@ whether audio is trained, so every call gets fresh copies: epoch 5 trains on exa
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from ds_train.audio import load_audio
-from ds_train.sampler import MicroBatchSampler
+from ds_train.data.audio import load_audio
 
 IGNORE = -100
 WHISPER_RATE = 16000
 
 
-class CachedDataset(Dataset):
-    """Samples of a prepared cache (see ds_train.prepare), in manifest order."""
-
-    def __init__(self, cache_dir: str | Path, model_config, whisper: bool = False):
-        cache = Path(cache_dir)
-        index_path = cache / "index.json"
-        if not index_path.is_file():
-            raise FileNotFoundError(f"no prepared cache at {cache}: run `ds-train prepare CONFIG` first")
-        self.index = json.loads(index_path.read_text())
-        self.entries = []
-        for k in range(self.index["num_shards"]):
-            self.entries += torch.load(cache / f"shard-{k:05d}.pt", weights_only=False, mmap=True)["entries"]
-        self.audio_in_id = model_config.audio_in_token_idx
-        self.audio_out_id = model_config.audio_out_token_idx
-        self.num_codebooks = model_config.audio_num_codebooks
-        self.delay = bool(model_config.use_delay_pattern)
-        self.whisper = whisper
-        for e in self.entries:
-            if e["audio_codes"].shape[0] < self.num_codebooks:
-                raise ValueError(f"{e['source']}: cached audio has {e['audio_codes'].shape[0]} codebooks, "
-                                 f"the model needs {self.num_codebooks} (audio tokenizer does not match the model)")
-        self.lengths = [self.merged_length(e) for e in self.entries]
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def merged_length(self, e: dict) -> int:
-        """Sequence length after the model merges audio-out codes into the text stream (what costs compute)."""
-        ids = e["input_ids"]
-        out_positions = (ids == self.audio_out_id).nonzero().flatten().tolist()
-        audio_ids = (ids == self.audio_in_id) | (ids == self.audio_out_id)
-        order = audio_ids.nonzero().flatten().tolist()
-        starts = e["audio_starts"].tolist() + [e["audio_codes"].shape[1]]
-        extra = 0
-        for j, pos in enumerate(order):
-            if pos in out_positions:
-                extra += starts[j + 1] - starts[j] + 2 + (self.num_codebooks - 1 if self.delay else 0) - 1
-        return len(ids) + extra
-
-    def __getitem__(self, i: int):
-        return to_dataset_sample(self.entries[i], self.audio_in_id, self.audio_out_id, self.whisper)
-
-
 def to_dataset_sample(e: dict, audio_in_id: int, audio_out_id: int, whisper: bool = False):
-    """A cache entry (see ds_train.prepare.encode_record) as the ChatMLDatasetSample boson's collator takes.
+    """A cache entry (see ds_train.data.prepare.encode_record) as the ChatMLDatasetSample boson's collator takes.
 
     Every tensor is fresh: the collator writes into label_ids, and the cache must stay as prepared.
     """
@@ -152,20 +104,3 @@ class Collate:
         num_tokens = int(b.attention_mask.sum()) - n_out + audio_len
         labels_audio = b.label_audio_ids if b.label_audio_ids is not None else torch.zeros(0, 0, dtype=torch.long)
         return Batch(inputs, labels_audio, len(samples), num_tokens)
-
-
-def build_loader(dataset: CachedDataset, collator, cfg, rank: int, world: int, shuffle: bool = True,
-                 sampler: Optional[MicroBatchSampler] = None) -> tuple[DataLoader, MicroBatchSampler]:
-    d = cfg.data
-    sampler = sampler or MicroBatchSampler(
-        dataset.lengths, rank, world, cfg.train.grad_accum, cfg.train.seed,
-        micro_batch_size=cfg.train.micro_batch_size, max_tokens=d.max_tokens, shuffle=shuffle)
-    kwargs = {}
-    if d.num_workers > 0:
-        kwargs = {"persistent_workers": d.persistent_workers, "prefetch_factor": d.prefetch_factor}
-    # Its own generator: otherwise each iter(loader) draws a seed from the global RNG, and a resumed run (which
-    # starts an iterator mid-epoch) would draw at a different point than an uninterrupted one.
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=Collate(collator), num_workers=d.num_workers,
-                        pin_memory=d.pin_memory and torch.cuda.is_available(),
-                        generator=torch.Generator().manual_seed(cfg.train.seed), **kwargs)
-    return loader, sampler

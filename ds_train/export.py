@@ -1,4 +1,19 @@
-"""`ds-train merge`: base HiggsAudioModel + adapter dir -> a model dir that replaces the base path anywhere.
+"""Offline exports, no GPU and no process group.
+
+`ds-train consolidate`: the ZeRO-3 shards of one checkpoint -> a PEFT adapter dir.
+
+No base model is loaded: the shards hold only the trainable tensors (frozen weights are excluded
+at save time), so time and memory grow with the adapter, not the model. The shard arithmetic is DeepSpeed's own
+(zero_to_fp32, lazy mode, optimizer files memory-mapped so the Adam moments are never read); this module first
+checks every rank's files, so a missing or damaged one is named instead of surfacing as an index error, then
+writes the tensors under the names PEFT saves and loads.
+
+OUT_DIR/
+  adapter_config.json          from the checkpoint's adapter/ (or rebuilt from the config saved in the shards)
+  adapter_model.safetensors    LoRA tensors, fp32
+  base_trainable.safetensors   fully trained base weights (model.train_audio_mlp), when there are any
+
+`ds-train merge`: base HiggsAudioModel + adapter dir -> a model dir that replaces the base path anywhere.
 
 The merge runs in fp32 (LoRA deltas are small next to the weights; adding them in bf16 would round most away),
 then the result is cast to the output dtype. OUT_DIR gets sharded safetensors + config.json from save_pretrained,
@@ -8,14 +23,77 @@ HiggsAudioModel.from_pretrained, AutoTokenizer and boson's HiggsAudioServeEngine
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from ds_train.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_TRAINABLE, CheckpointError, staged_dir
+from ds_train.adapter import (ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, BASE_TRAINABLE, adapter_key,
+                              strip_peft_prefix)
+from ds_train.checkpoint import check_shards, resolve_step_dir, shard_files
+from ds_train.errors import CheckpointError
+from ds_train.fsutil import staged_dir
+
+def consolidate(checkpoint_dir, out_dir, tag: Optional[str] = None) -> Path:
+    """Rebuild the trainable tensors of a ZeRO-3 checkpoint into a PEFT adapter dir at `out_dir` (atomically).
+
+    `checkpoint_dir` is a step-XXXXXX dir, or OUTPUT_DIR/checkpoints with `latest` (or `tag`) naming one.
+    """
+    from safetensors.torch import save_file
+
+    step_dir = resolve_step_dir(Path(checkpoint_dir), tag)
+    saved_config = check_shards(step_dir)
+    tensors = fp32_trainable_tensors(step_dir)
+    lora = {adapter_key(n): t for n, t in tensors.items() if "lora_" in n}
+    base = {strip_peft_prefix(n): t for n, t in tensors.items() if "lora_" not in n}
+    if not lora and not base:
+        raise CheckpointError(f"{step_dir} holds no trainable tensors")
+    out_dir = Path(out_dir)
+    with staged_dir(out_dir, replace=lambda d: all(p.name in ADAPTER_FILES for p in d.iterdir())) as tmp:
+        if lora:
+            write_adapter_config(step_dir, saved_config, tmp)
+            save_file(lora, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        if base:
+            save_file(base, str(tmp / BASE_TRAINABLE), metadata={"format": "pt"})
+    return out_dir
+
+
+def fp32_trainable_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
+    """{full parameter name: fp32 tensor} of the trainable parameters, as DeepSpeed's zero_to_fp32 rebuilds them."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    buffer_names = set(torch.load(shard_files(step_dir, 0)[0], map_location="cpu", weights_only=False,
+                                  mmap=True).get("buffer_names", []))
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports progress with print()
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name,
+                                                        exclude_frozen_parameters=True, lazy_mode=True)
+    return {name: t.contiguous().clone() for name, t in lazy.items() if name not in buffer_names}
+
+
+def write_adapter_config(step_dir: Path, saved_config: dict, out: Path) -> None:
+    """The adapter config exported at save time; rebuilt from the saved run config when that is gone."""
+    exported = step_dir / "adapter" / ADAPTER_CONFIG
+    if exported.is_file():
+        shutil.copyfile(exported, out / ADAPTER_CONFIG)
+        return
+    if not saved_config.get("lora"):
+        raise CheckpointError(f"{exported} is missing and the shards carry no run config to rebuild it from")
+    from peft import LoraConfig
+
+    from ds_train.model import lora_target_regex
+
+    lora = saved_config["lora"]
+    LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], bias="none",
+               target_modules=lora_target_regex(lora["target_modules"]),
+               base_model_name_or_path=saved_config.get("model", {}).get("path")).save_pretrained(str(out))
+
+
+# ---- merge ----
 
 MERGE_INFO = "ds_train_merge.json"  # provenance; also marks the dir as ours to replace on a re-run
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -56,7 +134,7 @@ def local_model_dir(path: str) -> Path:
     """A local model dir; a hub id resolves to its snapshot (from the local cache when offline)."""
     if os.path.isdir(path):
         return Path(path)
-    from ds_train.model import is_hub_id
+    from ds_train.preflight import is_hub_id
 
     if not is_hub_id(path):
         raise FileNotFoundError(f"base model dir {path} does not exist")

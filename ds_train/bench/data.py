@@ -21,10 +21,13 @@ from torch.utils.data import Dataset
 
 from ds_train import dist
 from ds_train.config import Config
-from ds_train.data import CachedDataset, build_loader, make_collator, to_dataset_sample
-from ds_train.manifest import read_manifest
-from ds_train.prepare import clip_problem, encode_clip, encode_record, prepare
-from ds_train.sampler import MicroBatchSampler
+from ds_train.data.cache import CachedDataset
+from ds_train.data.collate import make_collator, to_dataset_sample
+from ds_train.data.loader import build_loader
+from ds_train.data.manifest import read_manifest
+from ds_train.data.prepare import encode_clip, encode_record, prepare
+from ds_train.data.sampler import MicroBatchSampler
+from ds_train.data.validate import clip_problem
 
 CACHE_MIN_SECONDS = 3.0  # repeat cache epochs until at least this long, so the rate is not a startup artefact
 
@@ -50,14 +53,11 @@ class OnTheFlyDataset(Dataset):
 
 def bench_data(cfg: Config, on_the_fly_seconds: float = 60.0) -> dict:
     """Run the three measurements on cfg.data.train_file; print them and return them as a dict."""
-    from ds_train.audio import load_audio_tokenizer
-    from ds_train.engine import check_output_dir
-    from ds_train.model import check_audio_tokenizer, load_model_config, load_text_tokenizer
+    from ds_train.data.audio import load_audio_tokenizer
+    from ds_train.preflight import preflight
 
-    model_config = load_model_config(cfg.model.path)
-    text_tokenizer = load_text_tokenizer(cfg, model_config)
-    check_audio_tokenizer(cfg, model_config)
-    out = check_output_dir(cfg, for_prepare=True)
+    pre = preflight(cfg, for_prepare=True)
+    model_config, text_tokenizer, out = pre.model_config, pre.text_tokenizer, pre.out_dir
     audio_tokenizer = load_audio_tokenizer(cfg.model.audio_tokenizer_path, device=str(dist.device()),
                                            semantic_model_path=cfg.model.semantic_model_path)
     t0 = time.perf_counter()

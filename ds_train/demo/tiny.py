@@ -4,7 +4,7 @@ OUT_DIR/                     loads with HiggsAudioModel.from_pretrained + AutoTo
   config.json                HiggsAudioConfig: DualFFN on some layers, delay pattern, 8 codebooks x 1024
   model.safetensors
   tokenizer.json, tokenizer_config.json, special_tokens_map.json
-  audio_tokenizer/           loads with boson's load_higgs_audio_tokenizer (see ds_train.audio)
+  audio_tokenizer/           loads with boson's load_higgs_audio_tokenizer (see ds_train.data.audio)
     config.json, model.pth, semantic_model/ (tiny HuBERT standing in for the hub's bosonai/hubert_base)
 """
 
@@ -95,7 +95,7 @@ def build_audio_tokenizer(out_dir: Path) -> None:
     """A tiny boson HiggsAudioTokenizer at 16 kHz / 50 Hz, 8 codebooks x 1024, with a bundled tiny HuBERT."""
     from transformers import HubertConfig, HubertModel
 
-    from ds_train.audio import _local_semantic_teacher
+    from ds_train.data.audio import _local_semantic_teacher
     import boson_multimodal.audio_processing.higgs_audio_tokenizer as hat
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -113,8 +113,8 @@ def build_audio_tokenizer(out_dir: Path) -> None:
     # boson's codebooks start empty and are k-means-initialised on the first batch encoded (with an all_gather when
     # a process group exists). A shipped tokenizer is already initialised: do it here, once, on seeded synthetic
     # speech, so later encodes are deterministic and never issue a collective.
-    from ds_train.demo_data import RATE, SPEAKERS, synth
-    from ds_train.audio import encode
+    from ds_train.data.audio import encode
+    from ds_train.demo.data import RATE, SPEAKERS, synth
 
     primer = np.concatenate([synth("the quick brown fox jumps over a lazy dog " * 2, f0) for f0 in SPEAKERS.values()])
     primer = torchaudio.functional.resample(torch.from_numpy(primer), RATE, tok.sample_rate).numpy()

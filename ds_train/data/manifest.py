@@ -170,3 +170,16 @@ def text_of(sample: ChatMLSample) -> list[str]:
 
 def to_dict(sample: ChatMLSample) -> dict:
     return dataclasses.asdict(sample)
+
+
+def tokenize(sample, text_tokenizer) -> Optional[tuple[list[int], list[int], bool]]:
+    """(input_ids, label_ids, trains_audio) by boson's `prepare_chatml_sample`; None when it cannot tokenize."""
+    from boson_multimodal.dataset.chatml_dataset import prepare_chatml_sample
+
+    input_ids, label_ids, _, _ = prepare_chatml_sample(sample, text_tokenizer)
+    if input_ids is None:
+        return None
+    audio_out = text_tokenizer.convert_tokens_to_ids("<|AUDIO_OUT|>")
+    # The collator trains an audio-out segment only when its <|AUDIO_OUT|> token carries a label.
+    trains_audio = any(t == audio_out and label >= 0 for t, label in zip(input_ids, label_ids))
+    return input_ids, label_ids, trains_audio

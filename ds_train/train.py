@@ -7,43 +7,26 @@ forward on one rank alone hangs. Rank 0 alone writes files and logs (see ds_trai
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from ds_train import checkpoint, dist, faults
-from ds_train.config import Config, ConfigError, deepspeed_config, resolve_dtype, to_yaml
-from ds_train.data import CachedDataset, build_loader, make_collator
+from ds_train.adapter import export_adapter
+from ds_train.config import Config, to_yaml
+from ds_train.data.loader import build_data
+from ds_train.data.sampler import MicroBatchSampler
+from ds_train.ds_config import deepspeed_config, resolve_dtype
+from ds_train.errors import ConfigError
+from ds_train.evaluate import evaluate
+from ds_train.export import merge
 from ds_train.loss import compute_loss
-from ds_train.merge import merge
 from ds_train.metrics import make_logger, peak_memory_gb, truncate_metrics
-from ds_train.model import build_model, check_audio_tokenizer, load_model_config, load_text_tokenizer, torch_dtype
-from ds_train.prepare import prepare, write_report
+from ds_train.model import build_model, torch_dtype
+from ds_train.preflight import preflight
 from ds_train.resilience import Diverged, Preempted, PreemptionFlag, SkipCounter
-from ds_train.sampler import MicroBatchSampler
-
-
-def check_output_dir(cfg: Config, for_prepare: bool = False) -> Path:
-    """Fail before any process group exists: unwritable dir, or another run's checkpoints without resume."""
-    out = Path(cfg.train.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"train.output_dir {out} is not writable: {e}") from None
-    if not for_prepare and cfg.train.resume == "none" and checkpoint.read_latest(out) is not None:
-        raise ConfigError(f"{out} already holds checkpoints of a run; set train.resume=auto to continue it, "
-                          "or choose a new train.output_dir")
-    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -57,10 +40,8 @@ def train(cfg: Config) -> dict:
     from transformers import get_scheduler
 
     # Setup. Everything that can be wrong with the config or inputs fails here, before the process group.
-    model_config = load_model_config(cfg.model.path)
-    text_tokenizer = load_text_tokenizer(cfg, model_config)
-    check_audio_tokenizer(cfg, model_config)
-    out = check_output_dir(cfg)
+    pre = preflight(cfg)
+    model_config, out = pre.model_config, pre.out_dir
     cuda = torch.cuda.is_available()
     ds_config = deepspeed_config(cfg, dist.world_size(), cuda)  # world size from the launcher's environment
     resume_from = checkpoint.find_resume(cfg, out)
@@ -72,7 +53,7 @@ def train(cfg: Config) -> dict:
     if dist.is_main():
         (out / "config.yaml").write_text(to_yaml(cfg))
 
-    data = build_data(cfg, model_config, text_tokenizer, out)
+    data = build_data(cfg, model_config, pre.text_tokenizer, out)
     train_set, loader, sampler, eval_loader = data.train_set, data.loader, data.sampler, data.eval_loader
     total_steps = planned_steps(cfg, sampler)
 
@@ -189,7 +170,7 @@ def train(cfg: Config) -> dict:
 
     # Cleanup: the final adapter, and a merged model when asked.
     progress.close()
-    checkpoint.export_adapter(model, out / "adapter")
+    export_adapter(model, out / "adapter")
     dist.barrier()
     summary = {"first_loss": first_loss, "last_loss": last_loss, "steps": state["step"],
                "adapter": str(out / "adapter")}
@@ -201,37 +182,6 @@ def train(cfg: Config) -> dict:
     logger.summary(summary)
     logger.finish()
     return summary
-
-
-@dataclass
-class Data:
-    train_set: CachedDataset
-    loader: DataLoader
-    sampler: MicroBatchSampler
-    eval_loader: Optional[DataLoader]
-    bad_samples_skipped: int
-
-
-def build_data(cfg: Config, model_config, text_tokenizer, out: Path) -> Data:
-    """Prepare (or reuse) the caches on all ranks, then loaders over this rank's shard of the micro-batches."""
-    prepared = [prepare(cfg, cfg.data.train_file, text_tokenizer, cfg.data.cache_dir)]
-    if cfg.data.eval_file:
-        prepared.append(prepare(cfg, cfg.data.eval_file, text_tokenizer))
-    if dist.is_main():
-        write_report(out, prepared)
-    rank, world, whisper = dist.rank(), dist.world_size(), bool(model_config.encode_whisper_embed)
-    train_set = CachedDataset(prepared[0].cache_dir, model_config, whisper)
-    collator = make_collator(model_config, text_tokenizer)
-    loader, sampler = build_loader(train_set, collator, cfg, rank, world)
-    eval_loader = None
-    if cfg.data.eval_file:
-        eval_set = CachedDataset(prepared[1].cache_dir, model_config, whisper)
-        # Evaluation keeps every sample (no dropping); `evaluate` evens out the ranks' forward counts.
-        eval_sampler = MicroBatchSampler(eval_set.lengths, rank, world, 1, cfg.train.seed,
-                                         micro_batch_size=cfg.train.micro_batch_size, shuffle=False,
-                                         drop_remainder=False)
-        eval_loader, _ = build_loader(eval_set, collator, cfg, rank, world, sampler=eval_sampler)
-    return Data(train_set, loader, sampler, eval_loader, sum(len(p.bad) for p in prepared))
 
 
 def planned_steps(cfg: Config, sampler: MicroBatchSampler) -> int:
@@ -246,29 +196,6 @@ def planned_steps(cfg: Config, sampler: MicroBatchSampler) -> int:
         raise ConfigError(f"the training set gives no full step: {len(sampler.lengths)} samples for "
                           f"{dist.world_size()} ranks x train.grad_accum={cfg.train.grad_accum} micro-batches per step")
     return total
-
-
-@torch.no_grad()
-def evaluate(engine, loader, cfg: Config) -> float:
-    """Mean loss over the held-out set. Every rank runs the same number of forwards (ZeRO-3 gathers parameters
-    collectively); a rank with one batch fewer repeats its first batch with weight 0."""
-    engine.eval()
-    batches = list(loader)
-    rounds = int(dist.all_reduce([len(batches)], op="max")[0])
-    total = count = 0.0
-    for i in range(rounds):
-        batch = batches[i] if i < len(batches) else batches[0] if batches else None
-        if batch is None:
-            raise RuntimeError("evaluation set gives this rank no batch; it has fewer samples than ranks")
-        batch = batch.to(dist.device())
-        outputs = engine(**batch.inputs)
-        loss = compute_loss(outputs, batch.label_audio_ids, cfg.loss.text_weight, cfg.loss.audio_weight)
-        weight = 1.0 if i < len(batches) else 0.0
-        total += weight * loss.total.item()
-        count += weight
-    total, count = dist.all_reduce([total, count])
-    engine.train()
-    return total / max(count, 1.0)
 
 
 def _grad_norm(engine) -> float:

@@ -1,0 +1,75 @@
+"""The PEFT adapter dir, the one format every trained result leaves in: gathered from the ZeRO-3 partitions
+(export_adapter, collective) and written atomically (write_adapter, rank 0).
+
+ADAPTER_DIR/
+  adapter_config.json          peft LoraConfig
+  adapter_model.safetensors    LoRA tensors, fp32, under the keys peft saves and loads
+  base_trainable.safetensors   fully trained base weights (model.train_audio_mlp), merged by `ds-train merge`
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ds_train import dist
+from ds_train.fsutil import staged_dir
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+BASE_TRAINABLE = "base_trainable.safetensors"
+ADAPTER_NAME = "default"  # the PEFT adapter name ds_train trains under
+ADAPTER_FILES = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_TRAINABLE, "README.md"}
+
+
+def export_adapter(model, out_dir: Path) -> None:
+    """Collective: gather the fp32 trainable weights on every rank; rank 0 writes a PEFT adapter dir.
+
+    Under ZeRO-3 a plain `save_pretrained` sees empty partitions (the 40-byte adapter files of public reports);
+    DeepSpeed's safe_get_full_fp32_param gathers the full fp32 master copy of each parameter.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            value = safe_get_full_fp32_param(p)
+            value = (value if value is not None else p.detach().float()).cpu().clone()
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+            if tuple(value.shape) != shape or value.numel() == 0:
+                raise RuntimeError(f"adapter export of {name} gathered shape {tuple(value.shape)}, expected {shape}")
+            full[name] = value
+    if dist.is_main():
+        write_adapter(model, full, out_dir)
+
+
+def write_adapter(model, full: dict, out_dir: Path) -> None:
+    """Write trainable weights (full names) as a PEFT adapter dir, atomically; never an empty file."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if not full or any(t.numel() == 0 for t in full.values()):
+        raise RuntimeError(f"adapter export to {out_dir}: no trainable tensors, or an empty one")
+    lora = {n: t for n, t in full.items() if "lora_" in n}
+    base = {strip_peft_prefix(n): t for n, t in full.items() if "lora_" not in n}
+    with staged_dir(out_dir, replace=lambda _: True) as tmp:
+        if lora:
+            state = get_peft_model_state_dict(model, state_dict=lora)
+            if len(state) != len(lora) or any(t.numel() == 0 for t in state.values()):
+                raise RuntimeError(f"adapter export lost tensors: {len(lora)} trainable LoRA tensors, "
+                                   f"{len(state)} exported")
+            model.peft_config["default"].save_pretrained(str(tmp))
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS),
+                      metadata={"format": "pt"})
+        if base:
+            save_file({k: v.contiguous() for k, v in base.items()}, str(tmp / BASE_TRAINABLE),
+                      metadata={"format": "pt"})
+
+
+def strip_peft_prefix(name: str) -> str:
+    """Parameter name in the PeftModel -> its name in HiggsAudioModel."""
+    return name.removeprefix("base_model.model.")
+
+
+def adapter_key(name: str) -> str:
+    """Parameter name -> key in adapter_model.safetensors (what peft's get_peft_model_state_dict writes)."""
+    return name.replace(f".{ADAPTER_NAME}", "")

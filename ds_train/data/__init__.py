@@ -1,0 +1,1 @@
+"""Data: manifests -> checked, encoded cache -> Boson samples -> collated micro-batches."""

@@ -1,0 +1,161 @@
+"""The prepared cache: the one owner of its format, writer and reader.
+
+cache_dir/
+  fingerprint.json    what produces the codes (tokenizers, settings); written before any shard
+  index.json          fingerprint, shard count, sample count, bad-sample report; written last
+  shard-00000.pt ...  records [k*S, (k+1)*S) of the manifest: token ids, labels, audio codes, provenance
+
+Shard k always holds the same records whatever the number of ranks, so a cache made by 8 processes equals one made
+by 1. A shard is current when its record keys and fingerprint match; a cache made with other settings is an error,
+never a silent mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from ds_train import dist
+from ds_train.config import Config, flatten
+from ds_train.data.audio import tokenizer_fingerprint
+from ds_train.data.collate import to_dataset_sample
+from ds_train.data.manifest import Record
+from ds_train.errors import CacheMismatchError
+from ds_train.fsutil import atomic_write, replacing
+
+CACHE_VERSION = 2
+
+
+def default_cache_dir(manifest: str) -> Path:
+    p = Path(manifest).resolve()
+    return p.parent / ".ds_train_cache" / p.stem
+
+
+def fingerprint(cfg: Config, text_tokenizer, audio_tokenizer_path: str) -> dict:
+    vocab = json.dumps(sorted(text_tokenizer.get_vocab().items()))
+    d = cfg.data
+    return {
+        "version": CACHE_VERSION,
+        "audio_tokenizer": tokenizer_fingerprint(audio_tokenizer_path),
+        "text_tokenizer": hashlib.sha1(vocab.encode()).hexdigest(),
+        "settings": {"format": d.format, "system_prompt": d.system_prompt, "max_audio_seconds": d.max_audio_seconds,
+                     "min_audio_seconds": d.min_audio_seconds, "loudness_normalize": d.loudness_normalize,
+                     "shard_size": d.shard_size},
+    }
+
+
+def _fingerprint_hash(fp: dict) -> str:
+    return hashlib.sha1(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+
+
+def _shard_path(cache: Path, k: int) -> Path:
+    return cache / f"shard-{k:05d}.pt"
+
+
+def stored_bad(cache: Path, k: int, records: list[Record], fp: dict) -> Optional[list[dict]]:
+    """The bad-sample list of shard k when it is current (same records, same fingerprint); None when not."""
+    p = _shard_path(cache, k)
+    if not p.is_file():
+        return None
+    shard = torch.load(p, weights_only=False, mmap=True)
+    if shard.get("fingerprint") != _fingerprint_hash(fp) or shard["keys"] != [r.key for r in records]:
+        return None
+    return shard["bad"]
+
+
+def write_shard(cache: Path, k: int, records: list[Record], fp: dict, entries: list[dict], bad: list[dict]) -> None:
+    with replacing(_shard_path(cache, k)) as tmp:  # readers see a whole shard or none
+        torch.save({"fingerprint": _fingerprint_hash(fp), "keys": [r.key for r in records], "entries": entries,
+                    "bad": bad}, tmp)
+
+
+def claim_cache(cache: Path, fp: dict) -> None:
+    """Refuse a cache made with other settings; mark a new one as ours before any shard is written, so even an
+    interrupted run cannot leave shards a later run with other settings would mix in."""
+    for path in (cache / "fingerprint.json", cache / "index.json"):
+        if path.is_file():
+            old = json.loads(path.read_text())
+            old = old["fingerprint"] if path.name == "index.json" else old
+            if old != fp:
+                raise CacheMismatchError(cache, _differences(old, fp))
+    dist.barrier()  # every rank has compared before rank 0 creates the file
+    path = cache / "fingerprint.json"
+    if dist.is_main() and not path.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(fp, indent=1))
+    dist.barrier()
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    old, new = flatten(old), flatten(new)
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            shown = f" ({a!r} then, {b!r} now)" if not isinstance(a, list) and len(repr(a)) < 80 else ""
+            out.append(f"{key}{shown}")
+    return out
+
+
+def write_index(cache: Path, fp: dict, manifest: str, num_shards: int) -> dict:
+    bad, count, no_audio = [], 0, []
+    for k in range(num_shards):
+        shard = torch.load(_shard_path(cache, k), weights_only=False, mmap=True)
+        bad += shard["bad"]
+        count += len(shard["entries"])
+        no_audio += [e["source"] for e in shard["entries"] if not e["trains_audio"]]
+    for old in cache.glob("shard-*.pt"):  # the manifest shrank: shards past its end are not part of it
+        if int(old.stem.split("-")[1]) >= num_shards:
+            old.unlink()
+    index = {"fingerprint": fp, "manifest": str(Path(manifest).resolve()), "num_shards": num_shards,
+             "num_samples": count, "bad": bad, "no_trainable_audio": no_audio}
+    atomic_write(cache / "index.json", json.dumps(index, indent=1))
+    return index
+
+
+class CachedDataset(Dataset):
+    """Samples of a prepared cache, in manifest order."""
+
+    def __init__(self, cache_dir: str | Path, model_config, whisper: bool = False):
+        cache = Path(cache_dir)
+        index_path = cache / "index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"no prepared cache at {cache}: run `ds-train prepare CONFIG` first")
+        self.index = json.loads(index_path.read_text())
+        self.entries = []
+        for k in range(self.index["num_shards"]):
+            self.entries += torch.load(_shard_path(cache, k), weights_only=False, mmap=True)["entries"]
+        self.audio_in_id = model_config.audio_in_token_idx
+        self.audio_out_id = model_config.audio_out_token_idx
+        self.num_codebooks = model_config.audio_num_codebooks
+        self.delay = bool(model_config.use_delay_pattern)
+        self.whisper = whisper
+        for e in self.entries:
+            if e["audio_codes"].shape[0] < self.num_codebooks:
+                raise ValueError(f"{e['source']}: cached audio has {e['audio_codes'].shape[0]} codebooks, "
+                                 f"the model needs {self.num_codebooks} (audio tokenizer does not match the model)")
+        self.lengths = [self.merged_length(e) for e in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def merged_length(self, e: dict) -> int:
+        """Sequence length after the model merges audio-out codes into the text stream (what costs compute)."""
+        ids = e["input_ids"]
+        out_positions = (ids == self.audio_out_id).nonzero().flatten().tolist()
+        audio_ids = (ids == self.audio_in_id) | (ids == self.audio_out_id)
+        order = audio_ids.nonzero().flatten().tolist()
+        starts = e["audio_starts"].tolist() + [e["audio_codes"].shape[1]]
+        extra = 0
+        for j, pos in enumerate(order):
+            if pos in out_positions:
+                extra += starts[j + 1] - starts[j] + 2 + (self.num_codebooks - 1 if self.delay else 0) - 1
+        return len(ids) + extra
+
+    def __getitem__(self, i: int):
+        return to_dataset_sample(self.entries[i], self.audio_in_id, self.audio_out_id, self.whisper)

@@ -1,0 +1,68 @@
+"""Durable, atomic file writes: a reader (or a resumed run after a crash) sees the old content or the new, never a
+torn file or a half-built directory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (a rename is durable only once its directory is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write; on success it is flushed and renamed over `path`, on error
+    removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync(path.parent)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    with replacing(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: Path, replace: Callable[[Path], bool]) -> Iterator[Path]:
+    """Build OUT_DIR's content in a hidden sibling and move it into place only when complete: on error nothing is
+    left behind. An existing non-empty OUT_DIR is replaced only when `replace(OUT_DIR)` says it is ours."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not replace(out_dir))):
+        raise FileExistsError(f"{out_dir} exists and is not an earlier output of this command; "
+                              "remove it or choose another output dir")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                fsync(p)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    fsync(out_dir.parent)
+    shutil.rmtree(old, ignore_errors=True)
