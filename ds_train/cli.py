@@ -94,16 +94,14 @@ def cmd_train(words):
 
 def cmd_prepare(words):
     from ds_train import dist
-    from ds_train.data.prepare import prepare, write_report
+    from ds_train.data.prepare import prepare_all, write_report
     from ds_train.preflight import preflight
 
     cfg = _config(words)
     pre = preflight(cfg, for_prepare=True)
     if "WORLD_SIZE" in os.environ:  # launched with several ranks: they share the shards
         dist.init_distributed()
-    results = [prepare(cfg, cfg.data.train_file, pre.text_tokenizer, cfg.data.cache_dir)]
-    if cfg.data.eval_file:
-        results.append(prepare(cfg, cfg.data.eval_file, pre.text_tokenizer))
+    results = prepare_all(cfg, pre.text_tokenizer)
     if dist.is_main():
         write_report(pre.out_dir, results)
         for r in results:

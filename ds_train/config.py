@@ -29,6 +29,8 @@ class ModelConfig:
     audio_tokenizer_path: str = MISSING
     # boson's audio tokenizer hard-codes a hub id for its semantic teacher; point this at a local copy on offline nodes.
     semantic_model_path: Optional[str] = None
+    # Only models with encode_whisper_embed=true use it (the released v2 does not); offline, a local copy.
+    whisper_processor_path: str = "openai/whisper-large-v3-turbo"
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
     train_audio_mlp: bool = False  # train the DualFFN audio_mlp weights fully (not through LoRA)

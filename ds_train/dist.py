@@ -75,13 +75,25 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
 def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     """Reduce a few Python floats over all ranks in one collective (identity without a process group)."""
     if not dist.is_initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    dist.all_reduce(t, op=_OPS[op])
     return t.tolist()
+
+
+def all_reduce_tensor(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """All-reduce a tensor that lives on this rank's device (identity without a process group)."""
+    if not dist.is_initialized():
+        return t
+    comm = t.to(_comm_device())
+    dist.all_reduce(comm, op=_OPS[op])
+    return comm.to(t.device)
 
 
 def broadcast_object(obj):

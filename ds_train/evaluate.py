@@ -1,4 +1,9 @@
-"""Held-out evaluation. Under ZeRO-3 every rank runs every forward (parameters are gathered collectively)."""
+"""Held-out evaluation, token-weighted like training: the eval loss is the mean over every trained position of the
+eval set (text and each codebook counted separately), the same on 1, 2 or N ranks.
+
+Under ZeRO-3 every rank runs every forward (parameters are gathered collectively): ranks run the same number of
+rounds, and a rank without a micro-batch of its own in a round forwards a filler batch whose loss is not counted.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +11,25 @@ import torch
 
 from ds_train import dist
 from ds_train.config import Config
-from ds_train.loss import compute_loss
+from ds_train.data.loader import EvalData
+from ds_train.loss import LossReport, loss_sums, report
 
 
 @torch.no_grad()
-def evaluate(engine, loader, cfg: Config) -> float:
-    """Mean loss over the held-out set. Every rank runs the same number of forwards (ZeRO-3 gathers parameters
-    collectively); a rank with one batch fewer repeats its first batch with weight 0."""
+def evaluate(engine, data: EvalData, cfg: Config) -> LossReport:
     engine.eval()
-    batches = list(loader)
+    device = dist.device()
+    batches = list(data.loader)
     rounds = int(dist.all_reduce([len(batches)], op="max")[0])
-    total = count = 0.0
+    totals = None
     for i in range(rounds):
-        batch = batches[i] if i < len(batches) else batches[0] if batches else None
-        if batch is None:
-            raise RuntimeError("evaluation set gives this rank no batch; it has fewer samples than ranks")
-        batch = batch.to(dist.device())
-        outputs = engine(**batch.inputs)
-        loss = compute_loss(outputs, batch.label_audio_ids, cfg.loss.text_weight, cfg.loss.audio_weight)
-        weight = 1.0 if i < len(batches) else 0.0
-        total += weight * loss.total.item()
-        count += weight
-    total, count = dist.all_reduce([total, count])
+        batch = (batches[i] if i < len(batches) else data.filler()).to(device)
+        sums = loss_sums(engine(**batch.inputs), batch.label_audio_ids)
+        if totals is None:
+            totals = torch.zeros(2, *sums.counts.shape, dtype=torch.float64, device=device)
+        if i < len(batches):
+            totals[0] += sums.detached()
+            totals[1] += sums.counts
+    totals = dist.all_reduce_tensor(totals).tolist()  # the one host sync of the evaluation
     engine.train()
-    return total / max(count, 1.0)
+    return report(totals[0], totals[1], cfg.loss.text_weight, cfg.loss.audio_weight)

@@ -6,11 +6,20 @@ predicts that stream's code n+1, per codebook. The stream is the collator's segm
 starts with the stream BOS, whose label is -100, so shifting over the concatenation never trains one segment's last
 position to predict the next segment's first code. Skipping the shift trains the model to copy its input, which at
 generation time yields silence.
+
+Token weighting: the objective of a step is the mean over all trained positions of the global batch, text and each
+codebook counted separately:
+    loss = text_weight * S_text / N_text + audio_weight * mean_k (S_k / N_k)    (codebooks with N_k > 0)
+where S are summed cross-entropies and N trained positions over every micro-batch of every rank. Each micro-batch
+contributes `objective(its sums, the step's global counts)`; those terms add up to the loss above, so the number
+(and the gradient) does not depend on how the global batch is split into micro-batches and ranks. The counts come
+from the labels alone (`trained_positions`), so they are known, and all-reduced, before the first forward.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,56 +27,115 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
+def trained_positions(input_ids: torch.Tensor, label_ids: torch.Tensor, label_audio_ids: torch.Tensor,
+                      audio_token_ids: tuple[int, ...], num_codebooks: int) -> torch.Tensor:
+    """[N_text, N_codebook_0, ..., N_codebook_K-1] that this micro-batch trains, from the collated labels alone.
+
+    Text: the model expands each audio placeholder token into audio positions labelled IGNORE and keeps every other
+    label; the shift drops each row's first position. Audio: every label of the concatenated stream but its first.
+    (tests/test_loss.py checks both against the forward's `expanded_labels` and the loss's own counts.)
+    """
+    audio = torch.zeros_like(input_ids, dtype=torch.bool)
+    for token in audio_token_ids:
+        audio |= input_ids == token
+    text = ((label_ids != IGNORE) & ~audio)[:, 1:].sum()
+    if label_audio_ids.numel() and label_audio_ids.shape[1] >= 2:
+        codebooks = (label_audio_ids[:, 1:] != IGNORE).sum(dim=1)
+    else:
+        codebooks = torch.zeros(num_codebooks, dtype=torch.long)
+    return torch.cat([text.reshape(1), codebooks]).to(torch.long)
+
+
+@dataclass
+class LossSums:
+    """Summed cross-entropies of one micro-batch; `text` and `codebooks` stay attached to the graph."""
+    text: torch.Tensor  # ()
+    codebooks: torch.Tensor  # (K,)
+    counts: torch.Tensor  # (1 + K,) trained positions, as trained_positions() counts them
+
+    def detached(self) -> torch.Tensor:
+        """(1 + K,) [S_text, S_0 .. S_K-1] without the graph: what is accumulated for logging."""
+        return torch.cat([self.text.detach().reshape(1), self.codebooks.detach()]).float()
+
+
+def _sum_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed CE, count) over positions whose label is not IGNORE; an attached 0 when there are none."""
+    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+    return ce, (labels != IGNORE).sum()
+
+
+def loss_sums(outputs, label_audio_ids: torch.Tensor) -> LossSums:
+    """Summed text and per-codebook audio cross-entropy of a HiggsAudioModel forward output."""
+    logits, labels = outputs.logits, outputs.expanded_labels
+    text, n_text = _sum_ce(logits[:, :-1, :].reshape(-1, logits.shape[-1]),
+                           labels[:, 1:].reshape(-1).to(logits.device))
+    audio_logits = outputs.audio_logits
+    num_codebooks = audio_logits.shape[1] if audio_logits is not None and audio_logits.dim() == 3 \
+        else label_audio_ids.shape[0]
+    if audio_logits is None or audio_logits.shape[0] < 2 or label_audio_ids.numel() == 0:
+        anchor = audio_logits.sum() * 0.0 if audio_logits is not None else logits.sum() * 0.0
+        codebooks = anchor.expand(num_codebooks).clone()
+        n_codebooks = torch.zeros(num_codebooks, dtype=torch.long, device=logits.device)
+    else:
+        shifted = label_audio_ids.to(audio_logits.device)[:, 1:]  # (K, N-1): position n predicts code n+1
+        pairs = [_sum_ce(audio_logits[:-1, k, :], shifted[k]) for k in range(num_codebooks)]
+        codebooks = torch.stack([s for s, _ in pairs])
+        n_codebooks = torch.stack([n for _, n in pairs])
+    counts = torch.cat([n_text.reshape(1), n_codebooks]).to(torch.long)
+    return LossSums(text, codebooks, counts)
+
+
+def objective(sums: LossSums, global_counts: torch.Tensor, text_weight: float, audio_weight: float) -> torch.Tensor:
+    """This micro-batch's share of the step's token-weighted loss (see the module docstring). Summed over every
+    micro-batch of every rank it is the loss; a micro-batch that trains nothing gives an attached 0."""
+    counts = global_counts.to(sums.codebooks.device, torch.float32)
+    n_text, n_codebooks = counts[0], counts[1:]
+    text = sums.text / n_text.clamp(min=1)
+    trained = n_codebooks > 0
+    audio = (sums.codebooks / n_codebooks.clamp(min=1)).sum() / trained.sum().clamp(min=1)
+    return text_weight * text + audio_weight * audio
+
+
+@dataclass
+class LossReport:
+    """The step's (or the eval set's) losses as plain numbers, from globally summed sums and counts."""
+    loss: float
+    text: float
+    audio: float
+    codebooks: list[Optional[float]]  # None for a codebook with no trained position
+
+    def as_record(self, prefix: str = "") -> dict:
+        return {f"{prefix}loss": self.loss, f"{prefix}text_loss": self.text, f"{prefix}audio_loss": self.audio,
+                f"{prefix}codebook_losses": self.codebooks}
+
+
+def report(sums: list[float], counts: list[float], text_weight: float, audio_weight: float) -> LossReport:
+    """sums = [S_text, S_0..S_K-1], counts = [N_text, N_0..N_K-1], both summed over the global batch."""
+    text = sums[0] / counts[0] if counts[0] else 0.0
+    codebooks = [s / n if n else None for s, n in zip(sums[1:], counts[1:])]
+    trained = [c for c in codebooks if c is not None]
+    audio = sum(trained) / len(trained) if trained else 0.0
+    return LossReport(text_weight * text + audio_weight * audio, text, audio, codebooks)
+
+
 @dataclass
 class LossOutput:
     total: torch.Tensor  # what backward runs on
     text: torch.Tensor
     audio: torch.Tensor
-    codebooks: torch.Tensor  # (num_codebooks,) per-codebook audio loss
+    codebooks: torch.Tensor  # (num_codebooks,) per-codebook mean audio loss
     text_tokens: int
     audio_tokens: int  # trained audio positions, summed over codebooks
 
 
-def _mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over positions whose label is not IGNORE; 0 (still attached to the graph) when none."""
-    n = int((labels != IGNORE).sum())
-    if n == 0:
-        return logits.sum() * 0.0, 0
-    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
-    return ce / n, n
-
-
-def text_loss(logits: torch.Tensor, expanded_labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """logits (B, T, V), expanded_labels (B, T)."""
-    shifted_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1])
-    shifted_labels = expanded_labels[:, 1:].reshape(-1).to(logits.device)
-    return _mean_ce(shifted_logits, shifted_labels)
-
-
-def audio_loss(audio_logits: torch.Tensor, label_audio_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """audio_logits (N, K, V), label_audio_ids (K, N): mean over codebooks of each codebook's mean CE."""
-    num_codebooks = audio_logits.shape[1] if audio_logits is not None and audio_logits.dim() == 3 else label_audio_ids.shape[0]
-    if audio_logits is None or audio_logits.shape[0] < 2 or label_audio_ids.numel() == 0:
-        zero = audio_logits.sum() * 0.0 if audio_logits is not None else torch.zeros(())
-        return zero, torch.zeros(num_codebooks, device=zero.device), 0
-    labels = label_audio_ids.to(audio_logits.device)[:, 1:]  # (K, N-1)
-    logits = audio_logits[:-1]  # (N-1, K, V)
-    per_codebook, counts = [], []
-    for k in range(num_codebooks):
-        loss_k, n_k = _mean_ce(logits[:, k, :], labels[k])
-        per_codebook.append(loss_k)
-        counts.append(n_k)
-    codebooks = torch.stack(per_codebook)
-    trained = torch.tensor([c > 0 for c in counts], device=codebooks.device)
-    # Average over the codebooks that have labels here; an all-masked batch gives an attached zero, not NaN.
-    mean = (codebooks * trained).sum() / trained.sum().clamp(min=1)
-    return mean, codebooks.detach(), sum(counts)
-
-
 def compute_loss(outputs, label_audio_ids: torch.Tensor, text_weight: float = 1.0,
                  audio_weight: float = 1.0) -> LossOutput:
-    """Weighted text + audio loss from a HiggsAudioModel forward output."""
-    text, n_text = text_loss(outputs.logits, outputs.expanded_labels)
-    audio, codebooks, n_audio = audio_loss(outputs.audio_logits, label_audio_ids)
-    total = text_weight * text + audio_weight * audio
-    return LossOutput(total, text.detach(), audio.detach(), codebooks, n_text, n_audio)
+    """The token-weighted loss of one batch on its own (its counts are the global ones): for tools and tests."""
+    sums = loss_sums(outputs, label_audio_ids)
+    total = objective(sums, sums.counts, text_weight, audio_weight)
+    counts = sums.counts.float().clamp(min=1)
+    codebook_means = sums.codebooks.detach() / counts[1:]
+    trained = sums.counts[1:] > 0
+    audio = (codebook_means * trained).sum() / trained.sum().clamp(min=1)
+    return LossOutput(total, sums.text.detach() / counts[0], audio, codebook_means,
+                      int(sums.counts[0]), int(sums.counts[1:].sum()))

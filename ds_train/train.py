@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,13 +18,14 @@ import torch
 from ds_train import checkpoint, dist, faults
 from ds_train.adapter import export_adapter
 from ds_train.config import Config, to_yaml
-from ds_train.data.loader import build_data
+from ds_train.data.collate import Batch
+from ds_train.data.loader import Data, build_data
 from ds_train.data.sampler import MicroBatchSampler
 from ds_train.ds_config import deepspeed_config, resolve_dtype
 from ds_train.errors import ConfigError
 from ds_train.evaluate import evaluate
 from ds_train.export import merge
-from ds_train.loss import compute_loss
+from ds_train.loss import LossReport, loss_sums, objective, report
 from ds_train.metrics import make_logger, peak_memory_gb, truncate_metrics
 from ds_train.model import build_model, torch_dtype
 from ds_train.preflight import preflight
@@ -35,28 +38,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: Config) -> dict:
+@dataclass
+class Run:
+    """Everything the loop works with, made by setup()."""
+    cfg: Config
+    out: Path
+    engine: object
+    model: object
+    scheduler: object
+    data: Data
+    steps: "StepBatches"
+    total_steps: int
+    state: dict  # step, epoch, step_in_epoch: the position a checkpoint records
+    logger: object
+    cuda: bool
+
+
+def setup(cfg: Config) -> Run:
     import deepspeed
     from transformers import get_scheduler
 
-    # Setup. Everything that can be wrong with the config or inputs fails here, before the process group.
+    # Everything that can be wrong with the config or inputs fails here, before the process group.
     pre = preflight(cfg)
-    model_config, out = pre.model_config, pre.out_dir
-    cuda = torch.cuda.is_available()
+    out, cuda = pre.out_dir, torch.cuda.is_available()
     ds_config = deepspeed_config(cfg, dist.world_size(), cuda)  # world size from the launcher's environment
     resume_from = checkpoint.find_resume(cfg, out)
     dist.init_distributed()
     if cuda:
         torch.cuda.set_device(dist.local_rank())
-    world = dist.world_size()
     seed_everything(cfg.train.seed)
     if dist.is_main():
         (out / "config.yaml").write_text(to_yaml(cfg))
 
-    data = build_data(cfg, model_config, pre.text_tokenizer, out)
-    train_set, loader, sampler, eval_loader = data.train_set, data.loader, data.sampler, data.eval_loader
-    total_steps = planned_steps(cfg, sampler)
-
+    data = build_data(cfg, pre.model_config, pre.text_tokenizer, out)
+    total_steps = planned_steps(cfg, data.sampler)
     # Seed right before the adapters are initialised: whether `prepare` just ran the audio tokenizer (which draws
     # random numbers while it is built) must not change the LoRA init.
     seed_everything(cfg.train.seed)
@@ -76,126 +91,162 @@ def train(cfg: Config) -> dict:
         dist.print0(f"resumed from {resume_from} at step {state['step']}")
         truncate_metrics(out, state["step"])
     logger = make_logger(cfg, out)
-    dist.print0(f"training {total_steps} steps on {world} rank(s); {len(train_set)} samples; "
-                f"padding efficiency {sampler.padding_efficiency():.3f}")
+    dist.print0(f"training {total_steps} steps on {dist.world_size()} rank(s); {len(data.train_set)} samples; "
+                f"padding efficiency {data.sampler.padding_efficiency():.3f}")
+    steps = StepBatches(data, cfg.train.grad_accum, state, logger)
+    return Run(cfg, out, engine, model, scheduler, data, steps, total_steps, state, logger, cuda)
 
-    # The loop.
+
+def train(cfg: Config) -> dict:
+    """setup -> the loop (forward, loss, backward, step, log, eval, save) -> the final adapter."""
+    run = setup(cfg)
+    engine, state, logger = run.engine, run.state, run.logger
     preemption, skips = PreemptionFlag(), SkipCounter(cfg.train.max_consecutive_skips)
-    accum, device = cfg.train.grad_accum, dist.device()
-    first_loss = last_loss = None
-    it, steps_this_epoch = None, 0
-    progress = _progress(total_steps, state["step"])
-    if eval_loader is not None and cfg.train.eval_on_start and state["step"] == 0:
-        logger.log({"step": 0, "epoch": 0, "eval_loss": evaluate(engine, eval_loader, cfg)})
-    while state["step"] < total_steps:
-        if it is None:  # first step of this process, fresh or resumed
-            sampler.set_epoch(state["epoch"])
-            steps_this_epoch = sampler.steps_per_epoch()
-        if state["step_in_epoch"] == steps_this_epoch:  # epoch done (or resumed from its last step)
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-            it = None
-        if it is None:
-            sampler.set_epoch(state["epoch"], start=state["step_in_epoch"] * accum)
-            steps_this_epoch = sampler.steps_per_epoch()
-            it = iter(loader)
-            logger.log({"step": state["step"], "epoch": state["epoch"], "padding_efficiency":
-                        sampler.padding_efficiency(), "dropped_samples": sampler.dropped(),
-                        "bad_samples_skipped": data.bad_samples_skipped})
-
-        engine.train()
+    progress = _progress(run.total_steps, state["step"])
+    losses = []
+    if run.data.eval is not None and cfg.train.eval_on_start and state["step"] == 0:
+        logger.log({"step": 0, "epoch": 0, **evaluate(engine, run.data.eval, cfg).as_record("eval_")})
+    while state["step"] < run.total_steps:
         t0 = time.perf_counter()
-        sums = np.zeros(4 + model_config.audio_num_codebooks)  # loss, text, audio, tokens, codebooks...
-        samples = 0
-        for _ in range(accum):
-            batch = next(it).to(device)
-            outputs = engine(**batch.inputs)
-            loss = compute_loss(outputs, batch.label_audio_ids, cfg.loss.text_weight, cfg.loss.audio_weight)
-            if faults.active("nan_loss", state["step"] + 1):
-                loss.total = loss.total * float("nan")
-            engine.backward(loss.total)
-            engine.step()  # DeepSpeed updates only at the accumulation boundary, and skips a non-finite one
-            sums[:4] += [loss.total.item(), loss.text.item(), loss.audio.item(), batch.num_tokens]
-            sums[4:] += loss.codebooks.cpu().numpy()
-            samples += batch.num_samples
+        result = train_step(run, run.steps.next())
         state["step"] += 1
         state["step_in_epoch"] += 1
-        step_time = time.perf_counter() - t0
-
-        reduced = dist.all_reduce([*sums.tolist(), samples, step_time], op="sum")
-        n = accum * world
-        loss_mean = reduced[0] / n
-        step_time = reduced[-1] / world
-        last_step = state["step"] == total_steps
-        skipped = skips.update(loss_mean, engine.was_step_applied())
+        step, last_step = state["step"], state["step"] == run.total_steps
+        skipped = skips.update(result.loss.loss, engine.was_step_applied())
         if skipped:
-            dist.print0(f"step {state['step']}: non-finite loss or gradient norm; update skipped on every rank "
+            dist.print0(f"step {step}: non-finite loss or gradient norm; update skipped on every rank "
                         f"({skips.in_a_row} in a row, {skips.total} in total)")
+            run.scheduler.step()  # DeepSpeed does not advance the schedule on a skipped update; lr follows `step`
         else:
-            first_loss = loss_mean if first_loss is None else first_loss
-            last_loss = loss_mean
-        if state["step"] % cfg.train.log_every == 0 or state["step"] == 1 or last_step or skipped:
-            logger.log({
-                "step": state["step"], "epoch": state["epoch"], "loss": loss_mean, "text_loss": reduced[1] / n,
-                "audio_loss": reduced[2] / n, "codebook_losses": [c / n for c in reduced[4:4 + len(sums) - 4]],
-                "lr": scheduler.get_last_lr()[0], "grad_norm": _grad_norm(engine),
-                "tokens_per_s": reduced[3] / step_time, "samples_per_s": reduced[-2] / step_time,
-                "step_time_s": step_time, "peak_mem_gb": peak_memory_gb(),
-                "skipped": skipped, "skipped_steps": skips.total,
-            })
-        progress.update(1, loss_mean)
+            losses.append(result.loss.loss)
+        if step % cfg.train.log_every == 0 or step == 1 or last_step or skipped:
+            step_time = time.perf_counter() - t0
+            logger.log({"step": step, "epoch": state["epoch"], **result.loss.as_record(),
+                        "lr": run.scheduler.get_last_lr()[0], "grad_norm": _grad_norm(engine),
+                        "tokens": result.tokens, "tokens_per_s": result.tokens / step_time,
+                        "samples_per_s": result.samples / step_time, "step_time_s": step_time,
+                        "peak_mem_gb": peak_memory_gb(), "skipped": skipped, "skipped_steps": skips.total})
+        progress.update(1, result.loss.loss)
         if skips.exhausted():
-            path = checkpoint.save(engine, model, cfg, out, state)  # skipped updates left the last good weights
+            path = checkpoint.save(engine, run.model, cfg, run.out, state)  # skips left the last good weights
             logger.finish()
-            raise Diverged(f"{skips.in_a_row} consecutive steps (up to step {state['step']}) had a non-finite loss "
+            raise Diverged(f"{skips.in_a_row} consecutive steps (up to step {step}) had a non-finite loss "
                            f"or gradient norm (train.max_consecutive_skips={cfg.train.max_consecutive_skips}). The "
                            f"last good state is saved in {path}; lower optim.lr or inspect the data, then resume "
                            "with train.resume=auto.")
 
         eval_loss = None
-        if eval_loader is not None and (last_step or (cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0)):
-            eval_loss = evaluate(engine, eval_loader, cfg)
-            logger.log({"step": state["step"], "epoch": state["epoch"], "eval_loss": eval_loss})
+        if run.data.eval is not None and (last_step or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
+            evaluated = evaluate(engine, run.data.eval, cfg)
+            eval_loss = evaluated.loss
+            logger.log({"step": step, "epoch": state["epoch"], **evaluated.as_record("eval_")})
         every = cfg.checkpoint.every_steps
-        saved = last_step or (every and state["step"] % every == 0)
+        saved = last_step or (every and step % every == 0)
         if saved:
-            checkpoint.save(engine, model, cfg, out, state, eval_loss)
+            checkpoint.save(engine, run.model, cfg, run.out, state, eval_loss)
         if not last_step and preemption.agreed():
-            path = checkpoint.save(engine, model, cfg, out, state) if not saved else checkpoint.read_latest(out)
-            logger.log({"step": state["step"], "epoch": state["epoch"], "preempted": preemption.received or "peer"})
+            path = checkpoint.save(engine, run.model, cfg, run.out, state) if not saved else \
+                checkpoint.read_latest(run.out)
+            logger.log({"step": step, "epoch": state["epoch"], "preempted": preemption.received or "peer"})
             logger.finish()
             dist.print0(f"preempted ({preemption.received or 'signal on another rank'}): saved {path} at step "
-                        f"{state['step']}; relaunch with train.resume=auto to continue")
+                        f"{step}; relaunch with train.resume=auto to continue")
             raise Preempted(path)
-
-    # Cleanup: the final adapter, and a merged model when asked.
     progress.close()
-    export_adapter(model, out / "adapter")
+    return finish(run, losses)
+
+
+@dataclass
+class StepResult:
+    loss: LossReport
+    tokens: int  # text + audio positions processed on all ranks
+    samples: int
+
+
+def train_step(run: Run, batches: list[Batch]) -> StepResult:
+    """One optimizer step over this rank's micro-batches. The trained-position counts of the whole global batch are
+    all-reduced first (from the labels, before any forward), so each micro-batch's loss is its exact share of the
+    token-weighted step loss (ds_train/loss.py). DeepSpeed averages gradients over ranks and, by default, divides
+    by the accumulation steps; the `world` factor and scale_wrt_gas=False undo both."""
+    cfg, engine, device = run.cfg, run.engine, dist.device()
+    world = dist.world_size()
+    counts = dist.all_reduce_tensor(sum(b.counts for b in batches).to(device))
+    sums = torch.zeros(counts.shape, dtype=torch.float64, device=device)
+    poisoned = False
+    engine.train()
+    for batch in batches:
+        batch = batch.to(device)
+        parts = loss_sums(engine(**batch.inputs), batch.label_audio_ids)
+        loss = objective(parts, counts, cfg.loss.text_weight, cfg.loss.audio_weight)
+        if faults.active("nan_loss", run.state["step"] + 1):
+            loss, poisoned = loss * float("nan"), True
+        engine.backward(loss * world, scale_wrt_gas=False)
+        engine.step()  # DeepSpeed updates only at the accumulation boundary, and skips a non-finite one
+        sums += parts.detached()
+    if poisoned:
+        sums *= float("nan")
+    host = torch.tensor([sum(b.num_tokens for b in batches), sum(b.num_samples for b in batches)],
+                        dtype=torch.float64, device=device)
+    totals = dist.all_reduce_tensor(torch.cat([sums, host])).tolist()  # the step's one host sync
+    k = len(sums)
+    loss = report(totals[:k], counts.tolist(), cfg.loss.text_weight, cfg.loss.audio_weight)
+    return StepResult(loss, int(totals[k]), int(totals[k + 1]))
+
+
+def finish(run: Run, losses: list[float]) -> dict:
+    """The final adapter, and a merged model when asked."""
+    cfg, out = run.cfg, run.out
+    export_adapter(run.model, out / "adapter")
     dist.barrier()
-    summary = {"first_loss": first_loss, "last_loss": last_loss, "steps": state["step"],
-               "adapter": str(out / "adapter")}
+    summary = {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+               "steps": run.state["step"], "adapter": str(out / "adapter")}
     if cfg.checkpoint.merge and dist.is_main():
-        merge(cfg.model.path, out / "adapter", out / "merged", "bf16" if cuda else "fp32")
+        merge(cfg.model.path, out / "adapter", out / "merged", "bf16" if run.cuda else "fp32")
     dist.barrier()
     if cfg.checkpoint.merge:
         summary["merged"] = str(out / "merged")
-    logger.summary(summary)
-    logger.finish()
+    run.logger.summary(summary)
+    run.logger.finish()
     return summary
+
+
+class StepBatches:
+    """Each step's micro-batches, epoch after epoch, from the position in `state` (fresh or resumed). Logs a record
+    when an epoch starts."""
+
+    def __init__(self, data: Data, accum: int, state: dict, logger):
+        self.data, self.accum, self.state, self.logger = data, accum, state, logger
+        self.it = None
+        data.sampler.set_epoch(state["epoch"])
+        self.steps_this_epoch = data.sampler.steps_per_epoch()
+
+    def next(self) -> list[Batch]:
+        state, sampler = self.state, self.data.sampler
+        if state["step_in_epoch"] == self.steps_this_epoch:  # epoch done (or resumed from its last step)
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+            self.it = None
+        if self.it is None:
+            sampler.set_epoch(state["epoch"], start=state["step_in_epoch"] * self.accum)
+            self.steps_this_epoch = sampler.steps_per_epoch()
+            self.it = iter(self.data.loader)
+            self.logger.log({"step": state["step"], "epoch": state["epoch"], "padding_efficiency":
+                             sampler.padding_efficiency(), "dropped_samples": sampler.dropped(),
+                             "bad_samples_skipped": self.data.bad_samples_skipped})
+        return [next(self.it) for _ in range(self.accum)]
 
 
 def planned_steps(cfg: Config, sampler: MicroBatchSampler) -> int:
     """Optimizer steps of the whole run (token-budget plans differ per epoch, so each epoch is counted)."""
-    if cfg.train.max_steps > 0:
-        return cfg.train.max_steps
-    total = 0
-    for epoch in range(cfg.train.epochs):
+    per_epoch = []
+    for epoch in range(max(cfg.train.epochs, 1)):
         sampler.set_epoch(epoch)
-        total += sampler.steps_per_epoch()
-    if total == 0:
+        per_epoch.append(sampler.steps_per_epoch())
+    if 0 in per_epoch:  # with train.max_steps too: the loop would find no batch to train on
         raise ConfigError(f"the training set gives no full step: {len(sampler.lengths)} samples for "
-                          f"{dist.world_size()} ranks x train.grad_accum={cfg.train.grad_accum} micro-batches per step")
-    return total
+                          f"{dist.world_size()} ranks x train.grad_accum={cfg.train.grad_accum} micro-batches per step"
+                          " (fewer ranks, a smaller train.grad_accum or train.micro_batch_size, or more data)")
+    return cfg.train.max_steps if cfg.train.max_steps > 0 else sum(per_epoch)
 
 
 def _grad_norm(engine) -> float:

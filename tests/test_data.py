@@ -59,7 +59,7 @@ def dataset(cache, configs, kind="delay"):
 
 
 def collate(configs, text_tok, kind="delay"):
-    return Collate(make_collator(configs[kind], text_tok))
+    return Collate(make_collator(configs[kind]))
 
 
 def expected_audio(codes: torch.Tensor, delay: bool, trained: bool):

@@ -26,7 +26,6 @@ def run(audio_mlp_run) -> Path:
 def batch(run, tiny_model, demo_data):
     """A real collated batch of 4 training samples (the prepared cache the run wrote)."""
     from boson_multimodal.model.higgs_audio import HiggsAudioConfig
-    from transformers import AutoTokenizer
 
     from ds_train.data.cache import CachedDataset
     from ds_train.data.collate import Collate, make_collator
@@ -34,7 +33,7 @@ def batch(run, tiny_model, demo_data):
 
     config = HiggsAudioConfig.from_pretrained(str(tiny_model))
     dataset = CachedDataset(default_cache_dir(str(demo_data / "train.jsonl")), config)
-    collate = Collate(make_collator(config, AutoTokenizer.from_pretrained(str(tiny_model))))
+    collate = Collate(make_collator(config))
     return collate([dataset[i] for i in range(4)]).inputs
 
 

@@ -79,7 +79,7 @@ def test_activation_checkpointing_same_loss_and_grads(tiny_model, demo_data, tmp
     tok = load_text_tokenizer(cfg, mc)
     prepare(cfg, cfg.data.train_file, tok, str(tmp_path / "cache"))
     ds = CachedDataset(tmp_path / "cache", mc)
-    batch = Collate(make_collator(mc, tok))([ds[0], ds[1]])
+    batch = Collate(make_collator(mc))([ds[0], ds[1]])
 
     calls = []
     original = torch.utils.checkpoint.checkpoint

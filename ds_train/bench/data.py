@@ -65,7 +65,7 @@ def bench_data(cfg: Config, on_the_fly_seconds: float = 60.0) -> dict:
     prepare_s = time.perf_counter() - t0
     whisper = bool(model_config.encode_whisper_embed)
     cached = CachedDataset(prepared.cache_dir, model_config, whisper)
-    collator = make_collator(model_config, text_tokenizer)
+    collator = make_collator(model_config, cfg.model.whisper_processor_path)
     lengths = cached.lengths
 
     # Padding efficiency.

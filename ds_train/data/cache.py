@@ -36,6 +36,16 @@ def default_cache_dir(manifest: str) -> Path:
     return p.parent / ".ds_train_cache" / p.stem
 
 
+def cache_dirs(cfg: Config) -> tuple[Path, Optional[Path]]:
+    """(training cache, eval cache or None). With data.cache_dir the eval cache sits beside it as CACHE_DIR-eval;
+    without, each cache sits next to its manifest."""
+    d = cfg.data
+    if d.cache_dir:
+        train = Path(d.cache_dir)
+        return train, (train.with_name(train.name + "-eval") if d.eval_file else None)
+    return default_cache_dir(d.train_file), (default_cache_dir(d.eval_file) if d.eval_file else None)
+
+
 def fingerprint(cfg: Config, text_tokenizer, audio_tokenizer_path: str) -> dict:
     vocab = json.dumps(sorted(text_tokenizer.get_vocab().items()))
     d = cfg.data

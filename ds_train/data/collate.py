@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from ds_train.data.audio import load_audio
+from ds_train.loss import trained_positions
 
 IGNORE = -100
 WHISPER_RATE = 16000
+DEFAULT_WHISPER_PROCESSOR = "openai/whisper-large-v3-turbo"  # what boson's serve engine loads
 
 
 def to_dataset_sample(e: dict, audio_in_id: int, audio_out_id: int, whisper: bool = False):
@@ -49,15 +51,13 @@ def to_dataset_sample(e: dict, audio_in_id: int, audio_out_id: int, whisper: boo
     )
 
 
-def make_collator(model_config, text_tokenizer):
+def make_collator(model_config, whisper_processor_path: str = DEFAULT_WHISPER_PROCESSOR):
     """Boson's collator, configured like HiggsAudioServeEngine."""
     from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
 
     whisper_processor = None
     if model_config.encode_whisper_embed:
-        from transformers import AutoProcessor
-
-        whisper_processor = AutoProcessor.from_pretrained("openai/whisper-large-v3-turbo", trust_remote_code=False)
+        whisper_processor = load_whisper_processor(whisper_processor_path)
     return HiggsAudioSampleCollator(
         whisper_processor=whisper_processor,
         encode_whisper_embed=model_config.encode_whisper_embed,
@@ -73,16 +73,37 @@ def make_collator(model_config, text_tokenizer):
     )
 
 
+def load_whisper_processor(path: str):
+    """The Whisper feature extractor of a model that encodes audio-in with Whisper (model.whisper_processor_path)."""
+    from transformers import AutoProcessor
+
+    from ds_train.errors import ConfigError
+
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=False)
+    except OSError as e:
+        raise ConfigError(f"cannot load the Whisper processor from model.whisper_processor_path={path} (this model "
+                          f"has encode_whisper_embed=true): {str(e).splitlines()[0]}. Offline, point the key at a "
+                          "local copy of the processor.") from None
+
+
 @dataclass
 class Batch:
     inputs: dict  # keyword arguments of HiggsAudioModel.forward (label_ids included: it yields expanded_labels)
     label_audio_ids: torch.Tensor  # (num_codebooks, N_audio_out), unshifted
     num_samples: int
     num_tokens: int  # text + audio positions the model processes (padding excluded)
+    counts: torch.Tensor  # (1 + K,) trained text and per-codebook audio positions (loss.trained_positions)
 
     def to(self, device) -> "Batch":
-        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
-        return Batch(moved, self.label_audio_ids.to(device), self.num_samples, self.num_tokens)
+        moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
+        return Batch(moved, self.label_audio_ids.to(device, non_blocking=True), self.num_samples, self.num_tokens,
+                     self.counts)
+
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader(pin_memory=True): page-locked host tensors make the copies above asynchronous."""
+        pinned = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in self.inputs.items()}
+        return Batch(pinned, self.label_audio_ids.pin_memory(), self.num_samples, self.num_tokens, self.counts)
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "audio_features", "audio_feature_attention_mask", "audio_out_ids",
@@ -103,4 +124,7 @@ class Collate:
         audio_len = b.audio_out_ids.shape[1] if b.audio_out_ids is not None and b.audio_out_ids.numel() else 0
         num_tokens = int(b.attention_mask.sum()) - n_out + audio_len
         labels_audio = b.label_audio_ids if b.label_audio_ids is not None else torch.zeros(0, 0, dtype=torch.long)
-        return Batch(inputs, labels_audio, len(samples), num_tokens)
+        c = self.collator
+        counts = trained_positions(b.input_ids, b.label_ids, labels_audio,
+                                   (c.audio_in_token_id, c.audio_out_token_id), c.audio_num_codebooks)
+        return Batch(inputs, labels_audio, len(samples), num_tokens, counts)

@@ -12,9 +12,22 @@ from torch.utils.data import DataLoader
 from ds_train import dist
 from ds_train.config import Config
 from ds_train.data.cache import CachedDataset
-from ds_train.data.collate import Collate, make_collator
-from ds_train.data.prepare import prepare, write_report
+from ds_train.data.collate import Batch, Collate, make_collator
+from ds_train.data.prepare import prepare_all, write_report
 from ds_train.data.sampler import MicroBatchSampler
+
+
+@dataclass
+class EvalData:
+    """This rank's eval micro-batches, and a filler batch for the rounds in which it has none of its own (ZeRO-3:
+    every rank joins every forward; a filler's loss counts with weight 0)."""
+    loader: DataLoader
+    sampler: MicroBatchSampler
+    collate: Collate
+
+    def filler(self) -> Batch:
+        dataset = self.loader.dataset
+        return self.collate([dataset[i] for i in self.sampler.plan()[0]])
 
 
 @dataclass
@@ -22,38 +35,38 @@ class Data:
     train_set: CachedDataset
     loader: DataLoader
     sampler: MicroBatchSampler
-    eval_loader: Optional[DataLoader]
+    eval: Optional[EvalData]
     bad_samples_skipped: int
 
 
 def build_data(cfg: Config, model_config, text_tokenizer, out: Path) -> Data:
     """Prepare (or reuse) the caches on all ranks, then loaders over this rank's shard of the micro-batches."""
-    prepared = [prepare(cfg, cfg.data.train_file, text_tokenizer, cfg.data.cache_dir)]
-    if cfg.data.eval_file:
-        prepared.append(prepare(cfg, cfg.data.eval_file, text_tokenizer))
+    prepared = prepare_all(cfg, text_tokenizer)
     if dist.is_main():
         write_report(out, prepared)
     rank, world, whisper = dist.rank(), dist.world_size(), bool(model_config.encode_whisper_embed)
     train_set = CachedDataset(prepared[0].cache_dir, model_config, whisper)
-    collator = make_collator(model_config, text_tokenizer)
+    collator = make_collator(model_config, cfg.model.whisper_processor_path)
     loader, sampler = build_loader(train_set, collator, cfg, rank, world)
-    eval_loader = None
+    eval_data = None
     if cfg.data.eval_file:
         eval_set = CachedDataset(prepared[1].cache_dir, model_config, whisper)
-        # Evaluation keeps every sample (no dropping); `evaluate` evens out the ranks' forward counts.
+        # Evaluation keeps every sample (no dropping, no shuffling); ranks may differ by a micro-batch.
         eval_sampler = MicroBatchSampler(eval_set.lengths, rank, world, 1, cfg.train.seed,
-                                         micro_batch_size=cfg.train.micro_batch_size, shuffle=False,
-                                         drop_remainder=False)
+                                         micro_batch_size=cfg.train.micro_batch_size, max_tokens=cfg.data.max_tokens,
+                                         shuffle=False, drop_remainder=False)
         eval_loader, _ = build_loader(eval_set, collator, cfg, rank, world, sampler=eval_sampler)
-    return Data(train_set, loader, sampler, eval_loader, sum(len(p.bad) for p in prepared))
+        eval_data = EvalData(eval_loader, eval_sampler, eval_loader.collate_fn)
+    return Data(train_set, loader, sampler, eval_data, sum(len(p.bad) for p in prepared))
 
 
 def build_loader(dataset: CachedDataset, collator, cfg, rank: int, world: int, shuffle: bool = True,
                  sampler: Optional[MicroBatchSampler] = None) -> tuple[DataLoader, MicroBatchSampler]:
     d = cfg.data
-    sampler = sampler or MicroBatchSampler(
-        dataset.lengths, rank, world, cfg.train.grad_accum, cfg.train.seed,
-        micro_batch_size=cfg.train.micro_batch_size, max_tokens=d.max_tokens, shuffle=shuffle)
+    if sampler is None:  # not `sampler or ...`: a sampler with no batch for this rank has len() 0 and is falsy
+        sampler = MicroBatchSampler(dataset.lengths, rank, world, cfg.train.grad_accum, cfg.train.seed,
+                                    micro_batch_size=cfg.train.micro_batch_size, max_tokens=d.max_tokens,
+                                    shuffle=shuffle)
     kwargs = {}
     if d.num_workers > 0:
         kwargs = {"persistent_workers": d.persistent_workers, "prefetch_factor": d.prefetch_factor}

@@ -22,7 +22,7 @@ import torch
 from ds_train import dist
 from ds_train.config import Config
 from ds_train.data.audio import AudioError, encode, load_audio, load_audio_tokenizer
-from ds_train.data.cache import (claim_cache, default_cache_dir, fingerprint, stored_bad, write_index,
+from ds_train.data.cache import (cache_dirs, claim_cache, default_cache_dir, fingerprint, stored_bad, write_index,
                                  write_shard)
 from ds_train.data.manifest import Record, audio_contents, read_manifest, tokenize
 from ds_train.data.validate import check_record, clip_problem
@@ -106,6 +106,15 @@ def prepare(cfg: Config, manifest: str, text_tokenizer, cache_dir: Optional[str]
     if result.num_samples == 0:
         raise DataError(result.bad or [{"source": manifest, "reason": "no usable samples"}], manifest)
     return result
+
+
+def prepare_all(cfg: Config, text_tokenizer) -> list[PrepareResult]:
+    """The training manifest's cache, then the eval manifest's (when there is one), where cache_dirs() puts them."""
+    train_cache, eval_cache = cache_dirs(cfg)
+    results = [prepare(cfg, cfg.data.train_file, text_tokenizer, train_cache)]
+    if cfg.data.eval_file:
+        results.append(prepare(cfg, cfg.data.eval_file, text_tokenizer, eval_cache))
+    return results
 
 
 def write_report(out_dir: Path, results: list[PrepareResult]) -> dict:
