@@ -212,9 +212,15 @@ def _tags(root: Path) -> str:
     return ", ".join(p.name for p in tags) or "none"
 
 
+SHARD_FILE = re.compile(r"(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_(model|optim)_states\.pt")
+
+
 def shard_files(step_dir: Path, rank: int) -> tuple[Path, Path]:
-    prefix = step_dir / f"zero_pp_rank_{rank}_mp_rank_00"
-    return Path(f"{prefix}_model_states.pt"), Path(f"{prefix}_optim_states.pt")
+    """(model states, optimizer states) of one rank. DeepSpeed prefixes the optimizer file with `bf16_` when the
+    run trained in bf16 (the model file never)."""
+    bf16 = any(SHARD_FILE.fullmatch(p.name) and p.name.startswith("bf16_") for p in step_dir.iterdir())
+    return (step_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
+            step_dir / f"{'bf16_' if bf16 else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
 
 
 def check_shards(step_dir: Path) -> dict:
@@ -225,8 +231,8 @@ def check_shards(step_dir: Path) -> dict:
         raise CheckpointError(f"{step_dir} was saved under ZeRO-1/2 (mp_rank_00_model_states.pt); consolidate reads "
                               "ZeRO-3 shards. Its adapter/ dir, exported at save time, is the same adapter.")
     problems, shapes, config = [], None, {}
-    extra = sorted(p.name for p in step_dir.glob("zero_pp_rank_*_states.pt")
-                   if int(p.name.split("_")[3]) >= world)
+    extra = sorted(p.name for p in step_dir.iterdir()
+                   if SHARD_FILE.fullmatch(p.name) and int(SHARD_FILE.fullmatch(p.name).group(2)) >= world)
     if extra:
         problems.append(f"files of ranks beyond the {world} in {META}: {', '.join(extra)}")
     for rank in range(world):

@@ -4,6 +4,8 @@ torn file or a half-built directory."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -66,3 +68,18 @@ def staged_dir(out_dir: Path, replace: Callable[[Path], bool]) -> Iterator[Path]
     os.replace(tmp, out_dir)
     fsync(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def file_digest(path: str) -> str:
+    """SHA-1 of a file's bytes, remembered for the process while its size and mtime stay."""
+    st = os.stat(path)
+    return _digest(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -244,3 +244,14 @@ def test_token_budget_batches_respect_the_budget_on_real_lengths(cache, configs)
     s = MicroBatchSampler(ds.lengths, 0, 1, 1, seed=0, max_tokens=3 * max(ds.lengths))
     assert all(max(ds.lengths[i] for i in b) * len(b) <= 3 * max(ds.lengths) for b in s.plan())
     assert sorted(i for b in s.plan() for i in b) == list(range(len(ds)))
+
+
+def test_whisper_processor_comes_from_a_config_key_with_a_clear_offline_error(tmp_path):
+    """Models with encode_whisper_embed=true need a Whisper processor; it was a hard-coded hub id. Now it is
+    model.whisper_processor_path, and a missing one says which key to set. (No network here: a local path that
+    does not exist stands for an unreachable hub.)"""
+    from ds_train.data.collate import load_whisper_processor
+    from ds_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.whisper_processor_path=.*nowhere.*encode_whisper_embed=true"):
+        load_whisper_processor(str(tmp_path / "nowhere"))

@@ -290,3 +290,33 @@ def test_two_process_prepare_equals_one_process(tiny_model, text_tok, audio_tok,
     assert len(b) == len(a)
     for x, y in zip(a, b):
         assert_same_entry(x, y)
+
+
+def test_a_moved_data_set_and_tokenizer_keep_their_cache(tiny_model, text_tok, audio_tok, tmp_path):
+    """The same bytes under other paths with other mtimes (a plain `cp -r` to another disk): the cache stays valid,
+    nothing is re-encoded. Before, the fingerprint held the tokenizer's absolute path and mtime, and record keys the
+    files' mtimes: CacheMismatchError, then hours of re-encoding on real data."""
+    import shutil
+
+    manifest, _ = short_set(tmp_path / "set", 4)
+    cfg = make_cfg(tiny_model, tmp_path / "out", shard_size=2)
+    cache = tmp_path / "cache"
+    assert prepare(cfg, str(manifest), text_tok, str(cache), audio_tokenizer=audio_tok).encoded_shards == 2
+
+    moved_set = tmp_path / "disk2" / "set"
+    shutil.copytree(tmp_path / "set", moved_set, copy_function=shutil.copyfile)  # new paths, new mtimes
+    moved_model = tmp_path / "disk2" / "model"
+    shutil.copytree(tiny_model, moved_model, copy_function=shutil.copyfile,
+                    ignore=shutil.ignore_patterns(".*"))  # without the weights' digest memo: it is recomputed
+    moved_cfg = make_cfg(moved_model, tmp_path / "out2", shard_size=2)
+    again = prepare(moved_cfg, str(moved_set / manifest.name), text_tok, str(cache), audio_tokenizer="must not be used")
+    assert (again.num_samples, again.encoded_shards) == (4, 0)
+
+    # The content still decides: other weights under the same name are another tokenizer.
+    weights = moved_model / "audio_tokenizer" / "model.pth"
+    state = torch.load(weights, weights_only=False)
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = state[first] + 1.0
+    torch.save(state, weights)
+    with pytest.raises(CacheMismatchError, match="audio_tokenizer.weights_sha1"):
+        prepare(moved_cfg, str(moved_set / manifest.name), text_tok, str(cache), audio_tokenizer=audio_tok)

@@ -13,6 +13,8 @@ import soundfile as sf
 import torch
 import torchaudio
 
+from ds_train.fsutil import file_digest
+
 # The hub id boson's HiggsAudioTokenizer hard-codes for its semantic teacher (HuBERT).
 SEMANTIC_TEACHER_IDS = ("bosonai/hubert_base", "facebook/hubert-base-ls960", "microsoft/wavlm-base-plus")
 
@@ -87,15 +89,34 @@ def load_audio_tokenizer(path: str, device: str = "cpu", semantic_model_path: Op
 
 
 def tokenizer_fingerprint(path: str) -> dict:
-    """What identifies an audio tokenizer for cache invalidation: its config and weight file size/mtime."""
+    """What identifies an audio tokenizer for cache invalidation: its config and the SHA-1 of its weights. Never its
+    path or mtimes: a tokenizer copied to another disk is the same tokenizer."""
     p = Path(path)
-    out = {"path": str(p.resolve()) if p.exists() else path}
+    out = {"id": path} if not p.exists() else {}  # a hub id is all there is to go by
     if (p / "config.json").is_file():
         out["config"] = json.loads((p / "config.json").read_text())
     if (p / "model.pth").is_file():
-        st = (p / "model.pth").stat()
-        out["weights"] = [st.st_size, int(st.st_mtime)]
+        out["weights_sha1"] = weights_digest(p / "model.pth")
     return out
+
+
+def weights_digest(path: Path) -> str:
+    """SHA-1 of a weights file, computed once: remembered beside it (keyed by size and mtime) when the folder is
+    writable, since hashing a real tokenizer's weights on every start costs seconds."""
+    st = path.stat()
+    memo = path.with_name(f".{path.name}.sha1.json")
+    try:
+        saved = json.loads(memo.read_text())
+        if saved["size"] == st.st_size and saved["mtime_ns"] == st.st_mtime_ns:
+            return saved["sha1"]
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = file_digest(str(path))
+    try:
+        memo.write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": digest}))
+    except OSError:
+        pass  # a read-only model dir: hash again next time
+    return digest
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from ds_train.data.manifest import Record
 from ds_train.errors import CacheMismatchError
 from ds_train.fsutil import atomic_write, replacing
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: tokenizer and records fingerprinted by content
 
 
 def default_cache_dir(manifest: str) -> Path:

@@ -16,10 +16,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import dacite
 from boson_multimodal.data_types import AudioContent, ChatMLSample, Message, TextContent
+
+from ds_train.fsutil import file_digest
 
 TTS_KEYS = {"audio", "text", "speaker", "ref_audio", "ref_text"}
 
@@ -28,12 +30,15 @@ TTS_KEYS = {"audio", "text", "speaker", "ref_audio", "ref_text"}
 class Record:
     source: str  # "manifest.jsonl:12" - what error reports and the cache name a sample by
     sample: Optional[ChatMLSample]  # None when the record is bad
-    key: str  # content hash (sample + its audio files' size/mtime): the cache reuses work only for identical input
+    key: str  # content hash (sample + its audio files' bytes): the cache reuses work only for identical input
     error: Optional[str] = None
 
 
-def read_manifest(path: str, fmt: str = "auto", system_prompt: str = "") -> list[Record]:
-    """Every record of the manifest, good or bad, in file order."""
+def read_manifest(path: str, fmt: str = "auto", system_prompt: str = "",
+                  digest: Callable[[str], str] = None) -> list[Record]:
+    """Every record of the manifest, good or bad, in file order. `digest(path)` names an audio file by its content
+    (default: file_digest); the prepared cache passes one that remembers digests across runs."""
+    digest = digest or file_digest
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"manifest not found: {path}")
@@ -49,7 +54,7 @@ def read_manifest(path: str, fmt: str = "auto", system_prompt: str = "") -> list
         except (ValueError, TypeError, dacite.DaciteError) as e:
             out.append(Record(source, None, _hash(source, raw), f"does not fit the schema: {e}"))
             continue
-        out.append(Record(source, sample, _sample_key(sample)))
+        out.append(Record(source, sample, _sample_key(sample, digest)))
     return out
 
 
@@ -57,14 +62,15 @@ def _hash(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _sample_key(sample: ChatMLSample) -> str:
-    # Paths are resolved, so the same row in another manifest shares work; size and mtime make a replaced audio
-    # file (same name, new recording) a new record instead of silently keeping its old codes.
-    stats = []
-    for clip in audio_contents(sample):
-        st = os.stat(clip.audio_url) if os.path.isfile(clip.audio_url) else None
-        stats.append([st.st_size, st.st_mtime_ns] if st else None)
-    return _hash(to_dict(sample), stats)
+def _sample_key(sample: ChatMLSample, digest: Callable[[str], str]) -> str:
+    # Audio enters by content, not by path: a data set copied to another disk (new paths, new mtimes) keeps its
+    # cache, the same clip named relatively or absolutely is one record, and a re-recorded file is a new one.
+    d = to_dict(sample)
+    clips = [c for m in d["messages"] for c in (m["content"] if isinstance(m["content"], list) else [m["content"]])
+             if isinstance(c, dict) and c.get("type") == "audio"]
+    for c in clips:
+        c["audio_url"] = digest(c["audio_url"]) if os.path.isfile(c["audio_url"]) else f"missing:{c['audio_url']}"
+    return _hash(d)
 
 
 def _raw_records(path: str) -> Iterator[tuple[str, object, Optional[str]]]:
