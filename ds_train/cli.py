@@ -10,7 +10,7 @@ import sys
 
 from typing import List, Optional
 
-from ds_train.config import load_config
+from ds_train.config import DataConfig, load_config
 from ds_train.errors import CheckpointError, ConfigError, DataError
 
 USAGE = """ds-train <command> ...
@@ -19,6 +19,8 @@ USAGE = """ds-train <command> ...
   prepare CONFIG.yaml [key=value ...]        check the data and encode audio once into the cache
   consolidate CHECKPOINT_DIR OUT_DIR [--tag TAG]   ZeRO shards -> PEFT adapter, offline, no GPU
   merge BASE_MODEL_DIR ADAPTER_DIR OUT_DIR [--dtype bf16|fp32]   adapter -> drop-in HiggsAudioModel dir
+  generate MODEL_DIR [--adapter DIR] (--text TEXT [--ref-audio WAV --ref-text TEXT] | --prompts JSONL) --out DIR
+                                             speak with base + adapter (or a merged dir): WAV + JSON per prompt
   make-tiny OUT_DIR                          tiny real-format Higgs Audio checkpoint (tests, demo)
   make-demo-data OUT_DIR [--n N]             small synthetic voice-cloning data set (TTS manifest)
   bench-data CONFIG.yaml [key=value ...]     cache vs on-the-fly loader throughput, padding efficiency
@@ -132,6 +134,53 @@ def cmd_merge(words):
     print(merge(a.base_model_dir, a.adapter_dir, a.out_dir, a.dtype))
 
 
+def cmd_generate(words):
+    from ds_train.generate import Sampling
+
+    p = argparse.ArgumentParser(prog="ds-train generate")
+    p.add_argument("model_dir", help="base model dir (with --adapter) or a merged model dir")
+    p.add_argument("--adapter", help="adapter dir (OUTPUT_DIR/adapter or a checkpoint's adapter/); no merge needed")
+    p.add_argument("--text", help="one text to speak")
+    p.add_argument("--ref-audio", help="reference clip to clone the voice of (with --text)")
+    p.add_argument("--ref-text", help="transcript of --ref-audio")
+    p.add_argument("--prompts", help="JSONL: text, optional ref_audio + ref_text, optional out (file stem)")
+    p.add_argument("--out", required=True, help="output dir: NAME.wav + NAME.json per prompt")
+    p.add_argument("--system-prompt", default=DataConfig.system_prompt, help="as data.system_prompt in training")
+    p.add_argument("--temperature", type=float, default=Sampling.temperature, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=Sampling.top_k)
+    p.add_argument("--top-p", type=float, default=Sampling.top_p)
+    p.add_argument("--seed", type=int, default=Sampling.seed)
+    p.add_argument("--max-new-frames", type=int, default=Sampling.max_new_frames)
+    p.add_argument("--audio-tokenizer", help="default: MODEL_DIR/audio_tokenizer")
+    p.add_argument("--semantic-model", help="local copy of the audio tokenizer's semantic teacher (offline)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
+    a = p.parse_args(words)
+    if (a.text is None) == (a.prompts is None):
+        p.error("give exactly one of --text and --prompts")
+    if (a.ref_audio is None) != (a.ref_text is None) or (a.ref_audio and a.prompts):
+        p.error("--ref-audio and --ref-text go together, with --text")
+    from pathlib import Path
+
+    from boson_multimodal.data_types import ChatMLSample
+
+    from ds_train.generate import Prompt, generate_files, load_engine, read_prompts
+    from ds_train.manifest import voice_cloning_prompt
+
+    if a.prompts:
+        prompts = read_prompts(a.prompts, a.system_prompt)
+    else:
+        if a.ref_audio and not os.path.isfile(a.ref_audio):
+            raise FileNotFoundError(f"reference audio not found: {a.ref_audio}")
+        messages = voice_cloning_prompt(a.text, a.system_prompt, a.ref_text, a.ref_audio)
+        prompts = [Prompt(ChatMLSample(messages=messages), "000", a.text)]
+    sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed, a.max_new_frames)
+    engine = load_engine(a.model_dir, a.adapter, a.audio_tokenizer, semantic_model_path=a.semantic_model,
+                         device=a.device, dtype=a.dtype)
+    for info in generate_files(engine, prompts, sampling, Path(a.out)):
+        print(json.dumps(info))
+
+
 def cmd_make_tiny(words):
     p = argparse.ArgumentParser(prog="ds-train make-tiny")
     p.add_argument("out_dir")
@@ -169,6 +218,7 @@ def cmd_show_config(words):
 COMMANDS = {
     "train": cmd_train, "prepare": cmd_prepare, "consolidate": cmd_consolidate, "merge": cmd_merge,
     "make-tiny": cmd_make_tiny, "make-demo-data": cmd_make_demo_data, "bench-data": cmd_bench_data,
+    "generate": cmd_generate,
     "show-config": cmd_show_config,
 }
 

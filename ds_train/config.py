@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -137,6 +137,24 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What a person listens to: audio generated during training (ds_train.samples)."""
+
+    samples: Optional[Union[int, str]] = None  # prompts JSONL (as `ds-train generate --prompts`), or N eval-set samples
+    samples_every: int = 0  # steps between sample generations; 0: at the end only
+    samples_max_frames: int = 500  # length cap per clip (audio frames; 10 s at 50 frames/s)
+
+    def __post_init__(self):
+        if isinstance(self.samples, int) and self.samples <= 0:
+            raise ConfigError(f"eval.samples must be a prompts JSONL or a number > 0, got {self.samples}")
+        if self.samples_every < 0:
+            raise ConfigError(f"eval.samples_every must be >= 0, got {self.samples_every}")
+        if self.samples_every and self.samples is None:
+            raise ConfigError("eval.samples_every > 0 needs eval.samples (a prompts JSONL or a number of eval samples)")
+        _positive("eval.samples_max_frames", self.samples_max_frames)
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end
     keep_last: int = 2
@@ -168,6 +186,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):

@@ -163,6 +163,11 @@ def load_base_trainable(model, path: Path) -> None:
 
 def merge_lora(model, adapter_dir: Path):
     """PeftModel.from_pretrained + merge_and_unload, after checking every adapter tensor actually loaded."""
+    return load_lora(model, adapter_dir).merge_and_unload(safe_merge=True)
+
+
+def load_lora(model, adapter_dir: Path):
+    """PeftModel.from_pretrained, checked: every tensor of the adapter file is loaded, as saved."""
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
@@ -176,7 +181,7 @@ def merge_lora(model, adapter_dir: Path):
     if missing or wrong:
         raise CheckpointError(f"adapter {adapter_dir} does not fit the base model: keys in only one of adapter "
                               f"file / model: {missing[:5]}; tensors not loaded as saved: {wrong[:5]}")
-    return peft_model.merge_and_unload(safe_merge=True)
+    return peft_model
 
 
 def copy_non_weight_files(base_dir: Path, out: Path) -> None:

@@ -38,6 +38,14 @@ class MetricsLogger:
                 flat[f"codebook_loss/{i}"] = v
             self.wandb.log(flat, step=record["step"])
 
+    def audio(self, step: int, clips: list) -> None:
+        """clips: (name, waveform, sample rate, caption) - generated samples, next to the scalars."""
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({f"samples/{name}": wandb.Audio(wav, sample_rate=rate, caption=caption)
+                            for name, wav, rate, caption in clips}, step=step)
+
     def summary(self, values: dict) -> None:
         if self.wandb is not None:
             self.wandb.summary.update(redact(values))
@@ -49,6 +57,9 @@ class MetricsLogger:
 
 class NullLogger:
     def log(self, record: dict) -> None:
+        pass
+
+    def audio(self, step: int, clips: list) -> None:
         pass
 
     def summary(self, values: dict) -> None:

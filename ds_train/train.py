@@ -30,6 +30,7 @@ from ds_train.metrics import make_logger, peak_memory_gb, truncate_metrics
 from ds_train.model import build_model, torch_dtype
 from ds_train.preflight import preflight
 from ds_train.resilience import Diverged, Preempted, PreemptionFlag, SkipCounter
+from ds_train.samples import TrainingSamples
 
 
 def seed_everything(seed: int) -> None:
@@ -103,6 +104,7 @@ def train(cfg: Config) -> dict:
     engine, state, logger = run.engine, run.state, run.logger
     preemption, skips = PreemptionFlag(), SkipCounter(cfg.train.max_consecutive_skips)
     progress = _progress(run.total_steps, state["step"])
+    audio_samples = TrainingSamples(cfg, run.out)
     losses = []
     if run.data.eval is not None and cfg.train.eval_on_start and state["step"] == 0:
         logger.log({"step": 0, "epoch": 0, **evaluate(engine, run.data.eval, cfg).as_record("eval_")})
@@ -140,6 +142,7 @@ def train(cfg: Config) -> dict:
             evaluated = evaluate(engine, run.data.eval, cfg)
             eval_loss = evaluated.loss
             logger.log({"step": step, "epoch": state["epoch"], **evaluated.as_record("eval_")})
+        audio_samples.run(engine, step, last_step, logger)
         every = cfg.checkpoint.every_steps
         saved = last_step or (every and step % every == 0)
         if saved:

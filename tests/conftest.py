@@ -60,6 +60,49 @@ def audio_mlp_run(tiny_model, demo_data, tmp_path_factory) -> Path:
     return out
 
 
+# Two voice-cloning samples short enough to memorise in a few dozen steps: (speaker, reference text, text).
+MEMO_ROWS = [("alto", "blue", "calm sea"), ("bass", "dog", "red fox")]
+# The demo's targets: at tiny scale the random heads must adapt too; r = hidden size makes the heads' update full rank.
+MEMO_LORA = {"r": 64, "alpha": 64, "dropout": 0.0,
+             "target_modules": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                "audio_mlp.gate_proj", "audio_mlp.up_proj", "audio_mlp.down_proj", "audio_lm_head",
+                                "text_lm_head"]}
+MEMO_STEPS = 48
+
+
+def write_memo_data(out: Path) -> Path:
+    """MEMO_ROWS as a TTS manifest (22.05 kHz clips, so the resampler runs)."""
+    import soundfile as sf
+
+    from ds_train.demo.data import RATE, SPEAKERS, synth
+
+    (out / "audio").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (speaker, ref_text, text) in enumerate(MEMO_ROWS):
+        sf.write(out / "audio" / f"ref_{speaker}.wav", synth(ref_text, SPEAKERS[speaker]), RATE)
+        sf.write(out / "audio" / f"utt_{i}.wav", synth(text, SPEAKERS[speaker]), RATE)
+        rows.append({"audio": f"audio/utt_{i}.wav", "text": text, "speaker": speaker,
+                     "ref_audio": f"audio/ref_{speaker}.wav", "ref_text": ref_text})
+    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+@pytest.fixture(scope="session")
+def memorised_run(tiny_model, tmp_path_factory) -> Path:
+    """OUTPUT_DIR of a 2-rank ZeRO-3 run that memorises the two MEMO_ROWS samples (both in every step), with audio
+    samples of both generated at the end of training (eval.samples=2: the first two training samples, as there is no
+    eval set), and merged/ for Boson's serve engine."""
+    root = tmp_path_factory.mktemp("memorised")
+    data = write_memo_data(root / "data")
+    out = root / "run"
+    cfg = base_config(tiny_model, data, out, lora=MEMO_LORA, train={"max_steps": MEMO_STEPS},
+                      optim={"lr": 0.005, "warmup_steps": 0, "scheduler": "constant"},
+                      checkpoint={"keep_last": 1, "merge": True},
+                      eval={"samples": 2, "samples_max_frames": 24})
+    launch(["train", str(write_config(root / "run.yaml", cfg))])
+    return out
+
+
 ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
 
 

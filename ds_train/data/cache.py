@@ -28,7 +28,8 @@ from ds_train.data.manifest import Record
 from ds_train.errors import CacheMismatchError
 from ds_train.fsutil import atomic_write, replacing
 
-CACHE_VERSION = 3  # 3: tokenizer and records fingerprinted by content
+CACHE_VERSION = 4  # 3: tokenizer and records fingerprinted by content; 4: clips resampled as the serve engine
+# loads references (librosa soxr_hq), not torchaudio
 
 
 def default_cache_dir(manifest: str) -> Path:

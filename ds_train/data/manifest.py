@@ -142,12 +142,20 @@ def tts_to_chatml(raw: dict, system_prompt: str) -> ChatMLSample:
             raise ValueError(f"'{key}' must be a string, got {type(raw[key]).__name__}")
     if ("ref_audio" in raw) != ("ref_text" in raw):
         raise ValueError("'ref_audio' and 'ref_text' go together")
-    messages = [Message("system", system_prompt)] if system_prompt else []
-    if "ref_audio" in raw:
-        messages += [Message("user", raw["ref_text"]), Message("assistant", AudioContent(audio_url=raw["ref_audio"]))]
-    messages += [Message("user", raw["text"]), Message("assistant", AudioContent(audio_url=raw["audio"]))]
+    messages = voice_cloning_prompt(raw["text"], system_prompt, raw.get("ref_text"), raw.get("ref_audio"))
+    messages.append(Message("assistant", AudioContent(audio_url=raw["audio"])))
     # Only the final assistant turn (the target audio) is trained; the reference turn is context.
     return ChatMLSample(messages=messages, start_index=len(messages) - 1, speaker=raw.get("speaker"))
+
+
+def voice_cloning_prompt(text: str, system_prompt: str, ref_text: Optional[str] = None,
+                         ref_audio: Optional[str] = None) -> list[Message]:
+    """The turns before the audio to speak: system prompt, reference text + reference audio, the text. Training
+    appends the target audio turn; generation (ds_train.generate) asks the model for it."""
+    messages = [Message("system", system_prompt)] if system_prompt else []
+    if ref_audio is not None:
+        messages += [Message("user", ref_text), Message("assistant", AudioContent(audio_url=ref_audio))]
+    return messages + [Message("user", text)]
 
 
 def _resolve_audio(sample: ChatMLSample, base: Path) -> None:

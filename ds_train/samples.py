@@ -1,0 +1,129 @@
+"""Audio samples during training: what the adapter sounds like at `eval.samples_every` steps and at the end.
+
+Every rank generates every prompt, together: under ZeRO-3 each forward gathers the partitioned parameters
+collectively, so a generate on rank 0 alone would hang. While generating, transformers' ZeRO-3 switch is held
+(`HfDeepSpeedConfig`), which makes `generate` keep the ranks stepping in lockstep until all are done
+(`synced_gpus`). Rank 0 writes OUTPUT_DIR/samples/step-NNNNNN/NAME.wav + NAME.json and logs the clips and these
+metrics (against the prompt's target clip, when it has one):
+
+  samples_eos_fraction   clips the model ended itself (stream EOS) rather than the length cap
+  samples_length_ratio   generated / target frames, mean over clips with a target
+  samples_code_match     positions of the first codebook equal to the target's, over target frames
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ds_train import dist
+from ds_train.config import Config
+from ds_train.generate import Prompt, Sampling, Spoken, prompts_from_manifest, read_prompts, serve_engine, speak, \
+    write_spoken
+
+SAMPLES_DIR = "samples"
+
+
+def step_dir(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / SAMPLES_DIR / f"step-{step:06d}"
+
+
+class TrainingSamples:
+    """Built once before the loop; `run` is called after every step and acts only when samples are due."""
+
+    def __init__(self, cfg: Config, out_dir: Path):
+        self.cfg, self.out_dir = cfg, Path(out_dir)
+        self.prompts = load_prompts(cfg)
+        self.sampling = Sampling(temperature=0.0, max_new_frames=cfg.eval.samples_max_frames)  # greedy: comparable
+        self.engine = None  # built at the first run (the audio tokenizer is loaded then)
+        self.targets: dict[str, torch.Tensor] = {}
+
+    def due(self, step: int, last_step: bool) -> bool:
+        every = self.cfg.eval.samples_every
+        return bool(self.prompts) and (last_step or (every > 0 and step % every == 0))
+
+    def run(self, ds_engine, step: int, last_step: bool, logger) -> Optional[dict]:
+        """On every rank: generate the prompts with the training model, write and log them (rank 0)."""
+        if not self.due(step, last_step):
+            return None
+        from ds_train.model import base_model
+
+        t0 = time.perf_counter()
+        module = base_model(ds_engine.module)  # LoRA layers sit inside; ZeRO-3 hooks gather on every forward
+        if self.engine is None:
+            self._build(module)
+        was_training = ds_engine.module.training
+        ds_engine.eval()
+        with _ranks_step_together(ds_engine):
+            spoken = [speak(self.engine, p, self.sampling) for p in self.prompts]
+        if was_training:
+            ds_engine.train()
+        seconds = time.perf_counter() - t0
+        metrics = {"step": step, **sample_metrics(self.prompts, spoken, self.targets), "samples_time_s": seconds}
+        if dist.is_main():
+            folder = step_dir(self.out_dir, step)
+            for prompt, clip in zip(self.prompts, spoken):
+                write_spoken(folder, prompt, clip, {"step": step})
+            dist.print0(f"step {step}: {len(spoken)} audio samples in {folder} ({seconds:.1f}s)")
+        logger.log(metrics)
+        logger.audio(step, [(p.name, s.wav, s.sampling_rate, p.text) for p, s in zip(self.prompts, spoken)])
+        return metrics
+
+    def _build(self, module) -> None:
+        from ds_train.data.audio import encode, load_audio, load_audio_tokenizer
+        from ds_train.preflight import load_text_tokenizer
+
+        cfg = self.cfg.model
+        audio_tokenizer = load_audio_tokenizer(cfg.audio_tokenizer_path, str(dist.device()), cfg.semantic_model_path)
+        self.engine = serve_engine(module, load_text_tokenizer(self.cfg, module.config), audio_tokenizer,
+                                   whisper_processor_path=cfg.whisper_processor_path)
+        for p in self.prompts:  # target codes exactly as `prepare` encodes them
+            if p.target_audio:
+                wav = load_audio(p.target_audio, audio_tokenizer.sampling_rate)
+                self.targets[p.name] = encode(audio_tokenizer, wav, self.cfg.data.loudness_normalize)
+
+
+def load_prompts(cfg: Config) -> list[Prompt]:
+    """eval.samples: a prompts JSONL, or the first N samples of the eval set (the training set without one)."""
+    samples = cfg.eval.samples
+    if samples is None:
+        return []
+    if isinstance(samples, int):
+        manifest = cfg.data.eval_file or cfg.data.train_file
+        return prompts_from_manifest(manifest, cfg.data.format, cfg.data.system_prompt, samples)
+    return read_prompts(samples, cfg.data.system_prompt)
+
+
+def sample_metrics(prompts: list[Prompt], spoken: list[Spoken], targets: dict[str, torch.Tensor]) -> dict:
+    out = {"samples_eos_fraction": sum(s.stopped_by == "eos" for s in spoken) / max(len(spoken), 1)}
+    ratios, matches = [], []
+    for p, s in zip(prompts, spoken):
+        target = targets.get(p.name)
+        if target is None:
+            continue
+        n_target, n = target.shape[1], min(target.shape[1], s.codes.shape[1])
+        ratios.append(s.codes.shape[1] / n_target)
+        matches.append(float((s.codes[0, :n] == target[0, :n]).sum()) / n_target)
+    if ratios:
+        out["samples_length_ratio"] = sum(ratios) / len(ratios)
+        out["samples_code_match"] = sum(matches) / len(matches)
+    return out
+
+
+@contextlib.contextmanager
+def _ranks_step_together(ds_engine):
+    """Under ZeRO-3 with several ranks, hold transformers' ZeRO-3 switch so `generate` runs with synced_gpus."""
+    if ds_engine.zero_optimization_stage() != 3 or dist.world_size() == 1:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    switch = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        yield
+    finally:
+        del switch

@@ -1,0 +1,167 @@
+"""ds_train/generate.py (`ds-train generate`) and ds_train/samples.py (audio samples during training).
+
+The memorisation tests are the end-to-end proof that the training signal matches inference: the tiny model,
+fine-tuned by the real CLI (2 ranks, ZeRO-3) on two voice-cloning samples, must regenerate their exact audio codes
+through Boson's own HiggsAudioServeEngine (greedy) and close the audio stream itself; the untrained model must not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import MEMO_ROWS, MEMO_STEPS, read_metrics
+
+NUM_CODEBOOKS = 8
+
+
+def memo_prompts(data: Path, system_prompt: str = "Generate audio following instruction."):
+    from boson_multimodal.data_types import ChatMLSample
+
+    from ds_train.generate import Prompt
+    from ds_train.data.manifest import voice_cloning_prompt
+
+    return [Prompt(ChatMLSample(messages=voice_cloning_prompt(text, system_prompt, ref_text,
+                                                              str(data / "audio" / f"ref_{speaker}.wav"))),
+                   f"{i:03d}", text) for i, (speaker, ref_text, text) in enumerate(MEMO_ROWS)]
+
+
+def target_codes(data: Path, tiny_model: Path) -> list[torch.Tensor]:
+    """The codes training taught: the last clip of each prepared sample."""
+    from boson_multimodal.model.higgs_audio import HiggsAudioConfig
+
+    from ds_train.data.cache import CachedDataset
+    from ds_train.data.cache import default_cache_dir
+
+    dataset = CachedDataset(default_cache_dir(str(data / "train.jsonl")), HiggsAudioConfig.from_pretrained(tiny_model))
+    return [e["audio_codes"][:, int(e["audio_starts"][-1]):].long() for e in dataset.entries]
+
+
+def boson_greedy(model_dir: Path, prompts, max_frames: int):
+    """Boson's serve engine, constructed from a model dir and called as a user calls it (default stop strings)."""
+    from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
+    from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
+
+    from ds_train.data.audio import _local_semantic_teacher
+
+    with _local_semantic_teacher(str(model_dir / "audio_tokenizer" / "semantic_model")):
+        engine = HiggsAudioServeEngine(str(model_dir), str(model_dir / "audio_tokenizer"), device="cpu",
+                                       torch_dtype=torch.float32, kv_cache_lengths=[512])
+    audio_eos = engine.tokenizer.convert_tokens_to_ids("<|audio_eos|>")
+    out = []
+    for p in prompts:
+        r = engine.generate(p.sample, max_new_tokens=max_frames + NUM_CODEBOOKS + 2, temperature=0.0,
+                            ras_win_len=0, force_audio_gen=True, seed=0)
+        codes = revert_delay_pattern(torch.from_numpy(r.generated_audio_tokens))[:, 1:-1]
+        out.append((codes, audio_eos in r.generated_text_tokens.tolist()))
+    return out
+
+
+@pytest.mark.slow
+def test_memorised_samples_regenerate_exactly_through_the_serve_engine(memorised_run, tiny_model):
+    data = memorised_run.parent / "data"
+    targets = target_codes(data, tiny_model)
+    assert [t.shape[0] for t in targets] == [NUM_CODEBOOKS] * 2 and min(t.shape[1] for t in targets) > 10
+    prompts = memo_prompts(data)
+    max_frames = max(t.shape[1] for t in targets) + 10
+
+    for (codes, stopped_by_eos), target in zip(boson_greedy(memorised_run / "merged", prompts, max_frames), targets):
+        assert stopped_by_eos
+        assert torch.equal(codes, target), (codes[0], target[0])
+
+    for (codes, _), target in zip(boson_greedy(tiny_model, prompts, max_frames), targets):  # the untrained model
+        n = min(codes.shape[1], target.shape[1])
+        assert codes.shape != target.shape or not torch.equal(codes, target)
+        assert (codes[0, :n] == target[0, :n]).float().mean() < 0.5
+
+
+@pytest.mark.slow
+def test_generate_cli_speaks_base_plus_adapter_without_a_merge(memorised_run, tiny_model, tmp_path):
+    from ds_train.cli import main
+
+    data = memorised_run.parent / "data"
+    targets = target_codes(data, tiny_model)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"text": text, "ref_text": ref_text, "out": speaker,
+                                           "ref_audio": str(data / "audio" / f"ref_{speaker}.wav")}) + "\n"
+                               for speaker, ref_text, text in MEMO_ROWS))
+    out = tmp_path / "out"
+    assert main(["generate", str(tiny_model), "--adapter", str(memorised_run / "adapter"), "--prompts", str(prompts),
+                 "--temperature", "0", "--max-new-frames", "40", "--out", str(out)]) == 0
+    for (speaker, _, text), target in zip(MEMO_ROWS, targets):
+        info = json.loads((out / f"{speaker}.json").read_text())
+        frames = target.shape[1]
+        assert info["text"] == text and info["stopped_by"] == "eos" and info["frames"] == frames
+        assert info["seconds"] == pytest.approx(frames / 50) and info["sampling_rate"] == 16000
+        wav, rate = sf.read(out / f"{speaker}.wav")
+        assert rate == 16000 and len(wav) == frames * 320  # 320 samples per frame at 16 kHz / 50 Hz
+
+    # The API behind it: same codes as training taught; the length cap is reported as such.
+    from ds_train.generate import Sampling, load_engine, speak
+
+    engine = load_engine(str(tiny_model), str(memorised_run / "adapter"))
+    for prompt, target in zip(memo_prompts(data), targets):
+        spoken = speak(engine, prompt, Sampling(temperature=0.0, max_new_frames=40))
+        assert torch.equal(spoken.codes, target) and spoken.stopped_by == "eos"
+    capped = speak(engine, memo_prompts(data)[0], Sampling(temperature=0.0, max_new_frames=5))
+    assert capped.stopped_by == "length_cap" and capped.codes.shape == (NUM_CODEBOOKS, 5)
+    untrained = load_engine(str(tiny_model))  # the memorised model is too sure of itself to show sampling
+    sampled = [speak(untrained, memo_prompts(data)[0], Sampling(temperature=1.0, seed=s, max_new_frames=20))
+               for s in (1, 1, 2)]
+    assert torch.equal(sampled[0].codes, sampled[1].codes)  # the seed makes sampling repeatable
+    assert not torch.equal(sampled[0].codes, sampled[2].codes)
+
+
+@pytest.mark.slow
+def test_training_writes_and_logs_audio_samples(memorised_run, tiny_model):
+    for step in (MEMO_STEPS,):
+        folder = memorised_run / "samples" / f"step-{step:06d}"
+        assert sorted(p.name for p in folder.iterdir()) == ["000-utt_0.json", "000-utt_0.wav", "001-utt_1.json",
+                                                            "001-utt_1.wav"]
+        info = json.loads((folder / "000-utt_0.json").read_text())
+        assert info["step"] == step and info["text"] == MEMO_ROWS[0][2]
+        assert sf.info(folder / "000-utt_0.wav").frames == info["frames"] * 320
+    records = {r["step"]: r for r in read_metrics(memorised_run) if "samples_eos_fraction" in r}
+    assert sorted(records) == [MEMO_STEPS]
+    # Generated on both ranks with the partitioned ZeRO-3 model: the memorised clips come back exactly.
+    last = records[MEMO_STEPS]
+    assert last["samples_eos_fraction"] == 1.0 and last["samples_code_match"] == 1.0
+    assert last["samples_length_ratio"] == 1.0 and last["samples_time_s"] > 0
+
+
+def test_samples_are_due_every_n_steps_and_at_the_end(tmp_path):
+    from ds_train.config import load_config
+    from ds_train.samples import TrainingSamples
+
+    cfg = load_config(None, ["model.path=m", "model.audio_tokenizer_path=t", "data.train_file=x.jsonl",
+                             f"train.output_dir={tmp_path}", "eval.samples=2", "eval.samples_every=5"])
+    samples = TrainingSamples.__new__(TrainingSamples)
+    samples.cfg, samples.prompts = cfg, ["a prompt"]
+    assert [s for s in range(1, 13) if samples.due(s, last_step=s == 12)] == [5, 10, 12]
+    samples.prompts = []  # eval.samples unset: never
+    assert not any(samples.due(s, last_step=s == 12) for s in range(1, 13))
+
+
+def test_read_prompts_reports_every_bad_line(tmp_path):
+    from ds_train.generate import read_prompts
+    from ds_train.errors import DataError
+
+    (tmp_path / "ref.wav").write_bytes(b"")
+    lines = ['{"text": "hello", "out": "a"}', "not json", '{"text": ""}', '{"text": "x", "ref_audio": "ref.wav"}',
+             '{"text": "x", "ref_audio": "gone.wav", "ref_text": "y"}', '{"text": "x", "speaker": "s"}',
+             '{"text": "fine", "ref_audio": "ref.wav", "ref_text": "r"}']
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as e:
+        read_prompts(str(tmp_path / "p.jsonl"), "sys")
+    assert [b["source"] for b in e.value.bad] == ["p.jsonl:2", "p.jsonl:3", "p.jsonl:4", "p.jsonl:5", "p.jsonl:6"]
+    (tmp_path / "p.jsonl").write_text(lines[0] + "\n" + lines[-1] + "\n")
+    prompts = read_prompts(str(tmp_path / "p.jsonl"), "sys")
+    assert [p.name for p in prompts] == ["a", "001"]
+    roles = [m.role for m in prompts[1].sample.messages]
+    assert roles == ["system", "user", "assistant", "user"]  # the training layout minus the target turn
+    assert prompts[1].sample.messages[2].content.audio_url == str(tmp_path / "ref.wav")
