@@ -21,6 +21,7 @@ USAGE = """ds-train <command> ...
   merge BASE_MODEL_DIR ADAPTER_DIR OUT_DIR [--dtype bf16|fp32]   adapter -> drop-in HiggsAudioModel dir
   generate MODEL_DIR [--adapter DIR] (--text TEXT [--ref-audio WAV --ref-text TEXT] | --prompts JSONL) --out DIR
                                              speak with base + adapter (or a merged dir): WAV + JSON per prompt
+  plot OUTPUT_DIR                            OUTPUT_DIR/curves.png from its metrics.jsonl (losses, quality, lr, tokens/s)
   make-tiny OUT_DIR                          tiny real-format Higgs Audio checkpoint (tests, demo)
   make-demo-data OUT_DIR [--n N]             small synthetic voice-cloning data set (TTS manifest)
   bench-data CONFIG.yaml [key=value ...]     cache vs on-the-fly loader throughput, padding efficiency
@@ -165,7 +166,7 @@ def cmd_generate(words):
     from boson_multimodal.data_types import ChatMLSample
 
     from ds_train.generate import Prompt, generate_files, load_engine, read_prompts
-    from ds_train.manifest import voice_cloning_prompt
+    from ds_train.data.manifest import voice_cloning_prompt
 
     if a.prompts:
         prompts = read_prompts(a.prompts, a.system_prompt)
@@ -179,6 +180,15 @@ def cmd_generate(words):
                          device=a.device, dtype=a.dtype)
     for info in generate_files(engine, prompts, sampling, Path(a.out)):
         print(json.dumps(info))
+
+
+def cmd_plot(words):
+    p = argparse.ArgumentParser(prog="ds-train plot")
+    p.add_argument("output_dir")
+    a = p.parse_args(words)
+    from ds_train.plot import plot_curves
+
+    print(plot_curves(a.output_dir))
 
 
 def cmd_make_tiny(words):
@@ -218,7 +228,7 @@ def cmd_show_config(words):
 COMMANDS = {
     "train": cmd_train, "prepare": cmd_prepare, "consolidate": cmd_consolidate, "merge": cmd_merge,
     "make-tiny": cmd_make_tiny, "make-demo-data": cmd_make_demo_data, "bench-data": cmd_bench_data,
-    "generate": cmd_generate,
+    "generate": cmd_generate, "plot": cmd_plot,
     "show-config": cmd_show_config,
 }
 

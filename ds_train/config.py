@@ -178,6 +178,11 @@ class WandbConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = False  # also write scalars, audio samples and the config to OUTPUT_DIR/tensorboard/
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -188,6 +193,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
         if not self.lora.enabled and not self.model.train_audio_mlp:

@@ -85,6 +85,22 @@ def loss_sums(outputs, label_audio_ids: torch.Tensor) -> LossSums:
     return LossSums(text, codebooks, counts)
 
 
+@torch.no_grad()
+def top1_correct(outputs, label_audio_ids: torch.Tensor) -> torch.Tensor:
+    """(1 + K,) positions whose argmax is the label - text, then each codebook - with the shifts of `loss_sums`
+    (so divided by its counts it is the teacher-forced top-1 accuracy)."""
+    logits, labels = outputs.logits, outputs.expanded_labels.to(outputs.logits.device)
+    text = (logits[:, :-1, :].argmax(-1) == labels[:, 1:]).sum().reshape(1)  # IGNORE never equals an argmax
+    audio_logits = outputs.audio_logits
+    k = label_audio_ids.shape[0] if label_audio_ids.dim() == 2 else 0
+    if audio_logits is None or audio_logits.dim() != 3 or audio_logits.shape[0] < 2 or not label_audio_ids.numel():
+        return torch.cat([text, torch.zeros(audio_logits.shape[1] if audio_logits is not None and
+                                            audio_logits.dim() == 3 else k, dtype=torch.long, device=text.device)])
+    shifted = label_audio_ids.to(audio_logits.device)[:, 1:]
+    codebooks = (audio_logits[:-1].argmax(-1).T == shifted).sum(dim=1)
+    return torch.cat([text, codebooks]).to(torch.long)
+
+
 def objective(sums: LossSums, global_counts: torch.Tensor, text_weight: float, audio_weight: float) -> torch.Tensor:
     """This micro-batch's share of the step's token-weighted loss (see the module docstring). Summed over every
     micro-batch of every rank it is the loss; a micro-batch that trains nothing gives an attached 0."""

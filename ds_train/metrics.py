@@ -1,5 +1,6 @@
-"""Where numbers go: W&B and OUTPUT_DIR/metrics.jsonl on rank 0; every other rank gets a no-op logger, so the
-training loop logs without asking which rank it is."""
+"""Where numbers go: OUTPUT_DIR/metrics.jsonl, W&B (wandb.mode) and TensorBoard (logging.tensorboard ->
+OUTPUT_DIR/tensorboard/) on rank 0; every other rank gets a no-op logger, so the training loop logs without asking
+which rank it is. One interface (log, audio, summary, finish); neither backend is required."""
 
 from __future__ import annotations
 
@@ -11,13 +12,22 @@ from pathlib import Path
 import torch
 
 from ds_train import dist
-from ds_train.config import Config, redact, to_dict
+from ds_train.config import Config, redact, to_dict, to_yaml
+
+
+TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricsLogger:
     def __init__(self, cfg: Config, out_dir: Path):
         self.path = out_dir / "metrics.jsonl"
-        self.wandb = None
+        self.wandb = self.tensorboard = None
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(out_dir / TENSORBOARD_DIR))
+            config = "\n".join("    " + line for line in to_yaml(cfg).splitlines())  # a markdown code block
+            self.tensorboard.add_text("config", config, 0)
         if cfg.wandb.mode != "disabled":
             import wandb
 
@@ -33,10 +43,10 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            flat = {k: v for k, v in record.items() if k != "codebook_losses"}
-            for i, v in enumerate(record.get("codebook_losses") or []):
-                flat[f"codebook_loss/{i}"] = v
-            self.wandb.log(flat, step=record["step"])
+            self.wandb.log(scalars(record), step=record["step"])
+        if self.tensorboard is not None:
+            for key, value in scalars(record).items():
+                self.tensorboard.add_scalar(key, value, record["step"])
 
     def audio(self, step: int, clips: list) -> None:
         """clips: (name, waveform, sample rate, caption) - generated samples, next to the scalars."""
@@ -45,6 +55,9 @@ class MetricsLogger:
 
             self.wandb.log({f"samples/{name}": wandb.Audio(wav, sample_rate=rate, caption=caption)
                             for name, wav, rate, caption in clips}, step=step)
+        if self.tensorboard is not None:
+            for name, wav, rate, _ in clips:
+                self.tensorboard.add_audio(f"samples/{name}", torch.as_tensor(wav).reshape(1, -1), step, rate)
 
     def summary(self, values: dict) -> None:
         if self.wandb is not None:
@@ -53,6 +66,23 @@ class MetricsLogger:
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def scalars(record: dict) -> dict:
+    """The numbers of a record for a dashboard: lists become key/0, key/1, ... (codebook_losses -> codebook_loss/0);
+    booleans become 0/1; step, epoch, text and missing values are left out."""
+    out = {}
+    for key, value in record.items():
+        if key in ("step", "epoch"):
+            continue
+        if isinstance(value, (list, tuple)):
+            name = key[:-2] if key.endswith("losses") else key
+            out.update({f"{name}/{i}": v for i, v in enumerate(value) if isinstance(v, (int, float))})
+        elif isinstance(value, (int, float)):
+            out[key] = float(value)
+    return out
 
 
 class NullLogger:

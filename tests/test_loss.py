@@ -168,3 +168,32 @@ def test_nothing_trainable_is_zero_not_nan(tiny_model, demo_data, tmp_path):
     assert loss.total.item() == 0.0 and not torch.isnan(loss.total)
     loss.total.backward()  # still attached to the graph: every rank can run backward on such a batch
     assert torch.isfinite(out.audio_logits.grad).all() and out.audio_logits.grad.abs().sum() == 0
+
+
+def test_top1_correct_counts_argmax_hits_with_the_loss_shifts(tiny_model, demo_data, tmp_path):
+    """Position by position: text logits at t against label t+1, audio logits at stream position j against code
+    j+1 of the same segment. A model that predicted every label exactly would score the loss's counts."""
+    from ds_train.loss import top1_correct
+
+    batch, out, mc = _batch_and_outputs(tiny_model, demo_data, tmp_path / "cache")
+    got = top1_correct(out, batch.label_audio_ids).tolist()
+    labels = out.expanded_labels
+    text = sum(int(out.logits[b, t].argmax()) == int(labels[b, t + 1])
+               for b in range(labels.shape[0]) for t in range(labels.shape[1] - 1) if labels[b, t + 1] != IGNORE)
+    starts = batch.inputs["audio_out_ids_start"].tolist()
+    ends = starts[1:] + [batch.label_audio_ids.shape[1]]
+    codebooks = [sum(int(out.audio_logits[j, k].argmax()) == int(batch.label_audio_ids[k, j + 1])
+                     for s, e in zip(starts, ends) for j in range(s, e - 1)) for k in range(mc.audio_num_codebooks)]
+    assert got == [text, *codebooks]
+    # Logits that put all mass on the labels: every trained position is a hit, so accuracy = 1 exactly.
+    perfect = type(out)(**{**out, "logits": torch.zeros_like(out.logits), "audio_logits": torch.zeros_like(out.audio_logits)})
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            if labels[b, t + 1] != IGNORE:
+                perfect.logits[b, t, labels[b, t + 1]] = 1.0
+    shifted = batch.label_audio_ids[:, 1:]
+    for k in range(mc.audio_num_codebooks):
+        for j in range(shifted.shape[1]):
+            if shifted[k, j] != IGNORE:
+                perfect.audio_logits[j, k, shifted[k, j]] = 1.0
+    assert top1_correct(perfect, batch.label_audio_ids).tolist() == loss_sums(out, batch.label_audio_ids).counts.tolist()
