@@ -60,13 +60,12 @@ def build_data(cfg: Config, model_config, text_tokenizer, out: Path) -> Data:
     return Data(train_set, loader, sampler, eval_data, sum(len(p.bad) for p in prepared))
 
 
-def build_loader(dataset: CachedDataset, collator, cfg, rank: int, world: int, shuffle: bool = True,
+def build_loader(dataset: CachedDataset, collator, cfg, rank: int, world: int,
                  sampler: Optional[MicroBatchSampler] = None) -> tuple[DataLoader, MicroBatchSampler]:
     d = cfg.data
     if sampler is None:  # not `sampler or ...`: a sampler with no batch for this rank has len() 0 and is falsy
         sampler = MicroBatchSampler(dataset.lengths, rank, world, cfg.train.grad_accum, cfg.train.seed,
-                                    micro_batch_size=cfg.train.micro_batch_size, max_tokens=d.max_tokens,
-                                    shuffle=shuffle)
+                                    micro_batch_size=cfg.train.micro_batch_size, max_tokens=d.max_tokens)
     kwargs = {}
     if d.num_workers > 0:
         kwargs = {"persistent_workers": d.persistent_workers, "prefetch_factor": d.prefetch_factor}
