@@ -25,7 +25,7 @@ from ds_train import dist, faults
 from ds_train.adapter import export_adapter
 from ds_train.config import Config, flatten, to_dict
 from ds_train.errors import CheckpointError, ConfigError
-from ds_train.fsutil import atomic_write, fsync
+from ds_train.fsutil import atomic_write, dir_size, fsync, is_no_space
 
 META = "ds_train_meta.json"
 STEP_DIR = re.compile(r"step-(\d+)")
@@ -54,12 +54,19 @@ def save(engine, model, cfg: Config, out_dir: Path, state: dict, eval_loss: Opti
         # Left by a crashed save or an abandoned branch of the run: files of another world size must not mix in.
         _remove_checkpoint(root / tag)
     dist.barrier()
+    _check_space(root)
     client = {"ds_train": {**state, "eval_loss": eval_loss, "world_size": dist.world_size(), "config": to_dict(cfg)}}
-    engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False,
-                           exclude_frozen_parameters=True)
-    torch.save(_rng_state(), root / tag / f"rng-rank{dist.rank():05d}.pt")
-    export_adapter(model, root / tag / "adapter")
-    _fsync_rank_files(root / tag, dist.rank())
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False,
+                               exclude_frozen_parameters=True)
+        torch.save(_rng_state(), root / tag / f"rng-rank{dist.rank():05d}.pt")
+        export_adapter(model, root / tag / "adapter")
+        _fsync_rank_files(root / tag, dist.rank())
+    except Exception as e:
+        if not is_no_space(e):
+            raise
+        shutil.rmtree(root / tag, ignore_errors=True)  # a partial dir would only hold the space the user needs
+        raise CheckpointError(_no_space_message(root, 0, shutil.disk_usage(root).free)) from None
     faults.crash_if("after_shards", state["step"])
     dist.barrier()  # every rank's files are on disk before `latest` may name them
     if dist.is_main():
@@ -130,15 +137,20 @@ def find_resume(cfg: Config, out_dir: Path) -> Optional[Path]:
     if mode == "none":
         return None
     if mode == "auto":
-        path = read_latest(out_dir)
-        if path is None:
+        if read_latest(out_dir) is None:
             raise ConfigError(f"train.resume=auto but {checkpoint_root(out_dir)} has no complete checkpoint "
                               "(no `latest`); use train.resume=none to start fresh")
+        path = newest_intact(out_dir)
     else:
         path = Path(mode)
-    if not (path / META).is_file():
-        raise ConfigError(f"train.resume={mode}: {path} is not a complete ds_train checkpoint (no {META}); "
-                          "give a step-XXXXXX dir that holds one, or train.resume=auto")
+        if not (path / META).is_file():
+            raise ConfigError(f"train.resume={mode}: {path} is not a complete ds_train checkpoint (no {META}); "
+                              "give a step-XXXXXX dir that holds one, or train.resume=auto")
+        damaged = checkpoint_problems(path)
+        if damaged:
+            raise CheckpointError(f"train.resume={mode}: the checkpoint is damaged:\n  " + "\n  ".join(damaged)
+                                  + "\nGive an earlier step-XXXXXX dir, or train.resume=auto to take the newest "
+                                  "intact one.")
     meta = json.loads((path / META).read_text())
     if meta["world_size"] != dist.world_size():
         raise ConfigError(
@@ -226,10 +238,20 @@ def shard_files(step_dir: Path, rank: int) -> tuple[Path, Path]:
 def check_shards(step_dir: Path) -> dict:
     """Check that each rank of the world size in META left a readable model and optimizer file of one ZeRO-3 run;
     raise one CheckpointError listing every problem. Returns the run config saved in the client state."""
-    world = json.loads((step_dir / META).read_text())["world_size"]
     if (step_dir / "mp_rank_00_model_states.pt").is_file():
         raise CheckpointError(f"{step_dir} was saved under ZeRO-1/2 (mp_rank_00_model_states.pt); consolidate reads "
                               "ZeRO-3 shards. Its adapter/ dir, exported at save time, is the same adapter.")
+    problems, config = zero3_shard_problems(step_dir)
+    if problems:
+        world = json.loads((step_dir / META).read_text())["world_size"]
+        raise CheckpointError(f"checkpoint {step_dir} ({world} ranks) cannot be consolidated:\n  "
+                              + "\n  ".join(problems))
+    return config
+
+
+def zero3_shard_problems(step_dir: Path) -> tuple[list[str], dict]:
+    """(every problem with the ZeRO-3 shard files, the run config saved in the client state)."""
+    world = json.loads((step_dir / META).read_text())["world_size"]
     problems, shapes, config = [], None, {}
     extra = sorted(p.name for p in step_dir.iterdir()
                    if SHARD_FILE.fullmatch(p.name) and int(SHARD_FILE.fullmatch(p.name).group(2)) >= world)
@@ -256,10 +278,7 @@ def check_shards(step_dir: Path) -> dict:
             shapes, config = model_state.get("param_shapes"), model_state.get("ds_train", {}).get("config", {})
         elif model_state.get("param_shapes") != shapes:
             problems.append(f"{model_file.name}: parameter list differs from rank 0's (files of different runs)")
-    if problems:
-        raise CheckpointError(f"checkpoint {step_dir} ({world} ranks) cannot be consolidated:\n  "
-                              + "\n  ".join(problems))
-    return config
+    return problems, config
 
 
 def _load(path: Path, problems: list) -> Optional[dict]:
@@ -270,3 +289,77 @@ def _load(path: Path, problems: list) -> Optional[dict]:
         problems.append(f"{path.name}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]}), "
                         "truncated or corrupt")
         return None
+
+
+# ---- resume: the newest intact checkpoint; saves: room on disk ----------------------------------------------------
+
+SPACE_MARGIN = 1.1  # a save writes about what the previous one did; 10% for pickle headers and the adapter
+
+
+def checkpoint_problems(step_dir: Path) -> list[str]:
+    """What makes `step_dir` unusable for a resume ([] when intact)."""
+    if not (step_dir / META).is_file():
+        return [f"no {META} (its save did not finish)"]
+    world = json.loads((step_dir / META).read_text())["world_size"]
+    found = [f"rng-rank{r:05d}.pt: missing" for r in range(world) if not (step_dir / f"rng-rank{r:05d}.pt").is_file()]
+    if (step_dir / "mp_rank_00_model_states.pt").is_file():  # ZeRO-1/2: one model file, optimizer shards per rank
+        found += _unreadable(step_dir / "mp_rank_00_model_states.pt")
+        for r in range(world):
+            optim = shard_files(step_dir, r)[1]
+            found += _unreadable(optim) if optim.is_file() else [f"{optim.name}: missing"]
+        return found
+    return found + zero3_shard_problems(step_dir)[0]
+
+
+def _unreadable(path: Path) -> list[str]:
+    try:
+        torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # torch raises several types for a truncated or garbled zip
+        return [f"{path.name}: unreadable ({type(e).__name__}), truncated or corrupt"]
+    return []
+
+
+def newest_intact(out_dir: Path) -> Path:
+    """The checkpoint `resume=auto` continues from: `latest` if intact, else the newest intact one before it.
+    Prints one line per damaged checkpoint passed over; raises CheckpointError when none is intact."""
+    latest = read_latest(out_dir)
+    root = checkpoint_root(out_dir)
+    if latest is None or step_of(latest) is None:
+        raise CheckpointError(f"{root} has no `latest` naming a checkpoint")
+    # Dirs past `latest` belong to an abandoned branch of the run (or a save that crashed): never resumed.
+    candidates = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None
+                         and step_of(p) <= step_of(latest) and (p / META).is_file()), key=step_of, reverse=True)
+    skipped = []
+    for path in candidates:
+        found = checkpoint_problems(path)
+        if not found:
+            if skipped:
+                dist.print0(f"resume: {skipped[0][0].name} (named by `latest`) is damaged: {'; '.join(skipped[0][1])}. "
+                            f"Resuming from {path.name}, the newest intact checkpoint"
+                            + (f" (also damaged: {', '.join(p.name for p, _ in skipped[1:])})" if skipped[1:] else ""))
+            return path
+        skipped.append((path, found))
+    detail = "\n  ".join(f"{p.name}: {'; '.join(f)}" for p, f in skipped) or f"{latest.name}: missing"
+    raise CheckpointError(f"no intact checkpoint to resume in {root}:\n  {detail}\n"
+                          "Start over with train.resume=none in a new train.output_dir.")
+
+
+def _check_space(root: Path) -> None:
+    """Collective, before a save: stop every rank with one message when the filesystem cannot hold another
+    checkpoint of the size of the newest complete one (the first save has nothing to measure and goes ahead)."""
+    previous = read_latest(root.parent)
+    need = 0
+    if previous is not None and previous.is_dir():
+        need = int(SPACE_MARGIN * dir_size(previous))
+    free = shutil.disk_usage(root if root.exists() else root.parent).free
+    short = dist.all_reduce([1.0 if need > free else 0.0], op="max")[0] > 0
+    if short:
+        raise CheckpointError(_no_space_message(root, need, free))
+
+
+def _no_space_message(root: Path, need: int, free: int) -> str:
+    """`need` 0: not estimated (the first save), the write itself failed."""
+    what = f"the checkpoint needs ~{need / 2**20:.1f} MB" if need else "a checkpoint write failed"
+    return (f"no space left on {root}: {what}, {free / 2**20:.1f} MB free. Free space (or lower "
+            "checkpoint.keep_last) and resume with train.resume=auto; `latest` still names the last complete "
+            "checkpoint.")

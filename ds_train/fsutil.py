@@ -4,6 +4,7 @@ torn file or a half-built directory."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import os
@@ -83,3 +84,16 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def dir_size(path: Path) -> int:
+    """Bytes in the files under `path`."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def is_no_space(e: BaseException) -> bool:
+    """A write that failed because the disk is full (torch's zip writer says only 'iostream error')."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    text = str(e)
+    return "No space left" in text or "basic_ios::clear" in text or "unexpected pos" in text

@@ -1,0 +1,98 @@
+"""ds_train/checkpoint.py recovery: resume past a damaged checkpoint, and a save on a full disk, on real 2-rank ZeRO-3 runs.
+
+Faults are injected the way a user meets them: a deleted or truncated shard file, a filesystem that fills up (a
+small tmpfs; the test needs root to mount it and says so when it skips)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import base_config, launch, read_metrics, write_config
+from ds_train.checkpoint import checkpoint_problems, find_resume
+from ds_train.errors import CheckpointError
+from ds_train.config import load_config
+
+STEPS = 4
+
+
+def run_config(tiny_model, demo_data, out: Path, **train) -> Path:
+    cfg = base_config(tiny_model, demo_data, out, train={"max_steps": STEPS, "epochs": 9, **train},
+                      checkpoint={"every_steps": 2, "keep_last": 10})
+    return write_config(out.parent / f"{out.name}.yaml", cfg)
+
+
+@pytest.fixture(scope="module")
+def four_steps(tiny_model, demo_data, tmp_path_factory) -> Path:
+    """A 2-rank run with checkpoints step-000002 and step-000004 (= latest)."""
+    out = tmp_path_factory.mktemp("recovery") / "run"
+    launch(["train", str(run_config(tiny_model, demo_data, out))])
+    return out
+
+
+def damaged_copy(src: Path, dst: Path, step: int, damage: str) -> Path:
+    shutil.copytree(src, dst)
+    d = dst / "checkpoints" / f"step-{step:06d}"
+    if damage == "deleted optimizer shard":
+        (d / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    elif damage == "deleted model shard":
+        (d / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()
+    elif damage == "truncated shard":
+        f = d / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif damage == "deleted rng":
+        (d / "rng-rank00001.pt").unlink()
+    return dst
+
+
+def resume_cfg(out: Path, resume="auto"):
+    return load_config(None, [f"model.path=/m", "model.audio_tokenizer_path=/t", "data.train_file=/d",
+                              f"train.output_dir={out}", f"train.resume={resume}"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage, named", [("deleted optimizer shard", "zero_pp_rank_1_mp_rank_00_optim_states.pt: missing"),
+                                           ("deleted model shard", "zero_pp_rank_0_mp_rank_00_model_states.pt: missing"),
+                                           ("truncated shard", "zero_pp_rank_1_mp_rank_00_optim_states.pt: unreadable"),
+                                           ("deleted rng", "rng-rank00001.pt: missing")])
+def test_auto_resume_skips_a_damaged_latest(four_steps, tmp_path, monkeypatch, capsys, damage, named):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = damaged_copy(four_steps, tmp_path / "run", 4, damage)
+    assert find_resume(resume_cfg(out), out) == out / "checkpoints" / "step-000002"
+    line = capsys.readouterr().out
+    assert "step-000004 (named by `latest`) is damaged" in line and named in line
+    assert "Resuming from step-000002, the newest intact checkpoint" in line
+    # Asked for by path, the damaged checkpoint is an error naming the file.
+    with pytest.raises(CheckpointError, match=named.replace("(", r"\(")):
+        find_resume(resume_cfg(out, str(out / "checkpoints" / "step-000004")), out)
+
+
+@pytest.mark.slow
+def test_no_intact_checkpoint_is_one_error_listing_each(four_steps, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = damaged_copy(four_steps, tmp_path / "run", 4, "truncated shard")
+    (out / "checkpoints" / "step-000002" / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(CheckpointError) as e:
+        find_resume(resume_cfg(out), out)
+    msg = str(e.value)
+    assert "no intact checkpoint to resume" in msg
+    assert "step-000004: zero_pp_rank_1_mp_rank_00_optim_states.pt: unreadable" in msg
+    assert "step-000002: zero_pp_rank_0_mp_rank_00_model_states.pt: missing" in msg
+
+
+@pytest.mark.slow
+def test_resume_from_the_intact_checkpoint_continues_the_run(four_steps, tiny_model, demo_data, tmp_path):
+    out = damaged_copy(four_steps, tmp_path / "run", 4, "truncated shard")
+    proc = launch(["train", str(run_config(tiny_model, demo_data, out, resume="auto"))])
+    assert "Resuming from step-000002" in proc.stdout
+    assert proc.stdout.count("is damaged") == 1  # rank 0 says it once
+    want = {r["step"]: r["loss"] for r in read_metrics(four_steps) if "loss" in r}
+    got = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
+    assert sorted(got) == [1, 2, 3, 4]
+    assert got == pytest.approx(want, rel=1e-5)
+    # The damaged step-000004 was replaced by a good one.
+    assert checkpoint_problems(out / "checkpoints" / "step-000004") == []
