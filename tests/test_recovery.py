@@ -96,3 +96,53 @@ def test_resume_from_the_intact_checkpoint_continues_the_run(four_steps, tiny_mo
     assert got == pytest.approx(want, rel=1e-5)
     # The damaged step-000004 was replaced by a good one.
     assert checkpoint_problems(out / "checkpoints" / "step-000004") == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a given size (KiB) at tmp_path/disk: a disk that fills up. Needs root (mount)."""
+    mounts = []
+
+    def make(kib: int) -> Path:
+        d = tmp_path / f"disk{len(mounts)}"
+        d.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(d)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+        mounts.append(d)
+        return d
+
+    yield make
+    for d in mounts:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def assert_no_partial_dirs(out: Path, complete: list[str]) -> None:
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == complete
+    assert not [p for p in out.rglob(".*") if ".tmp" in p.name]
+
+
+@pytest.mark.slow
+def test_full_disk_is_refused_before_writing(tiny_model, demo_data, small_disk):
+    # Each checkpoint of this run takes ~460 KB: 1200 KB hold two, and the third is refused up front.
+    out = small_disk(1200) / "run"
+    proc = launch(["train", str(run_config(tiny_model, demo_data, out, max_steps=6))], check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    err = proc.stderr
+    assert f"no space left on {out / 'checkpoints'}: the checkpoint needs ~0.5 MB, 0.2 MB free" in err \
+        or f"no space left on {out / 'checkpoints'}: the checkpoint needs ~0.5 MB, 0.1 MB free" in err, err[-3000:]
+    assert "iostream error" not in err and "Traceback" not in err
+    assert_no_partial_dirs(out, ["step-000002", "step-000004"])
+    assert (out / "checkpoints" / "latest").read_text() == "step-000004"
+
+
+@pytest.mark.slow
+def test_full_disk_at_the_first_save_leaves_no_partial_dir(tiny_model, demo_data, small_disk):
+    # Nothing to measure before the first save: it fails while writing, and the half-written dir is removed.
+    out = small_disk(300) / "run"
+    proc = launch(["train", str(run_config(tiny_model, demo_data, out, max_steps=2))], check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert f"no space left on {out / 'checkpoints'}: a checkpoint write failed" in proc.stderr, proc.stderr[-3000:]
+    assert_no_partial_dirs(out, [])
