@@ -4,6 +4,7 @@ overrides. The DeepSpeed JSON derived from it is ds_config.py; the old trainer's
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Union
@@ -50,6 +51,9 @@ class LoraConfig:
 
     def __post_init__(self):
         _positive("lora.r", self.r)
+        _positive("lora.alpha", self.alpha)
+        if self.enabled and not self.target_modules:
+            raise ConfigError("lora.target_modules is empty; list module-path suffixes such as self_attn.q_proj")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
@@ -75,6 +79,13 @@ class DataConfig:
     def __post_init__(self):
         _choice("data.format", self.format, ("auto", "chatml", "tts"))
         _positive("data.max_audio_seconds", self.max_audio_seconds)
+        _at_least("data.min_audio_seconds", self.min_audio_seconds, 0)
+        if self.min_audio_seconds >= self.max_audio_seconds:
+            raise ConfigError(f"data.min_audio_seconds ({self.min_audio_seconds}) must be below data.max_audio_seconds "
+                              f"({self.max_audio_seconds})")
+        _positive("data.shard_size", self.shard_size)
+        if self.prefetch_factor is not None:
+            _positive("data.prefetch_factor", self.prefetch_factor)
         if self.max_tokens < 0:
             raise ConfigError(f"data.max_tokens must be >= 0, got {self.max_tokens}")
         if self.num_workers < 0:
@@ -83,20 +94,30 @@ class DataConfig:
             raise ConfigError("data.persistent_workers / data.prefetch_factor need data.num_workers > 0")
 
 
+# The transformers.get_scheduler names that need nothing beyond warmup and total steps (reduce_lr_on_plateau needs
+# an eval metric each step; cosine_with_min_lr and warmup_stable_decay need extra arguments).
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    scheduler: str = "cosine"  # any transformers.get_scheduler name
+    scheduler: str = "cosine"  # one of SCHEDULERS
     warmup_steps: int = 0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping
 
     def __post_init__(self):
         _positive("optim.lr", self.lr)
-        if len(self.betas) != 2:
-            raise ConfigError(f"optim.betas needs two values, got {list(self.betas)}")
+        _at_least("optim.weight_decay", self.weight_decay, 0)
+        _positive("optim.eps", self.eps)
+        _at_least("optim.max_grad_norm", self.max_grad_norm, 0)
+        _choice("optim.scheduler", self.scheduler, SCHEDULERS)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas needs two values in [0, 1), got {list(self.betas)}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
@@ -130,7 +151,11 @@ class TrainConfig:
         _positive("train.micro_batch_size", self.micro_batch_size)
         _positive("train.grad_accum", self.grad_accum)
         _positive("train.log_every", self.log_every)
-        if self.epochs <= 0 and self.max_steps <= 0:
+        _at_least("train.epochs", self.epochs, 0)
+        _at_least("train.max_steps", self.max_steps, 0)
+        _at_least("train.seed", self.seed, 0)
+        _positive("train.max_consecutive_skips", self.max_consecutive_skips)
+        if self.epochs == 0 and self.max_steps == 0:
             raise ConfigError("set train.epochs > 0 or train.max_steps > 0")
         if self.eval_every < 0:
             raise ConfigError(f"train.eval_every must be >= 0, got {self.eval_every}")
@@ -163,6 +188,8 @@ class CheckpointConfig:
 
     def __post_init__(self):
         _positive("checkpoint.keep_last", self.keep_last)
+        _at_least("checkpoint.every_steps", self.every_steps, 0)
+        _at_least("checkpoint.keep_best", self.keep_best, 0)
 
 
 @dataclass
@@ -217,6 +244,11 @@ def _positive(name: str, value) -> None:
         raise ConfigError(f"{name} must be > 0, got {value}")
 
 
+def _at_least(name: str, value, low) -> None:
+    if value is None or value < low:
+        raise ConfigError(f"{name} must be >= {low}, got {value}")
+
+
 def _choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
@@ -224,23 +256,37 @@ def _choice(name: str, value: str, choices) -> None:
 
 def load_config(yaml_path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
     """Merge defaults <- YAML <- dotlist into a validated Config. Unknown keys and bad values raise ConfigError."""
-    try:
-        merged = OmegaConf.structured(Config)
-        # Validation runs on the final values only; the schema itself is built without __post_init__ checks.
-        if yaml_path:
-            if not Path(yaml_path).is_file():
-                raise ConfigError(f"config file not found: {yaml_path}")
+    overrides = list(overrides or [])
+    # Validation runs on the final values only; the schema itself is built without __post_init__ checks.
+    merged = OmegaConf.structured(Config)
+    if yaml_path:
+        if not Path(yaml_path).is_file():
+            raise ConfigError(f"config file not found: {yaml_path}")
+        try:
             merged = OmegaConf.merge(merged, OmegaConf.load(yaml_path))
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        missing = sorted(OmegaConf.missing_keys(merged))
-        if missing:
-            raise ConfigError(f"missing required settings: {', '.join(missing)}")
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        where = f" (in {yaml_path})" if yaml_path else ""
-        raise ConfigError(f"{_first_line(e)}{where}") from None
-    return cfg
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{_first_line(e)} (in {yaml_path})") from None
+    for item in overrides:  # one at a time, so an error names the override that caused it
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{_first_line(e)} (command-line override {item!r})") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"missing required settings: {', '.join(missing)}")
+    try:
+        return OmegaConf.to_object(merged)
+    except (ConfigError, OmegaConfBaseException) as e:
+        message = str(e) if isinstance(e, ConfigError) else _first_line(e)
+        raise ConfigError(message + _origin(message, yaml_path, overrides)) from None
+
+
+def _origin(message: str, yaml_path: Optional[str], overrides: List[str]) -> str:
+    """Where the value an error names was set: the command line wins over the YAML, as in the merge."""
+    named = [item for item in overrides if re.search(rf"\b{re.escape(item.split('=', 1)[0].strip())}\b", message)]
+    if named:
+        return f" (from the command line: {', '.join(named)})"
+    return f" (in {yaml_path})" if yaml_path else ""
 
 
 def _first_line(e: Exception) -> str:

@@ -40,6 +40,21 @@ def test_defaults_and_overrides(tmp_path):
     ("train.eval_on_start=true", "needs data.eval_file"),
     ("checkpoint.keep_best=1", "needs data.eval_file"),
     ("data.prefetch_factor=2", "need data.num_workers > 0"),
+    # Accepted, or crashed after data preparation, before issue 11:
+    ("optim.weight_decay=-1", "optim.weight_decay must be >= 0, got -1.0"),
+    ("optim.scheduler=foo", "optim.scheduler must be one of linear, cosine"),
+    ("train.max_steps=-5", "train.max_steps must be >= 0, got -5"),
+    ("lora.alpha=-1", "lora.alpha must be > 0, got -1"),
+    ("optim.max_grad_norm=-1", "optim.max_grad_norm must be >= 0"),
+    ("checkpoint.every_steps=-1", "checkpoint.every_steps must be >= 0, got -1"),
+    ("checkpoint.keep_best=-1", "checkpoint.keep_best must be >= 0"),
+    ("optim.betas=[0.9,1.5]", "optim.betas needs two values in [[]0, 1)"),
+    ("optim.eps=0", "optim.eps must be > 0"),
+    ("data.min_audio_seconds=40", "data.min_audio_seconds (40.0) must be below data.max_audio_seconds"),
+    ("data.shard_size=0", "data.shard_size must be > 0"),
+    ("train.epochs=-1", "train.epochs must be >= 0"),
+    ("train.max_consecutive_skips=0", "train.max_consecutive_skips must be > 0"),
+    ("lora.target_modules=[]", "lora.target_modules is empty"),
 ])
 def test_bad_settings_fail_at_start(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -141,3 +156,15 @@ def test_redact_hides_credentials(monkeypatch):
     text = json.dumps(red)
     assert "abcdef0123456789secret" not in text and "hf_xyz" not in text
     assert red["tokenizer_path"] == "/m" and red["wandb"]["tags"] == ["hf_token_here"]
+
+
+def test_errors_say_whether_the_value_came_from_the_command_line_or_the_yaml(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("optim:\n  weight_decay: -1\n")
+    with pytest.raises(ConfigError, match=r"optim.weight_decay must be >= 0, got -1.0 \(in .*run.yaml\)$"):
+        load_config(str(y), REQUIRED)
+    with pytest.raises(ConfigError, match=r"got -2.0 \(from the command line: optim.weight_decay=-2\)$"):
+        load_config(str(y), [*REQUIRED, "optim.weight_decay=-2"])
+    with pytest.raises(ConfigError, match=r"train.epochs.*\(command-line override 'train.epochs=abc'\)$"):
+        load_config(str(y), [*REQUIRED, "optim.weight_decay=0", "train.epochs=abc"])
+    assert load_config(str(y), [*REQUIRED, "optim.weight_decay=0.1"]).optim.weight_decay == 0.1
