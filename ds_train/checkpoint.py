@@ -26,6 +26,7 @@ from ds_train.adapter import export_adapter
 from ds_train.config import Config, flatten, to_dict
 from ds_train.errors import CheckpointError, ConfigError
 from ds_train.fsutil import atomic_write, dir_size, fsync, is_no_space
+from ds_train.reshard import load_resharded
 
 META = "ds_train_meta.json"
 STEP_DIR = re.compile(r"step-(\d+)")
@@ -152,17 +153,36 @@ def find_resume(cfg: Config, out_dir: Path) -> Optional[Path]:
                                   + "\nGive an earlier step-XXXXXX dir, or train.resume=auto to take the newest "
                                   "intact one.")
     meta = json.loads((path / META).read_text())
+    saved_cfg = meta.get("config", {})
     if meta["world_size"] != dist.world_size():
-        raise ConfigError(
-            f"checkpoint {path} was written by {meta['world_size']} ranks but this run has {dist.world_size()}. "
-            f"ZeRO shards are per rank: relaunch with {meta['world_size']} ranks to resume, or run "
-            f"`ds-train consolidate {path} ADAPTER_DIR` and start a new run from that adapter."
-        )
-    changed = config_changes(meta.get("config", {}), to_dict(cfg))
+        _check_global_batch(path, meta["world_size"], saved_cfg, cfg)
+        dist.print0(f"resume: {path.name} was written by {meta['world_size']} ranks; re-partitioning its weights and "
+                    f"optimizer state over {dist.world_size()}")
+        # Same global batch: a different grad_accum is what keeps it, not a change of the run.
+        saved_cfg = {**saved_cfg, "train": {**saved_cfg.get("train", {}), "grad_accum": cfg.train.grad_accum}}
+    changed = config_changes(saved_cfg, to_dict(cfg))
     if changed:
         dist.print0(f"warning: resuming {path} with changed settings, so the run will not continue exactly as it "
                     "would have: " + "; ".join(changed))
     return path
+
+
+def _check_global_batch(path: Path, old_world: int, saved: dict, cfg: Config) -> None:
+    """On another number of ranks the run continues exactly only with the same global batch (the data plan and the
+    step count depend on it)."""
+    t = saved.get("train", {})
+    new_world = dist.world_size()
+    if not t:  # written before META carried the config
+        raise ConfigError(f"checkpoint {path} was written by {old_world} ranks but this run has {new_world}, and it "
+                          f"does not record its batch settings: relaunch with {old_world} ranks to resume.")
+    old = old_world * t["grad_accum"] * t["micro_batch_size"]
+    if old != new_world * cfg.train.grad_accum * cfg.train.micro_batch_size:
+        accum = old / (new_world * cfg.train.micro_batch_size)
+        hint = (f"set train.grad_accum={int(accum)}" if accum == int(accum) and accum >= 1 else
+                f"use a number of ranks that divides {old}")
+        raise ConfigError(f"checkpoint {path} was written by {old_world} ranks with a global batch of {old} "
+                          f"micro-batch samples (ranks x train.grad_accum x train.micro_batch_size); this run has "
+                          f"{new_world} ranks and would change it. To continue the run exactly, {hint}.")
 
 
 # Settings whose change makes a resumed run differ from the uninterrupted one (data order, schedule, shapes).
@@ -172,15 +192,22 @@ CONTINUATION_KEYS = ("data.train_file", "data.max_tokens", "train.micro_batch_si
 
 
 def load(engine, path: Path) -> dict:
-    """Restore shards, optimizer, scheduler and this rank's RNG; return our client state."""
+    """Restore shards, optimizer, scheduler and this rank's RNG; return our client state. A checkpoint of another
+    number of ranks is re-partitioned (reshard.py); a rank it has no RNG state for keeps its seeded one."""
+    old_world = json.loads((path / META).read_text())["world_size"]
     rng = path / f"rng-rank{dist.rank():05d}.pt"
-    if not rng.is_file():
-        raise CheckpointError(f"{path} has no RNG state for rank {dist.rank()} ({rng.name}); the checkpoint is damaged")
-    _, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False,
-                                       load_optimizer_states=True, load_lr_scheduler_states=True)
-    if client is None or "ds_train" not in client:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
-    _set_rng_state(torch.load(rng, weights_only=False))
+    if old_world != dist.world_size():
+        client = {"ds_train": load_resharded(engine, path, old_world, shard_files)}
+    else:
+        if not rng.is_file():
+            raise CheckpointError(f"{path} has no RNG state for rank {dist.rank()} ({rng.name}); the checkpoint is "
+                                  "damaged")
+        _, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False,
+                                           load_optimizer_states=True, load_lr_scheduler_states=True)
+        if client is None or "ds_train" not in client:
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
     return client["ds_train"]
 
 

@@ -1,0 +1,76 @@
+"""Resume a ZeRO-3 checkpoint on a different number of ranks (a requeued job that got other nodes).
+
+ZeRO-3 shards each trainable parameter, its fp32 master copy and both Adam moments across the ranks that wrote the
+checkpoint. The trainable state of a LoRA run is small, so every rank rebuilds the full tensors with DeepSpeed's
+own zero_to_fp32 arithmetic (the moments are flat groups laid out like the master weights) and hands them to the
+new engine through DeepSpeed's public setters, which keep only this rank's partition. The global batch must stay
+the same (ranks x grad_accum x micro-batch): then the data plan, the schedule and the losses continue unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+
+from ds_train import dist
+from ds_train.errors import CheckpointError
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def load_resharded(engine, path: Path, old_world: int, shard_files) -> dict:
+    """Collective: restore a checkpoint written by `old_world` ranks into `engine`; return our client state."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from deepspeed.utils.zero_to_fp32 import _zero3_merge_trainable_params, parse_model_states
+
+    files = [shard_files(path, r) for r in range(old_world)]
+    optim = [torch.load(f, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+             for _, f in files]
+    if int(optim[0].get("zero_stage", -1)) != 3 or engine.zero_optimization_stage() != 3:
+        raise CheckpointError(f"{path} was written by {old_world} ranks; resuming on {dist.world_size()} is "
+                              "supported for ZeRO-3 only. Relaunch with the same number of ranks.")
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports progress with print()
+        model_states = parse_model_states([m for m, _ in files])
+    full = {"fp32": _merge([o["fp32_flat_groups"] for o in optim], old_world, model_states,
+                           _zero3_merge_trainable_params)}
+    for key in MOMENTS:
+        groups = [[o["optimizer_state_dict"]["state"][g][key] for g in sorted(o["optimizer_state_dict"]["state"])]
+                  for o in optim]
+        full[key] = _merge(groups, old_world, model_states, _zero3_merge_trainable_params)
+
+    params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    if params.keys() != full["fp32"].keys():
+        raise CheckpointError(f"{path}: its trainable parameters differ from this run's "
+                              f"({sorted(params.keys() ^ full['fp32'].keys())[:4]} ...); same lora/model settings?")
+    # The working (possibly bf16) partitions, then the exact fp32 masters and the moments.
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+        if dist.is_main():
+            for name, p in params.items():
+                p.data.copy_(full["fp32"][name].to(p.dtype))
+    # Adam creates its state at the first step; create it now (with the saved step count) so it can be filled.
+    step = optim[0]["optimizer_state_dict"]["state"][0]["step"]
+    for flat in engine.optimizer.fp32_partitioned_groups_flat:
+        engine.optimizer.optimizer.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in MOMENTS}}
+    for name, p in params.items():
+        safe_set_full_fp32_param(p, full["fp32"][name])
+        for key in MOMENTS:
+            safe_set_full_optimizer_state(p, full[key][name], key)
+
+    saved = torch.load(files[0][0], map_location="cpu", weights_only=False)
+    if engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    engine.global_steps, engine.global_samples = saved["global_steps"], saved["global_samples"]
+    engine.skipped_steps = saved["skipped_steps"]
+    return saved["ds_train"]
+
+
+def _merge(flat_groups: list, world: int, model_states, merge) -> dict[str, torch.Tensor]:
+    """{name: full tensor} from each rank's list of flat partitions (zero_to_fp32's layout)."""
+    out = {}
+    with contextlib.redirect_stdout(sys.stderr):
+        merge(out, world, flat_groups, model_states)
+    return {name: t.contiguous().clone() for name, t in out.items()}
