@@ -9,9 +9,11 @@ ADAPTER_DIR/
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ds_train import dist
+from ds_train.errors import ConfigError
 from ds_train.fsutil import staged_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -73,3 +75,42 @@ def strip_peft_prefix(name: str) -> str:
 def adapter_key(name: str) -> str:
     """Parameter name -> key in adapter_model.safetensors (what peft's get_peft_model_state_dict writes)."""
     return name.replace(f".{ADAPTER_NAME}", "")
+
+
+def check_init_adapter(init_from: str, r: int, alpha: int) -> None:
+    """Pre-flight for lora.init_from: an adapter dir whose rank and scale are this run's."""
+    d = Path(init_from)
+    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (d / f).is_file()]
+    if missing:
+        raise ConfigError(f"lora.init_from={init_from}: not a PEFT adapter dir (missing {', '.join(missing)})")
+    saved = json.loads((d / ADAPTER_CONFIG).read_text())
+    wrong = [f"{key}={saved.get(peft_key)} (this run: {ours})"
+             for key, peft_key, ours in (("lora.r", "r", r), ("lora.alpha", "lora_alpha", alpha))
+             if saved.get(peft_key) != ours]
+    if wrong:
+        raise ConfigError(f"lora.init_from={init_from} was trained with {', '.join(wrong)}; set the same values")
+
+
+def load_init_adapter(model, init_from: str) -> None:
+    """Collective under ZeRO-3: copy a saved adapter's LoRA tensors into the (partitioned) LoRA parameters, before
+    deepspeed.initialize builds the fp32 masters from them. Every tensor must match a LoRA parameter of this model
+    and targets, and every LoRA parameter must get one."""
+    import deepspeed
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(init_from) / ADAPTER_WEIGHTS))
+    params = {adapter_key(n): p for n, p in model.named_parameters() if "lora_" in n}
+    extra, lacking = sorted(saved.keys() - params.keys()), sorted(params.keys() - saved.keys())
+    shapes = [f"{k}: {tuple(saved[k].shape)} vs {tuple(getattr(params[k], 'ds_shape', params[k].shape))}"
+              for k in sorted(saved.keys() & params.keys())
+              if tuple(saved[k].shape) != tuple(getattr(params[k], "ds_shape", params[k].shape))]
+    if extra or lacking or shapes:
+        found = ([f"{len(extra)} tensor(s) for modules this run does not adapt, e.g. {extra[0]}"] if extra else []) \
+            + ([f"{len(lacking)} adapted module(s) it has no tensor for, e.g. {lacking[0]}"] if lacking else []) \
+            + ([f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]}"] if shapes else [])
+        raise ConfigError(f"lora.init_from={init_from} does not match this model and lora.target_modules: "
+                          + "; ".join(found))
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+        for key, p in params.items():  # on every rank: without ZeRO-3 each holds its own full copy
+            p.data.copy_(saved[key].to(p.dtype))
+    dist.print0(f"lora.init_from: {len(saved)} LoRA tensors from {init_from}; the optimizer starts fresh")

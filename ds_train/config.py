@@ -48,10 +48,13 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    init_from: Optional[str] = None  # a PEFT adapter dir to continue from (fresh optimizer and schedule)
 
     def __post_init__(self):
         _positive("lora.r", self.r)
         _positive("lora.alpha", self.alpha)
+        if self.init_from and not self.enabled:
+            raise ConfigError("lora.init_from needs lora.enabled=true")
         if self.enabled and not self.target_modules:
             raise ConfigError("lora.target_modules is empty; list module-path suffixes such as self_attn.q_proj")
         if not 0.0 <= self.dropout < 1.0:

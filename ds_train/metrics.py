@@ -16,11 +16,20 @@ from ds_train.config import Config, redact, to_dict, to_yaml
 
 
 TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb_run_id"  # in OUTPUT_DIR: a resumed job continues the same W&B run
 
 
 class MetricsLogger:
     def __init__(self, cfg: Config, out_dir: Path):
         self.path = out_dir / "metrics.jsonl"
+        fresh = cfg.train.resume == "none"  # find_resume has failed by now if a requested resume found nothing
+        if fresh and self.path.is_file():
+            # Never mix two runs' records in one file (an old run's steps would repeat): keep it under a new name.
+            n = 1
+            while (out_dir / f"metrics.{n}.jsonl").exists():
+                n += 1
+            os.replace(self.path, out_dir / f"metrics.{n}.jsonl")
+            print(f"{self.path} held the records of an earlier run: moved to metrics.{n}.jsonl", flush=True)
         self.wandb = self.tensorboard = None
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -33,9 +42,13 @@ class MetricsLogger:
 
             resolved = to_dict(cfg)  # redacted: run name and tags go to W&B too
             w = resolved["wandb"]
+            id_file = out_dir / WANDB_ID_FILE
+            run_id = id_file.read_text().strip() if id_file.is_file() and not fresh else wandb.util.generate_id()
+            id_file.write_text(run_id)
             self.wandb = wandb.init(
                 mode=w["mode"], project=w["project"], entity=w["entity"], name=w["run_name"], tags=w["tags"],
-                config=resolved, dir=str(out_dir), resume="allow",
+                config=resolved, id=run_id, resume="allow",
+                dir=None if os.environ.get("WANDB_DIR") else str(out_dir),  # wandb reads WANDB_DIR itself
             )
 
     def log(self, record: dict) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ds_train import dist
+from ds_train.adapter import load_init_adapter
 from ds_train.config import Config
 from ds_train.ds_config import zero_stage
 from ds_train.errors import ConfigError
@@ -32,6 +33,8 @@ def build_model(cfg: Config, ds_config: dict, dtype: torch.dtype):
     model.config.use_cache = False
     model.requires_grad_(False)
     model = apply_lora(model, cfg)
+    if cfg.lora.init_from:
+        load_init_adapter(model, cfg.lora.init_from)
     if cfg.model.train_audio_mlp:
         for name, p in model.named_parameters():
             if ".audio_mlp." in name:

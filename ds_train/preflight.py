@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ds_train.adapter import check_init_adapter
 from ds_train.checkpoint import read_latest
 from ds_train.config import Config
 from ds_train.errors import ConfigError
@@ -106,4 +107,6 @@ def preflight(cfg: Config, for_prepare: bool = False) -> Preflight:
     model_config = load_model_config(cfg.model.path)
     text_tokenizer = load_text_tokenizer(cfg, model_config)
     check_audio_tokenizer(cfg, model_config)
+    if cfg.lora.init_from:
+        check_init_adapter(cfg.lora.init_from, cfg.lora.r, cfg.lora.alpha)
     return Preflight(model_config, text_tokenizer, check_output_dir(cfg, for_prepare))

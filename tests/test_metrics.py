@@ -1,4 +1,5 @@
-"""ds_train/metrics.py (the logger's TensorBoard backend) and ds_train/plot.py (curves.png)."""
+"""ds_train/metrics.py: the logger's TensorBoard backend and ds_train/plot.py (curves.png); one run per
+metrics.jsonl and a W&B run that a resumed job continues (W&B runs offline: no network here; its files are real)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from ds_train.config import load_config
+from ds_train.metrics import WANDB_ID_FILE, MetricsLogger
 
 
 def test_tensorboard_gets_scalars_audio_and_config_and_plot_draws_them(tmp_path):
@@ -47,3 +49,50 @@ def test_plot_needs_a_metrics_file(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         plot_curves(tmp_path)
+
+
+def cfg(out, resume="none", wandb="disabled"):
+    return load_config(None, ["model.path=/m", "model.audio_tokenizer_path=/t", "data.train_file=/d",
+                              f"train.output_dir={out}", f"train.resume={resume}", f"wandb.mode={wandb}"])
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_fresh_run_never_appends_to_an_old_runs_metrics(tmp_path, capsys):
+    old = [{"step": 1, "loss": 9.0}, {"step": 2, "loss": 8.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    logger = MetricsLogger(cfg(tmp_path), tmp_path)
+    logger.log({"step": 1, "loss": 5.0})
+    assert records(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 5.0}]
+    assert records(tmp_path / "metrics.1.jsonl") == old
+    assert "held the records of an earlier run: moved to metrics.1.jsonl" in capsys.readouterr().out
+    MetricsLogger(cfg(tmp_path), tmp_path)  # a third run: the second's file goes to .2
+    assert records(tmp_path / "metrics.2.jsonl") == [{"step": 1, "loss": 5.0}]
+    # A resumed run continues its own file.
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 4.0}) + "\n")
+    MetricsLogger(cfg(tmp_path, resume="auto"), tmp_path).log({"step": 2, "loss": 3.0})
+    assert [r["step"] for r in records(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_wandb_run_id_is_kept_for_resume_and_wandb_dir_is_honoured(tmp_path, monkeypatch):
+    out, wandb_dir = tmp_path / "out", tmp_path / "wandb_here"
+    out.mkdir()
+    wandb_dir.mkdir()
+    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    first = MetricsLogger(cfg(out, wandb="offline"), out)
+    run_id = first.wandb.id
+    first.log({"step": 1, "loss": 2.0})
+    first.finish()
+    assert (out / WANDB_ID_FILE).read_text() == run_id
+    assert not (out / "wandb").exists()
+    assert [p.name for p in (wandb_dir / "wandb").glob(f"offline-run-*-{run_id}")]
+
+    resumed = MetricsLogger(cfg(out, resume="auto", wandb="offline"), out)
+    assert resumed.wandb.id == run_id
+    resumed.finish()
+    fresh = MetricsLogger(cfg(out, wandb="offline"), out)  # a new run into the same dir: a new W&B run
+    assert fresh.wandb.id != run_id and (out / WANDB_ID_FILE).read_text() == fresh.wandb.id
+    fresh.finish()

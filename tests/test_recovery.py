@@ -11,11 +11,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import base_config, launch, read_metrics, write_config
 from ds_train.checkpoint import checkpoint_problems, find_resume
 from ds_train.errors import CheckpointError
+from ds_train.adapter import ADAPTER_WEIGHTS
 from ds_train.config import load_config
+from ds_train.errors import ConfigError
 
 STEPS = 4
 
@@ -31,6 +34,20 @@ def four_steps(tiny_model, demo_data, tmp_path_factory) -> Path:
     """A 2-rank run with checkpoints step-000002 and step-000004 (= latest)."""
     out = tmp_path_factory.mktemp("recovery") / "run"
     launch(["train", str(run_config(tiny_model, demo_data, out))])
+    return out
+
+
+@pytest.fixture(scope="module")
+def four_steps_adapter_like(tiny_model, tmp_path_factory) -> Path:
+    """A real PEFT adapter dir of the tiny model (r=8, alpha=16, the default targets), made without training."""
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    from ds_train.model import apply_lora
+
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    cfg = load_config(None, ["model.path=/m", "model.audio_tokenizer_path=/t", "data.train_file=/d",
+                             "train.output_dir=/o", "lora.r=8", "lora.alpha=16"])
+    apply_lora(HiggsAudioModel.from_pretrained(str(tiny_model)), cfg).save_pretrained(str(out))
     return out
 
 
@@ -146,3 +163,59 @@ def test_full_disk_at_the_first_save_leaves_no_partial_dir(tiny_model, demo_data
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert f"no space left on {out / 'checkpoints'}: a checkpoint write failed" in proc.stderr, proc.stderr[-3000:]
     assert_no_partial_dirs(out, [])
+
+
+@pytest.mark.slow
+def test_resume_on_one_rank_continues_a_two_rank_run(four_steps, tiny_model, demo_data, tmp_path):
+    # A requeued job gets fewer ranks: 2 ranks x grad_accum 1 -> 1 rank x grad_accum 2, the same global batch.
+    out = tmp_path / "run"
+    shutil.copytree(four_steps, out)
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    (out / "checkpoints" / "latest").write_text("step-000002")
+    proc = launch(["train", str(run_config(tiny_model, demo_data, out, resume="auto", grad_accum=2))], nprocs=1)
+    assert "step-000002 was written by 2 ranks; re-partitioning its weights and optimizer state over 1" in proc.stdout
+    assert "warning" not in proc.stdout  # grad_accum changed to keep the global batch: the run continues exactly
+    want = {r["step"]: r for r in read_metrics(four_steps) if "loss" in r}
+    got = {r["step"]: r for r in read_metrics(out) if "loss" in r}
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):  # step 4 shows the Adam moments and step count were restored, not only the weights
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
+        assert got[step]["lr"] == want[step]["lr"]
+    assert json.loads((out / "checkpoints" / "step-000004" / "ds_train_meta.json").read_text())["world_size"] == 1
+
+
+@pytest.mark.slow
+def test_init_from_adapter_starts_from_its_weights(four_steps, tiny_model, demo_data, tmp_path):
+    # lr 1e-30: Adam's first update is ~1e-30 per weight, below fp32 resolution, so the exported adapter after one
+    # step is the initial one bit for bit: the run started from the given adapter, not from a fresh LoRA init.
+    out = tmp_path / "continued"
+    cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 1, "epochs": 9},
+                      optim={"lr": 1e-30, "scheduler": "constant"})
+    cfg["lora"]["init_from"] = str(four_steps / "adapter")
+    proc = launch(["train", str(write_config(tmp_path / "c.yaml", cfg))])
+    assert proc.stdout.count(f"lora.init_from: 36 LoRA tensors from {four_steps / 'adapter'}") == 1
+    from safetensors.torch import load_file
+    start, end = load_file(four_steps / "adapter" / ADAPTER_WEIGHTS), load_file(out / "adapter" / ADAPTER_WEIGHTS)
+    assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)
+    fresh_first = [r["loss"] for r in read_metrics(four_steps) if "loss" in r][0]
+    assert [r["loss"] for r in read_metrics(out) if "loss" in r][0] < fresh_first - 0.01  # trained adapter: lower
+
+
+def test_init_from_adapter_must_match_rank_scale_and_targets(four_steps_adapter_like, tiny_model):
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    from ds_train.adapter import check_init_adapter, load_init_adapter
+    from ds_train.model import apply_lora
+
+    adapter = four_steps_adapter_like
+    with pytest.raises(ConfigError, match=r"trained with lora.r=8 \(this run: 16\), lora.alpha=16 \(this run: 32\)"):
+        check_init_adapter(str(adapter), 16, 32)
+    with pytest.raises(ConfigError, match="not a PEFT adapter dir \\(missing adapter_config.json"):
+        check_init_adapter(str(adapter.parent), 8, 16)
+    cfg = load_config(None, ["model.path=/m", "model.audio_tokenizer_path=/t", "data.train_file=/d",
+                             "train.output_dir=/o", "lora.r=8", "lora.alpha=16",
+                             "lora.target_modules=[self_attn.q_proj]"])
+    model = apply_lora(HiggsAudioModel.from_pretrained(str(tiny_model)), cfg)
+    with pytest.raises(ConfigError, match=r"does not match this model and lora.target_modules: 30 tensor\(s\) for "
+                                          r"modules this run does not adapt"):
+        load_init_adapter(model, str(adapter))
