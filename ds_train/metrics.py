@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import resource
+import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -20,8 +22,9 @@ WANDB_ID_FILE = "wandb_run_id"  # in OUTPUT_DIR: a resumed job continues the sam
 
 
 class MetricsLogger:
-    def __init__(self, cfg: Config, out_dir: Path):
+    def __init__(self, cfg: Config, out_dir: Path, total_steps: int = 0, start_step: int = 0):
         self.path = out_dir / "metrics.jsonl"
+        self.clock = StepClock(total_steps, start_step)
         fresh = cfg.train.resume == "none"  # find_resume has failed by now if a requested resume found nothing
         if fresh and self.path.is_file():
             # Never mix two runs' records in one file (an old run's steps would repeat): keep it under a new name.
@@ -55,6 +58,9 @@ class MetricsLogger:
         record = redact(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        line = console_line(record, self.clock.total, self.clock.eta_s(record["step"]))
+        if line:
+            print(line, flush=True)
         if self.wandb is not None:
             self.wandb.log(scalars(record), step=record["step"])
         if self.tensorboard is not None:
@@ -112,8 +118,47 @@ class NullLogger:
         pass
 
 
-def make_logger(cfg: Config, out_dir: Path):
-    return MetricsLogger(cfg, out_dir) if dist.is_main() else NullLogger()
+def make_logger(cfg: Config, out_dir: Path, total_steps: int = 0, start_step: int = 0):
+    return MetricsLogger(cfg, out_dir, total_steps, start_step) if dist.is_main() else NullLogger()
+
+
+class StepClock:
+    """Time left, from the mean wall time per step since this process started training."""
+
+    def __init__(self, total: int, start_step: int):
+        self.total, self.start_step, self.t0 = total, start_step, time.monotonic()
+
+    def eta_s(self, step: int) -> Optional[float]:
+        done = step - self.start_step
+        if done <= 0 or not self.total:
+            return None
+        return (time.monotonic() - self.t0) / done * max(self.total - step, 0)
+
+
+STEP_FIELDS = (("lr", "lr {:.2e}"), ("grad_norm", "grad norm {:.3f}"), ("tokens_per_s", "{:,.0f} tokens/s"))
+
+
+def console_line(r: dict, total: int, eta_s: Optional[float]) -> Optional[str]:
+    """The plain progress line of a step or eval record (what a log file shows; tqdm only runs on a terminal)."""
+    of = f"/{total}" if total else ""
+    if "loss" in r:
+        parts = [f"step {r['step']}{of}", f"loss {r['loss']:.4f}"]
+        if "text_loss" in r and "audio_loss" in r:
+            parts[-1] += f" (text {r['text_loss']:.4f}, audio {r['audio_loss']:.4f})"
+        parts += [fmt.format(r[key]) for key, fmt in STEP_FIELDS if key in r]
+        parts += [f"ETA {_duration(eta_s)}"] if eta_s is not None else []
+        parts += ["update skipped (non-finite)"] if r.get("skipped") else []
+        return " | ".join(parts)
+    if "eval_loss" in r:
+        return f"eval  {r['step']}{of} | loss {r['eval_loss']:.4f}"
+    return None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def peak_memory_gb() -> float:

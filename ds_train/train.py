@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,7 @@ def setup(cfg: Config) -> Run:
         state = {k: saved[k] for k in state}
         dist.print0(f"resumed from {resume_from} at step {state['step']}")
         truncate_metrics(out, state["step"])
-    logger = make_logger(cfg, out)
+    logger = make_logger(cfg, out, total_steps, state["step"])
     dist.print0(f"training {total_steps} steps on {dist.world_size()} rank(s); {len(data.train_set)} samples; "
                 f"padding efficiency {data.sampler.padding_efficiency():.3f}")
     steps = StepBatches(data, cfg.train.grad_accum, state, logger)
@@ -260,14 +261,16 @@ def _grad_norm(engine) -> float:
 
 
 class _progress:
-    """tqdm on rank 0, nothing elsewhere."""
+    """tqdm on rank 0 on a terminal, nothing elsewhere."""
 
     def __init__(self, total: int, initial: int):
         self.bar = None
         if dist.is_main():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+            # On a terminal only: in a log file its redraws become one endless line; the logger's lines remain.
+            self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True,
+                            disable=not sys.stderr.isatty())
 
     def update(self, n: int, loss: float) -> None:
         if self.bar is not None:

@@ -96,3 +96,28 @@ def test_wandb_run_id_is_kept_for_resume_and_wandb_dir_is_honoured(tmp_path, mon
     fresh = MetricsLogger(cfg(out, wandb="offline"), out)  # a new run into the same dir: a new W&B run
     assert fresh.wandb.id != run_id and (out / WANDB_ID_FILE).read_text() == fresh.wandb.id
     fresh.finish()
+
+
+def test_console_line_has_every_number_a_reader_needs():
+    from ds_train.metrics import console_line
+
+    record = {"step": 12, "epoch": 0, "loss": 8.123456, "text_loss": 2.5, "audio_loss": 5.623456, "lr": 1e-4,
+              "grad_norm": 0.5312, "tokens_per_s": 12345.6, "skipped": False}
+    assert console_line(record, 200, 192.4) == ("step 12/200 | loss 8.1235 (text 2.5000, audio 5.6235) | lr 1.00e-04 "
+                                                "| grad norm 0.531 | 12,346 tokens/s | ETA 3m12s")
+    assert console_line({**record, "skipped": True}, 200, 7300).endswith("ETA 2h01m | update skipped (non-finite)")
+    assert console_line({"step": 0, "epoch": 0, "eval_loss": 9.87654}, 200, None) == "eval  0/200 | loss 9.8765"
+    assert console_line({"step": 3, "padding_efficiency": 0.9}, 200, None) is None
+
+
+def test_logger_prints_a_line_per_step_record_with_eta(tmp_path, capsys, monkeypatch):
+    import ds_train.metrics as metrics
+
+    now = [100.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: now[0])  # a clock the test controls
+    logger = MetricsLogger(cfg(tmp_path), tmp_path, total_steps=10, start_step=2)
+    now[0] += 8.0  # 2 steps in 8 s: 4 s per step, 6 steps left
+    logger.log({"step": 4, "loss": 1.0, "text_loss": 0.5, "audio_loss": 0.5, "lr": 0.1, "grad_norm": 1.0,
+                "tokens_per_s": 10.0, "skipped": False})
+    assert capsys.readouterr().out.strip().endswith("step 4/10 | loss 1.0000 (text 0.5000, audio 0.5000) | lr 1.00e-01 "
+                                                    "| grad norm 1.000 | 10 tokens/s | ETA 24s")
