@@ -86,7 +86,7 @@ BAD_ROWS = [
     ({"audio": "a.wav", "text": "fine"}, None),
     ('{"audio": "a.wav", "text": ', "invalid JSON"),
     ("[1, 2]", "not a JSON object"),
-    ({"audio": "a.wav", "text": "x", "lang": "en"}, "unknown TTS manifest keys ['lang']"),
+    ({"audio": "a.wav", "text": "x", "language": 7}, "'language' must be a string, got int"),
     ({"audio": "a.wav"}, "'text' must be a string"),
     ({"audio": "a.wav", "text": "x", "speaker": 7}, "'speaker' must be a string"),
     ({"audio": "a.wav", "text": "x", "ref_audio": "r.wav"}, "'ref_audio' and 'ref_text' go together"),
@@ -120,7 +120,7 @@ def test_format_can_be_forced(tmp_path):
                                       {"messages": [{"role": "user", "content": "x"}]}])
     as_tts = read_manifest(str(m), fmt="tts")
     as_chatml = read_manifest(str(m), fmt="chatml")
-    assert as_tts[0].error is None and "unknown TTS manifest keys ['messages']" in as_tts[1].error
+    assert as_tts[0].error is None and "'audio' must be a string" in as_tts[1].error
     assert "does not fit the schema" in as_chatml[0].error and as_chatml[1].error is None
 
 
@@ -152,3 +152,14 @@ def test_messages_keep_boson_types():
     s = tts_to_chatml({"audio": "/a.wav", "text": "t", "ref_audio": "/r.wav", "ref_text": "r"}, SYSTEM)
     assert all(isinstance(m, Message) for m in s.messages)
     assert [type(c).__name__ for c in audio_contents(s)] == ["AudioContent", "AudioContent"]
+
+
+def test_tts_rows_keep_extra_keys_as_metadata(tmp_path):
+    # Real manifests carry more than the keys ds_train reads; before issue 11 any extra key rejected the row.
+    row = {"audio": "a.wav", "text": "x", "speaker": "s1", "language": "de", "duration": 1.25, "id": "utt-7",
+           "emotion": "calm"}
+    rec = read_manifest(str(_jsonl(tmp_path / "m.jsonl", [row])))[0]
+    assert rec.error is None
+    assert rec.sample.speaker == "s1"
+    assert rec.sample.misc == {"language": "de", "duration": 1.25, "id": "utt-7", "emotion": "calm"}
+    assert text_of(rec.sample)[-1] == "x"  # metadata is not text the model sees

@@ -2,7 +2,8 @@
 
 Two inputs:
 - Boson ChatML: a JSON list or JSONL of ChatMLSample dicts (`messages`, `start_index`, ...).
-- A plain TTS manifest (JSONL): `audio`, `text`, optional `speaker`, optional `ref_audio` + `ref_text`. It becomes
+- A plain TTS manifest (JSONL): `audio`, `text`, optional `speaker`, `language`, `ref_audio` + `ref_text`, and any
+  other keys as metadata (`sample.misc`: `duration`, `id`, `emotion`, ...; `language` is there too). It becomes
   the voice-cloning layout Boson's serve engine generates with: system prompt, reference text + reference audio as
   an earlier turn kept out of the loss, then target text and target audio.
 Relative audio paths resolve against the manifest's directory.
@@ -23,7 +24,7 @@ from boson_multimodal.data_types import AudioContent, ChatMLSample, Message, Tex
 
 from ds_train.fsutil import file_digest
 
-TTS_KEYS = {"audio", "text", "speaker", "ref_audio", "ref_text"}
+TTS_KEYS = {"audio", "text", "speaker", "language", "ref_audio", "ref_text"}  # checked; any other key is metadata
 
 
 @dataclass
@@ -131,21 +132,22 @@ def _to_sample(raw: dict, fmt: str, system_prompt: str) -> ChatMLSample:
 
 
 def tts_to_chatml(raw: dict, system_prompt: str) -> ChatMLSample:
-    unknown = set(raw) - TTS_KEYS
-    if unknown:
-        raise ValueError(f"unknown TTS manifest keys {sorted(unknown)}; expected {sorted(TTS_KEYS)}")
+    """A TTS row -> the voice-cloning ChatMLSample. Keys beyond TTS_KEYS (`duration`, `id`, `emotion`, ...) are
+    metadata: kept in `sample.misc`, never trained on; only the known keys must have their types."""
     for key in ("audio", "text"):
         if not isinstance(raw.get(key), str):
             raise ValueError(f"'{key}' must be a string")
-    for key in ("speaker", "ref_audio", "ref_text"):
+    for key in TTS_KEYS - {"audio", "text"}:
         if key in raw and not isinstance(raw[key], str):
             raise ValueError(f"'{key}' must be a string, got {type(raw[key]).__name__}")
     if ("ref_audio" in raw) != ("ref_text" in raw):
         raise ValueError("'ref_audio' and 'ref_text' go together")
     messages = voice_cloning_prompt(raw["text"], system_prompt, raw.get("ref_text"), raw.get("ref_audio"))
     messages.append(Message("assistant", AudioContent(audio_url=raw["audio"])))
+    metadata = {k: v for k, v in raw.items() if k not in TTS_KEYS - {"language"}}
     # Only the final assistant turn (the target audio) is trained; the reference turn is context.
-    return ChatMLSample(messages=messages, start_index=len(messages) - 1, speaker=raw.get("speaker"))
+    return ChatMLSample(messages=messages, start_index=len(messages) - 1, speaker=raw.get("speaker"),
+                        misc=metadata or None)
 
 
 def voice_cloning_prompt(text: str, system_prompt: str, ref_text: Optional[str] = None,
