@@ -6,8 +6,10 @@
 #   ./run.sh prepare CONFIG.yaml [key=value ...] [--hostfile FILE]
 #   ./run.sh <any other ds-train subcommand> ...   (consolidate, merge, make-tiny, bench-data, ...)
 #
-# Preemption: SIGTERM or SIGUSR1 to run.sh (or to any rank) makes every rank save a checkpoint at the next step
-# boundary and exit with code 75. Under SLURM ask for the signal ahead of the time limit and let it reach run.sh:
+# Preemption: SIGTERM, SIGUSR1 or Ctrl-C to run.sh (or to any rank) makes every rank save a checkpoint at the next
+# step boundary and exit with code 75.
+# Exit codes: 0 done, 1 unexpected error, 2 config, 3 data/checkpoint, 4 diverged, 75 preempted; a rank killed by a
+# signal N gives 256-N (247: SIGKILL). run.sh explains a failing code in one line. Under SLURM ask for the signal ahead of the time limit and let it reach run.sh:
 #   #SBATCH --signal=B:USR1@120        (B: signal the batch shell; `exec ./run.sh train ...` in the script)
 # then requeue / relaunch with train.resume=auto.
 set -euo pipefail
@@ -95,17 +97,38 @@ launch() {
     if [[ "$n" -gt 0 ]] && ! command -v nvidia-smi >/dev/null 2>&1; then export LOCAL_SIZE="$n"; fi
   fi
   log "${launcher[*]} --module ds_train $sub ${args[*]:-}"
-  "${launcher[@]}" --module ds_train "$sub" "${args[@]}" &
+  # Its own session: a Ctrl-C in the terminal reaches run.sh alone (DeepSpeed's launcher would kill the ranks
+  # before they save); run.sh turns it into the preemption signal below.
+  setsid "${launcher[@]}" --module ds_train "$sub" "${args[@]}" &
   local child=$! rc=0
   # shellcheck disable=SC2064  # expand $child now
-  trap "forward_preemption $child" TERM USR1
+  trap "forward_preemption $child" TERM USR1 INT HUP
   while true; do
     rc=0
     wait "$child" || rc=$?
     kill -0 "$child" 2>/dev/null || break  # still running: wait was interrupted by a trapped signal
   done
-  trap - TERM USR1
+  trap - TERM USR1 INT HUP
+  explain_exit "$rc"
   return "$rc"
+}
+
+# What a ds-train exit code means (ds_train/errors.py; README "Exit codes"), said once after the launcher's own
+# "[ERROR] ... return code = N" line.
+explain_exit() {
+  case "$1" in
+    0) ;;
+    1) log "exit 1: a rank failed with an unexpected error (its traceback is above): please report it" ;;
+    2) log "exit 2: configuration error (above): fix the setting or the inputs it names, then relaunch" ;;
+    3) log "exit 3: data or checkpoint error (above): fix what it names, or see data.skip_bad" ;;
+    4) log "exit 4: training diverged; the last good state is saved: lower optim.lr, then train.resume=auto" ;;
+    75) log "exit 75: preempted or interrupted; a checkpoint is saved: relaunch with train.resume=auto" ;;
+    *) if [[ "$1" -gt 128 ]]; then
+         log "exit $1: a rank was killed by signal $(( 256 - $1 ))$([[ "$1" == 247 ]] && echo ' (SIGKILL: often the out-of-memory killer)'); train.resume=auto continues from the last checkpoint"
+       else
+         log "exit $1: the launcher failed (see above)"
+       fi ;;
+  esac
 }
 
 # The ranks of a local launch: descendants of the launcher running `-m ds_train` (not DeepSpeed's own launcher).
@@ -153,6 +176,10 @@ case "$cmd" in
   test)
     export PATH="$VENV/bin:$PATH"
     exec "$PY" -m pytest "$@" ;;
-  train|prepare) rc=0; launch "$cmd" "$@" || rc=$?; exit "$rc" ;;
+  train|prepare)
+    for a in "$@"; do  # help needs no ranks
+      if [[ "$a" == "-h" || "$a" == "--help" ]]; then exec "$VENV/bin/ds-train" "$cmd" --help; fi
+    done
+    rc=0; launch "$cmd" "$@" || rc=$?; exit "$rc" ;;
   *) exec "$VENV/bin/ds-train" "$cmd" "$@" ;;
 esac

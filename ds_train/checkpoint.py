@@ -24,7 +24,7 @@ import torch
 from ds_train import dist, faults
 from ds_train.adapter import export_adapter
 from ds_train.config import Config, flatten, to_dict
-from ds_train.errors import CheckpointError, ConfigError
+from ds_train.errors import CheckpointError, ConfigError, on_this_rank
 from ds_train.fsutil import atomic_write, dir_size, fsync, is_no_space
 from ds_train.reshard import load_resharded
 
@@ -67,7 +67,7 @@ def save(engine, model, cfg: Config, out_dir: Path, state: dict, eval_loss: Opti
         if not is_no_space(e):
             raise
         shutil.rmtree(root / tag, ignore_errors=True)  # a partial dir would only hold the space the user needs
-        raise CheckpointError(_no_space_message(root, 0, shutil.disk_usage(root).free)) from None
+        raise on_this_rank(CheckpointError(_no_space_message(root, 0, shutil.disk_usage(root).free))) from None
     faults.crash_if("after_shards", state["step"])
     dist.barrier()  # every rank's files are on disk before `latest` may name them
     if dist.is_main():

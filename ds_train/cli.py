@@ -7,11 +7,13 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 from typing import List, Optional
 
 from ds_train.config import DataConfig, load_config
-from ds_train.errors import CheckpointError, ConfigError, DataError
+from ds_train.errors import (EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED, EXIT_ERROR, EXIT_OK, CheckpointError, ConfigError,
+                             DataError)
 
 USAGE = """ds-train <command> ...
 
@@ -233,6 +235,19 @@ COMMANDS = {
 }
 
 
+LAUNCHED_HELP = """ds-train {cmd} CONFIG.yaml [key=value ...] [--old_trainer_flag value ...]
+
+Run it through the launcher: `./run.sh {cmd} CONFIG.yaml ...` (every local GPU, or --hostfile FILE).
+key=value overrides win over the YAML; `ds-train show-config CONFIG.yaml key=value` prints the result, and the
+README's configuration reference lists every key. Old-trainer flags: {flags}.
+
+Exit codes: 0 done; 1 unexpected error (a bug: the failing rank's traceback is printed); 2 config error;
+3 data or checkpoint error; 4 diverged (last good state saved); 75 preempted or Ctrl-C (checkpoint saved: relaunch
+with train.resume=auto). A rank killed by a signal makes the launcher exit 256 - signal (247: SIGKILL, often the
+out-of-memory killer).
+"""
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -241,29 +256,57 @@ def main(argv=None) -> int:
     if argv[0] not in COMMANDS:
         print(f"ds-train: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr, end="")
         return 2
+    cmd = argv[0]
+    if cmd in ("train", "prepare", "bench-data", "show-config") and ({"-h", "--help"} & set(argv[1:])):
+        print(LAUNCHED_HELP.format(cmd=cmd, flags=", ".join(sorted([*ALIASES, *FLAG_ALIASES]))), end="")
+        return 0
     from ds_train import dist
-    from ds_train.resilience import DIVERGED_EXIT, Diverged, Preempted
+    from ds_train.resilience import Diverged, Preempted
 
     try:
-        COMMANDS[argv[0]](argv[1:])
-        code = 0
+        COMMANDS[cmd](argv[1:])
+        code = EXIT_OK
     except Preempted as e:
         code = e.code
     except Diverged as e:
-        print(f"ds-train {argv[0]}: stopped: {e}", file=sys.stderr)
-        code = DIVERGED_EXIT
-    except ConfigError as e:
-        print(f"ds-train {argv[0]}: config error: {e}", file=sys.stderr)
-        return 2
+        _report(cmd, f"stopped: {e}", e)
+        code = EXIT_DIVERGED
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+        code = EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_DATA
+        _report(cmd, f"config error: {e}" if code == EXIT_CONFIG else str(e), e)
+        dist.abort(code)
+        return code
     except Exception as e:
-        if isinstance(e, (DataError, CheckpointError, FileNotFoundError, FileExistsError)):
-            print(f"ds-train {argv[0]}: {e}", file=sys.stderr)
-            return 3
-        raise
+        if not dist.in_process_group():
+            raise
+        if _lost_a_peer(e):  # the rank that failed has said why; one line here, not a second traceback
+            print(f"ds-train {cmd} (rank {dist.rank()}): stopped: another rank failed (its error is above)",
+                  file=sys.stderr)
+        else:
+            traceback.print_exc()
+        dist.abort(EXIT_ERROR)
     # Success, or a stop every rank agreed on: the ranks leave the process group together. (After any other
     # failure the peers may never reach the barrier.)
     dist.leave(code)
     return code
+
+
+def _report(cmd: str, message: str, e: Exception) -> None:
+    """One message per failure: rank 0 reports what every rank found; a rank's own failure names the rank."""
+    from ds_train import dist
+
+    if getattr(e, "on_this_rank", False):
+        print(f"ds-train {cmd} (rank {dist.rank()}): {message}", file=sys.stderr, flush=True)
+    elif dist.is_main():
+        print(f"ds-train {cmd}: {message}", file=sys.stderr, flush=True)
+
+
+def _lost_a_peer(e: Exception) -> bool:
+    import torch.distributed
+
+    text = str(e)
+    return isinstance(e, torch.distributed.DistBackendError) or "Connection closed by peer" in text \
+        or "Connection reset by peer" in text
 
 
 if __name__ == "__main__":

@@ -3,6 +3,16 @@ each other (cli catches all of them; cache, prepare and validate share DataError
 
 from __future__ import annotations
 
+# Exit codes of every ds-train command (run.sh passes them through and explains them; README "Exit codes").
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 1, 2, 3, 4, 75
+
+
+def on_this_rank(e: Exception) -> Exception:
+    """Mark an error that this rank may have hit alone (a local disk, a write): it reports it itself, naming the
+    rank. Unmarked errors come from checks every rank runs on the same inputs, so rank 0 alone reports them."""
+    e.on_this_rank = True
+    return e
+
 
 class ConfigError(ValueError):
     """A setting that is unknown, malformed or contradicts another one (exit code 2)."""

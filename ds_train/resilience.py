@@ -7,8 +7,8 @@ import signal
 
 from ds_train import dist
 
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later"; resume with train.resume=auto
-DIVERGED_EXIT = 4
+from ds_train.errors import EXIT_DIVERGED as DIVERGED_EXIT
+from ds_train.errors import EXIT_PREEMPTED as PREEMPTED_EXIT  # EX_TEMPFAIL: "try again later"; resume=auto
 
 
 class Preempted(SystemExit):
@@ -22,10 +22,10 @@ class Diverged(RuntimeError):
 
 
 class PreemptionFlag:
-    """SIGTERM / SIGUSR1 only set a flag (a handler must not save or communicate); the loop asks all ranks at the
-    next step boundary, so every rank saves the same step."""
+    """SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) only set a flag (a handler must not save or communicate); the loop asks
+    all ranks at the next step boundary, so every rank saves the same step. A second Ctrl-C stops at once."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.received = None
@@ -34,6 +34,10 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            dist.print0("Ctrl-C: saving a checkpoint at the end of this step, then exiting 75 (Ctrl-C again: stop "
+                        "now, without it)")
 
     def agreed(self) -> bool:
         """Collective: True on every rank when any rank got a signal."""

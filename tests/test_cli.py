@@ -159,3 +159,41 @@ def test_secrets_never_written_and_run_sh_passes_input_verbatim(tiny_model, demo
     for text in written:
         assert SECRET not in text
 
+
+
+# ---- exit codes, one message per failure (issue 11) -------------------------------------------------------------
+
+def _run_sh(args, tmp_path, timeout=300):
+    env = {**os.environ, "LOCAL_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(REPO / "run.sh"), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_run_sh_train_help_prints_without_launching(tmp_path):
+    proc = _run_sh(["train", "--help"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ds-train train CONFIG.yaml" in proc.stdout and "75 preempted or Ctrl-C" in proc.stdout
+    assert "deepspeed" not in proc.stderr  # run.sh logs the launcher command line when it launches
+
+
+@pytest.mark.slow
+def test_config_and_data_errors_are_reported_once_and_explained(tiny_model, demo_data, tmp_path):
+    # Both ranks find the same problem; rank 0 alone reports it, the exit code passes through run.sh, which explains
+    # it, and no rank ends in gloo's "terminate called without an active exception" (rc 250, seen 1 in 4 before).
+    cfg = base_config(tiny_model, demo_data, tmp_path / "out")
+    cfg["optim"]["weight_decay"] = -1
+    proc = _run_sh(["train", str(write_config(tmp_path / "c.yaml", cfg)), "--master_port", "29657"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("optim.weight_decay must be >= 0") == 1, proc.stderr[-3000:]
+    assert "[run.sh] exit 2: configuration error" in proc.stderr
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    with open(data / "train.jsonl", "a") as f:
+        f.write('{"audio": "wavs/missing.wav", "text": "gone"}\n')
+    cfg = base_config(tiny_model, data, tmp_path / "out2")
+    proc = _run_sh(["train", str(write_config(tmp_path / "d.yaml", cfg)), "--master_port", "29658"], tmp_path)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert proc.stderr.count("1 bad sample(s)") == 1 and "train.jsonl:9" in proc.stderr, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr and "Traceback" not in proc.stderr
+    assert "[run.sh] exit 3: data or checkpoint error" in proc.stderr

@@ -168,3 +168,22 @@ def test_too_many_non_finite_steps_stop_with_last_good_checkpoint(tiny_model, de
     assert all(bool(t.isfinite().all()) for t in good.values())
     records = [r for r in read_metrics(out) if "loss" in r]
     assert [r["skipped"] for r in records] == [False, False, True, True, True]
+
+
+def test_ctrl_c_checkpoints_and_exits_75(tiny_model, demo_data, tmp_path):
+    # A terminal's Ctrl-C sends SIGINT to run.sh's whole process group. (SIGINT back to its default first: a shell
+    # that started this test in the background made it ignored, and bash cannot trap a signal ignored on entry.)
+    out = tmp_path / "ctrl_c"
+    config = _config(tiny_model, demo_data, tmp_path, out)
+    proc = subprocess.Popen([str(REPO / "run.sh"), "train", str(config)], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "LOCAL_SIZE": "2"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _wait_for_step(out, 3, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, output[-4000:]
+    stopped = [r for r in read_metrics(out) if "preempted" in r]
+    assert len(stopped) == 1, output[-4000:]
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{stopped[0]['step']:06d}"
+    assert "[run.sh] exit 75: preempted or interrupted" in output
