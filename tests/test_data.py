@@ -255,3 +255,27 @@ def test_whisper_processor_comes_from_a_config_key_with_a_clear_offline_error(tm
 
     with pytest.raises(ConfigError, match=r"model.whisper_processor_path=.*nowhere.*encode_whisper_embed=true"):
         load_whisper_processor(str(tmp_path / "nowhere"))
+
+
+def test_max_tokens_below_a_sample_names_its_manifest_line_or_skips_it(tiny_model, cache, configs, tmp_path, capsys):
+    # Before issue 11 this ended in a traceback naming a cache index, after the model was built.
+    from ds_train.data.loader import fit_max_tokens
+    from ds_train.errors import DataError
+
+    lengths = dataset(cache, configs).lengths
+    limit = sorted(lengths)[-3]  # the two longest samples do not fit
+    longest = sorted(range(len(lengths)), key=lambda i: lengths[i])[-2:]
+    with pytest.raises(DataError) as e:
+        fit_max_tokens(dataset(cache, configs), make_cfg(tiny_model, tmp_path / "o", max_tokens=limit), "train.jsonl")
+    msg = str(e.value)
+    assert msg.startswith(f"2 bad sample(s) in train.jsonl: longer than data.max_tokens={limit} fits (the longest "
+                          f"needs {max(lengths)}: raise it)")
+    for i in longest:
+        assert f"train.jsonl:{i + 1}: {lengths[i]} tokens (text + audio frames), more than data.max_tokens" in msg
+
+    ds = dataset(cache, configs)
+    cfg = make_cfg(tiny_model, tmp_path / "o2", max_tokens=limit, skip_bad=True)
+    assert fit_max_tokens(ds, cfg, "train.jsonl") == 2
+    assert len(ds) == 6 and max(ds.lengths) == limit
+    assert sorted(e["source"] for e in ds.entries) == sorted(f"train.jsonl:{i + 1}" for i in range(8) if i not in longest)
+    assert "skipped 2 sample(s) of train.jsonl longer than data.max_tokens" in capsys.readouterr().out

@@ -155,6 +155,12 @@ class CachedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def drop(self, indices) -> None:
+        """Leave samples out (skipped as bad after preparation, e.g. longer than data.max_tokens)."""
+        gone = set(indices)
+        self.entries = [e for i, e in enumerate(self.entries) if i not in gone]
+        self.lengths = [n for i, n in enumerate(self.lengths) if i not in gone]
+
     def merged_length(self, e: dict) -> int:
         """Sequence length after the model merges audio-out codes into the text stream (what costs compute)."""
         ids = e["input_ids"]

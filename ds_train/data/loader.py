@@ -15,6 +15,7 @@ from ds_train.data.cache import CachedDataset
 from ds_train.data.collate import Batch, Collate, make_collator
 from ds_train.data.prepare import prepare_all, write_report
 from ds_train.data.sampler import MicroBatchSampler
+from ds_train.errors import DataError
 
 
 @dataclass
@@ -46,18 +47,41 @@ def build_data(cfg: Config, model_config, text_tokenizer, out: Path) -> Data:
         write_report(out, prepared)
     rank, world, whisper = dist.rank(), dist.world_size(), bool(model_config.encode_whisper_embed)
     train_set = CachedDataset(prepared[0].cache_dir, model_config, whisper)
+    too_long = fit_max_tokens(train_set, cfg, cfg.data.train_file)
     collator = make_collator(model_config, cfg.model.whisper_processor_path)
     loader, sampler = build_loader(train_set, collator, cfg, rank, world)
     eval_data = None
     if cfg.data.eval_file:
         eval_set = CachedDataset(prepared[1].cache_dir, model_config, whisper)
+        too_long += fit_max_tokens(eval_set, cfg, cfg.data.eval_file)
         # Evaluation keeps every sample (no dropping, no shuffling); ranks may differ by a micro-batch.
         eval_sampler = MicroBatchSampler(eval_set.lengths, rank, world, 1, cfg.train.seed,
                                          micro_batch_size=cfg.train.micro_batch_size, max_tokens=cfg.data.max_tokens,
                                          shuffle=False, drop_remainder=False)
         eval_loader, _ = build_loader(eval_set, collator, cfg, rank, world, sampler=eval_sampler)
         eval_data = EvalData(eval_loader, eval_sampler, eval_loader.collate_fn)
-    return Data(train_set, loader, sampler, eval_data, sum(len(p.bad) for p in prepared))
+    return Data(train_set, loader, sampler, eval_data, sum(len(p.bad) for p in prepared) + too_long)
+
+
+def fit_max_tokens(dataset: CachedDataset, cfg: Config, manifest: str) -> int:
+    """Samples longer than data.max_tokens fit no micro-batch: name their manifest lines before any training
+    (DataError), or with data.skip_bad drop them from `dataset` and return how many."""
+    limit = cfg.data.max_tokens
+    if not limit:
+        return 0
+    long = [i for i, n in enumerate(dataset.lengths) if n > limit]
+    if not long:
+        return 0
+    bad = [{"source": dataset.entries[i]["source"],
+            "reason": f"{dataset.lengths[i]} tokens (text + audio frames), more than data.max_tokens={limit}"}
+           for i in long]
+    if not cfg.data.skip_bad:
+        raise DataError(bad, f"{manifest}: longer than data.max_tokens={limit} fits (the longest needs "
+                             f"{max(dataset.lengths)}: raise it)")
+    dataset.drop(long)
+    dist.print0(f"skipped {len(long)} sample(s) of {manifest} longer than data.max_tokens={limit}: "
+                + ", ".join(b["source"] for b in bad[:10]) + (" ..." if len(bad) > 10 else ""))
+    return len(long)
 
 
 def build_loader(dataset: CachedDataset, collator, cfg, rank: int, world: int,
