@@ -72,6 +72,7 @@ class DataConfig:
     min_audio_seconds: float = 0.05
     loudness_normalize: bool = False
     skip_bad: bool = False
+    plausibility: str = "warn"  # text length vs audio duration, duplicate rows: warn | error | off
     max_tokens: int = 0  # >0: token-budget micro-batches (text + audio positions) instead of train.micro_batch_size
     num_workers: int = 0
     persistent_workers: bool = False
@@ -81,6 +82,7 @@ class DataConfig:
 
     def __post_init__(self):
         _choice("data.format", self.format, ("auto", "chatml", "tts"))
+        _choice("data.plausibility", self.plausibility, ("warn", "error", "off"))
         _positive("data.max_audio_seconds", self.max_audio_seconds)
         _at_least("data.min_audio_seconds", self.min_audio_seconds, 0)
         if self.min_audio_seconds >= self.max_audio_seconds:

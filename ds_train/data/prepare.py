@@ -25,6 +25,7 @@ from ds_train.data.audio import AudioError, encode, load_audio, load_audio_token
 from ds_train.data.cache import (cache_dirs, claim_cache, default_cache_dir, fingerprint, stored_bad, write_index,
                                  write_shard)
 from ds_train.data.manifest import Record, audio_contents, read_manifest, tokenize
+from ds_train.data.plausibility import plausibility_warnings
 from ds_train.data.validate import check_record, clip_problem
 from ds_train.errors import DataError
 PROGRESS_EVERY_S = 30.0
@@ -38,6 +39,7 @@ class PrepareResult:
     manifest: str = ""
     bad: list[dict] = field(default_factory=list)
     no_trainable_audio: list[str] = field(default_factory=list)
+    warnings: list[dict] = field(default_factory=list)  # plausible-but-odd rows (plausibility.py)
     encoded_shards: int = 0
     seconds: float = 0.0
 
@@ -52,6 +54,9 @@ def prepare(cfg: Config, manifest: str, text_tokenizer, cache_dir: Optional[str]
     records = read_manifest(manifest, cfg.data.format, cfg.data.system_prompt)
     if not records:
         raise DataError([{"source": os.path.basename(manifest), "reason": "manifest has no records"}], manifest)
+    warnings = [] if cfg.data.plausibility == "off" else plausibility_warnings(records)
+    if warnings and cfg.data.plausibility == "error":
+        raise DataError(warnings, f"{manifest} (implausible rows; data.plausibility=warn reports them and goes on)")
     size = cfg.data.shard_size
     shards = [records[i:i + size] for i in range(0, len(records), size)]
     mine = [k for k in range(len(shards)) if k % dist.world_size() == dist.rank()]
@@ -103,6 +108,7 @@ def prepare(cfg: Config, manifest: str, text_tokenizer, cache_dir: Optional[str]
         result.no_trainable_audio = index["no_trainable_audio"]
     dist.barrier()
     result = dist.broadcast_object(result)
+    result.warnings = warnings
     if result.num_samples == 0:
         raise DataError(result.bad or [{"source": manifest, "reason": "no usable samples"}], manifest)
     return result
@@ -124,12 +130,17 @@ def write_report(out_dir: Path, results: list[PrepareResult]) -> dict:
         "samples": {str(r.cache_dir): r.num_samples for r in results},
         "bad": [{"manifest": r.manifest, **b} for r in results for b in r.bad],
         "no_trainable_audio": [s for r in results for s in r.no_trainable_audio],
+        "warnings": [{"manifest": r.manifest, **w} for r in results for w in r.warnings],
     }
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "data_report.json").write_text(json.dumps(report, indent=1))
     if report["skipped"]:
         print(f"data: skipped {report['skipped']} bad sample(s) (data.skip_bad=true); see {out_dir}/data_report.json",
               flush=True)
+    if report["warnings"]:
+        shown = "; ".join(f"{w['source']}: {w['reason']}" for w in report["warnings"][:5])
+        print(f"data: {len(report['warnings'])} warning(s): {shown}{' ...' if len(report['warnings']) > 5 else ''}; "
+              f"see {out_dir}/data_report.json (data.plausibility=error stops on them)", flush=True)
     text_only = report["no_trainable_audio"]
     if text_only:
         print(f"data: {len(text_only)} sample(s) train no audio (text loss only), e.g. {', '.join(text_only[:5])}; "
