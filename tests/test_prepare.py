@@ -217,13 +217,13 @@ def test_rerun_reuses_current_shards_and_refuses_a_changed_fingerprint(tiny_mode
     assert rerecorded[0]["audio_codes"].shape[1] > 2 * before[0]["audio_codes"].shape[1]
     assert_same_entry(after[1], rerecorded[1])
 
-    changed = make_cfg(tiny_model, tmp_path / "out", shard_size=2, max_audio_seconds=12.5)
+    changed = make_cfg(tiny_model, tmp_path / "out", shard_size=2, loudness_normalize=True)
     with pytest.raises(CacheMismatchError, match=f"cache {cache} was made with a different "
-                                                 r"settings.max_audio_seconds \(30.0 then, 12.5 now\)"):
+                                                 r"settings.loudness_normalize \(False then, True now\)"):
         prepare(changed, str(manifest), text_tok, str(cache), audio_tokenizer=audio_tok)
     # An interrupted run leaves shards but no index: the fingerprint written first still guards them.
     (cache / "index.json").unlink()
-    with pytest.raises(CacheMismatchError, match="settings.max_audio_seconds"):
+    with pytest.raises(CacheMismatchError, match="settings.loudness_normalize"):
         prepare(changed, str(manifest), text_tok, str(cache), audio_tokenizer=audio_tok)
     assert prepare(cfg, str(manifest), text_tok, str(cache), audio_tokenizer="unused").encoded_shards == 0
 
@@ -347,3 +347,38 @@ def test_prepared_codes_are_the_codes_the_serve_engine_conditions_on(tiny_model,
         served_codes = revert_delay_pattern(inputs["audio_out_ids"])[:, 1:-1]  # stream BOS/EOS off
         prepared = encode_clip(str(ref), audio_tok, loudness_normalize=False).long()
         assert prepared.shape[1] > 20 and torch.equal(served_codes, prepared)
+
+
+def test_duration_limits_apply_at_load_without_encoding_again(tiny_model, text_tok, audio_tok, model_config,
+                                                             tmp_path):
+    # Before issue 11 the limits were part of the cache fingerprint: changing one re-encoded everything.
+    manifest, rows = short_set(tmp_path / "set", 4)
+    longest = 2
+    clip, rate = sf.read(str(tmp_path / "set" / rows[longest]["audio"]))
+    sf.write(tmp_path / "set" / rows[longest]["audio"], np.tile(clip, 2), rate)
+    seconds = [sf.info(str(tmp_path / "set" / r["audio"])).duration for r in rows]
+    limit = round(max(s for i, s in enumerate(seconds) if i != longest) + 0.01, 3)  # only the longest is over it
+    assert seconds[longest] > limit
+    cache = tmp_path / "cache"
+    wide, narrow = (make_cfg(tiny_model, tmp_path / f"o{i}", shard_size=2, skip_bad=True, max_audio_seconds=m)
+                    for i, m in enumerate((30.0, limit)))
+    assert prepare(wide, str(manifest), text_tok, str(cache), audio_tokenizer=audio_tok).encoded_shards == 2
+
+    result = prepare(narrow, str(manifest), text_tok, str(cache), audio_tokenizer="must not be used")
+    assert (result.encoded_shards, result.num_samples) == (0, 3)
+    assert [b["source"] for b in result.bad] == [f"train.jsonl:{longest + 1}"]
+    assert f"longer than data.max_audio_seconds={limit}" in result.bad[0]["reason"]
+    assert [e["source"] for e in entries(cache, model_config)] == [f"train.jsonl:{i + 1}" for i in range(4)
+                                                                   if i != longest]
+    strict = make_cfg(tiny_model, tmp_path / "o3", shard_size=2, max_audio_seconds=limit)
+    with pytest.raises(DataError, match=f"train.jsonl:{longest + 1}: audio is"):
+        prepare(strict, str(manifest), text_tok, str(cache), audio_tokenizer="must not be used")
+
+    back = prepare(wide, str(manifest), text_tok, str(cache), audio_tokenizer="must not be used")
+    assert (back.encoded_shards, back.num_samples, back.bad) == (0, 4, [])
+
+    # A cache first made under the narrow limit never encoded the long clip: widening encodes its shard only.
+    cache2 = tmp_path / "cache2"
+    assert prepare(narrow, str(manifest), text_tok, str(cache2), audio_tokenizer=audio_tok).num_samples == 3
+    widened = prepare(wide, str(manifest), text_tok, str(cache2), audio_tokenizer=audio_tok)
+    assert (widened.encoded_shards, widened.num_samples) == (1, 4)

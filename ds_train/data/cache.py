@@ -25,11 +25,12 @@ from ds_train.config import Config, flatten
 from ds_train.data.audio import tokenizer_fingerprint
 from ds_train.data.collate import to_dataset_sample
 from ds_train.data.manifest import Record
+from ds_train.data.validate import duration_problem
 from ds_train.errors import CacheMismatchError
 from ds_train.fsutil import atomic_write, replacing
 
-CACHE_VERSION = 4  # 3: tokenizer and records fingerprinted by content; 4: clips resampled as the serve engine
-# loads references (librosa soxr_hq), not torchaudio
+CACHE_VERSION = 5  # 3: tokenizer and records fingerprinted by content; 4: clips resampled as the serve engine
+# loads references (librosa soxr_hq), not torchaudio; 5: clip durations kept, duration limits applied at load
 
 
 def default_cache_dir(manifest: str) -> Path:
@@ -54,8 +55,8 @@ def fingerprint(cfg: Config, text_tokenizer, audio_tokenizer_path: str) -> dict:
         "version": CACHE_VERSION,
         "audio_tokenizer": tokenizer_fingerprint(audio_tokenizer_path),
         "text_tokenizer": hashlib.sha1(vocab.encode()).hexdigest(),
-        "settings": {"format": d.format, "system_prompt": d.system_prompt, "max_audio_seconds": d.max_audio_seconds,
-                     "min_audio_seconds": d.min_audio_seconds, "loudness_normalize": d.loudness_normalize,
+        # Not the duration limits: they change which samples are used, never their codes (see rejudge).
+        "settings": {"format": d.format, "system_prompt": d.system_prompt, "loudness_normalize": d.loudness_normalize,
                      "shard_size": d.shard_size},
     }
 
@@ -68,15 +69,41 @@ def _shard_path(cache: Path, k: int) -> Path:
     return cache / f"shard-{k:05d}.pt"
 
 
-def stored_bad(cache: Path, k: int, records: list[Record], fp: dict) -> Optional[list[dict]]:
-    """The bad-sample list of shard k when it is current (same records, same fingerprint); None when not."""
+def stored_bad(cache: Path, k: int, records: list[Record], fp: dict, limits) -> Optional[list[dict]]:
+    """The bad-sample list of shard k under the duration `limits` (min, max seconds) when the shard is current
+    (same records, same fingerprint, no clip left out for a limit it now meets); None when it must be encoded."""
     p = _shard_path(cache, k)
     if not p.is_file():
         return None
     shard = torch.load(p, weights_only=False, mmap=True)
     if shard.get("fingerprint") != _fingerprint_hash(fp) or shard["keys"] != [r.key for r in records]:
         return None
-    return shard["bad"]
+    if any("seconds" in b and duration_problem(b["seconds"], *limits) is None for b in shard["bad"]):
+        return None  # a clip that was too long or short fits now: encode the shard again to include it
+    return rejudge(shard, limits)
+
+
+def rejudge(shard: dict, limits) -> list[dict]:
+    """A shard's bad samples under `limits`, in manifest order: the stored ones (a clip left out for a duration
+    limit is still outside it: stored_bad checked) plus encoded samples with a clip outside the limits now."""
+    bad = list(shard["bad"])
+    for e in shard["entries"]:
+        for path, s, why in _outside(e, limits):
+            bad.append({"source": e["source"], "reason": f"{why}: {path}", "clip": path, "seconds": s})
+    return sorted(bad, key=lambda b: int(b["source"].rsplit(":", 1)[1]))
+
+
+def _outside(entry: dict, limits) -> list[tuple[str, float, str]]:
+    """(path, seconds, reason) of the first clip of an encoded sample outside the duration limits, if any."""
+    for path, s in zip(entry["audio_paths"], entry["clip_seconds"]):
+        why = duration_problem(s, *limits)
+        if why:
+            return [(path, s, why)]
+    return []
+
+
+def within_limits(entry: dict, limits) -> bool:
+    return not _outside(entry, limits)
 
 
 def write_shard(cache: Path, k: int, records: list[Record], fp: dict, entries: list[dict], bad: list[dict]) -> None:
@@ -113,17 +140,19 @@ def _differences(old: dict, new: dict) -> list[str]:
     return out
 
 
-def write_index(cache: Path, fp: dict, manifest: str, num_shards: int) -> dict:
+def write_index(cache: Path, fp: dict, manifest: str, num_shards: int, limits) -> dict:
     bad, count, no_audio = [], 0, []
     for k in range(num_shards):
         shard = torch.load(_shard_path(cache, k), weights_only=False, mmap=True)
-        bad += shard["bad"]
-        count += len(shard["entries"])
-        no_audio += [e["source"] for e in shard["entries"] if not e["trains_audio"]]
+        bad += rejudge(shard, limits)
+        used = [e for e in shard["entries"] if within_limits(e, limits)]
+        count += len(used)
+        no_audio += [e["source"] for e in used if not e["trains_audio"]]
     for old in cache.glob("shard-*.pt"):  # the manifest shrank: shards past its end are not part of it
         if int(old.stem.split("-")[1]) >= num_shards:
             old.unlink()
     index = {"fingerprint": fp, "manifest": str(Path(manifest).resolve()), "num_shards": num_shards,
+             "audio_seconds": list(limits),  # the duration limits CachedDataset applies
              "num_samples": count, "bad": bad, "no_trainable_audio": no_audio}
     atomic_write(cache / "index.json", json.dumps(index, indent=1))
     return index
@@ -139,8 +168,10 @@ class CachedDataset(Dataset):
             raise FileNotFoundError(f"no prepared cache at {cache}: run `ds-train prepare CONFIG` first")
         self.index = json.loads(index_path.read_text())
         self.entries = []
+        limits = self.index["audio_seconds"]
         for k in range(self.index["num_shards"]):
-            self.entries += torch.load(_shard_path(cache, k), weights_only=False, mmap=True)["entries"]
+            shard = torch.load(_shard_path(cache, k), weights_only=False, mmap=True)
+            self.entries += [e for e in shard["entries"] if within_limits(e, limits)]
         self.audio_in_id = model_config.audio_in_token_idx
         self.audio_out_id = model_config.audio_out_token_idx
         self.num_codebooks = model_config.audio_num_codebooks

@@ -21,7 +21,7 @@ import torch
 
 from ds_train import dist
 from ds_train.config import Config
-from ds_train.data.audio import AudioError, encode, load_audio, load_audio_tokenizer
+from ds_train.data.audio import AudioError, audio_info, encode, load_audio, load_audio_tokenizer
 from ds_train.data.cache import (cache_dirs, claim_cache, default_cache_dir, fingerprint, stored_bad, write_index,
                                  write_shard)
 from ds_train.data.manifest import Record, audio_contents, read_manifest, tokenize
@@ -60,7 +60,8 @@ def prepare(cfg: Config, manifest: str, text_tokenizer, cache_dir: Optional[str]
     size = cfg.data.shard_size
     shards = [records[i:i + size] for i in range(0, len(records), size)]
     mine = [k for k in range(len(shards)) if k % dist.world_size() == dist.rank()]
-    stored = {k: stored_bad(cache, k, shards[k], fp) for k in mine}  # None: missing or stale, to encode
+    limits = (cfg.data.min_audio_seconds, cfg.data.max_audio_seconds)
+    stored = {k: stored_bad(cache, k, shards[k], fp, limits) for k in mine}  # None: missing or stale, to encode
     todo = [k for k in mine if stored[k] is None]
 
     # Pass 1: hours of encoding never start on a manifest that would fail.
@@ -103,7 +104,7 @@ def prepare(cfg: Config, manifest: str, text_tokenizer, cache_dir: Optional[str]
     dist.barrier()
     result = PrepareResult(cache, 0, str(manifest), encoded_shards=n_todo, seconds=time.time() - t0)
     if dist.is_main():
-        index = write_index(cache, fp, manifest, len(shards))
+        index = write_index(cache, fp, manifest, len(shards), limits)
         result.bad, result.num_samples = index["bad"], index["num_samples"]
         result.no_trainable_audio = index["no_trainable_audio"]
     dist.barrier()
@@ -162,6 +163,7 @@ def encode_record(rec: Record, text_tokenizer, codes_of) -> dict:
         "audio_codes": torch.cat(codes, dim=1),
         "audio_starts": torch.tensor(starts, dtype=torch.int64),
         "audio_paths": paths,
+        "clip_seconds": [audio_info(p)[1] for p in paths],  # duration limits are applied to these at load
         "trains_audio": trains_audio,
     }
 

@@ -34,12 +34,25 @@ def check_record(rec: Record, text_tokenizer, problem_of) -> Optional[dict]:
     for clip in clips:
         problem = problem_of(clip.audio_url)
         if problem:
-            return bad(f"{problem}: {clip.audio_url}")
+            found = bad(f"{problem}: {clip.audio_url}")
+            if "_audio_seconds=" in problem:  # a duration limit: kept with its length, to judge again later
+                found.update(clip=clip.audio_url, seconds=audio_info(clip.audio_url)[1])
+            return found
     tokens = tokenize(rec.sample, text_tokenizer)
     if tokens is None:  # boson's helper prints the exception and returns None
         return bad("could not be tokenized (see the message printed above)")
     if all(t < 0 for t in tokens[1]):
         return bad("nothing to train on: every label is masked (check start_index and the assistant turns)")
+    return None
+
+
+def duration_problem(seconds: float, low: float, high: float) -> Optional[str]:
+    """The data.min/max_audio_seconds check. The cache keeps every clip's duration and prepare and the dataset
+    apply it again with the current limits, so changing them never re-encodes what is already encoded."""
+    if seconds > high:
+        return f"audio is {seconds:.1f}s, longer than data.max_audio_seconds={high}"
+    if seconds < low:
+        return f"audio is {seconds:.3f}s, shorter than data.min_audio_seconds={low}"
     return None
 
 
@@ -55,7 +68,7 @@ def clip_problem(path: str, cfg: Config) -> Optional[str]:
     if sr < MIN_SOURCE_RATE:
         return f"sample rate {sr} Hz is below the {MIN_SOURCE_RATE} Hz the audio tokenizer can take"
     if seconds > d.max_audio_seconds:  # from the header: a two-hour file is not decoded to learn this
-        return f"audio is {seconds:.1f}s, longer than data.max_audio_seconds={d.max_audio_seconds}"
+        return duration_problem(seconds, d.min_audio_seconds, d.max_audio_seconds)
     missing = _wav_missing_bytes(path)
     if missing:
         return f"truncated WAV: its header promises {missing} more bytes of audio than the file holds"
@@ -70,7 +83,7 @@ def clip_problem(path: str, cfg: Config) -> Optional[str]:
     if peak < SILENCE_PEAK:
         return f"audio is silent (peak {peak:.1e} < {SILENCE_PEAK:.0e})"
     if seconds < d.min_audio_seconds:
-        return f"audio is {seconds:.3f}s, shorter than data.min_audio_seconds={d.min_audio_seconds}"
+        return duration_problem(seconds, d.min_audio_seconds, d.max_audio_seconds)
     if d.loudness_normalize and seconds <= LOUDNESS_BLOCK_SECONDS:
         return f"audio is {seconds:.3f}s, too short for data.loudness_normalize (needs > {LOUDNESS_BLOCK_SECONDS}s)"
     return None
