@@ -75,7 +75,8 @@ launch() {
     hostfile="$ROOT/hostfiles/slurm-${SLURM_JOB_ID:-job}"
     slurm_hostfile "$hostfile"
   fi
-  local launcher=("$VENV/bin/deepspeed" --master_port "$port" --no_local_rank)
+  # --log_level warning: the launchers' per-launch INFO lines (world info, spawned pids) are noise in a run's log.
+  local launcher=("$VENV/bin/deepspeed" --master_port "$port" --no_local_rank --log_level warning)
   if [[ -n "$hostfile" ]]; then
     [[ -f "$hostfile" ]] || { log "hostfile not found: $hostfile"; return 2; }
     "$PY" -m ds_train.launch check-hostfile "$hostfile" || return 2

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 
 from typing import List, Optional
@@ -91,9 +92,11 @@ def _config(words):
 def cmd_train(words):
     from ds_train.train import train
 
-    summary = train(_config(words))
     from ds_train import dist
+    from ds_train.metrics import final_summary
 
+    summary = train(_config(words))
+    dist.print0(final_summary(summary))
     dist.print0(json.dumps(summary))
 
 
@@ -248,6 +251,9 @@ out-of-memory killer).
 """
 
 
+PEER_EXIT_DELAY_S = 3.0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -282,6 +288,9 @@ def main(argv=None) -> int:
         if _lost_a_peer(e):  # the rank that failed has said why; one line here, not a second traceback
             print(f"ds-train {cmd} (rank {dist.rank()}): stopped: another rank failed (its error is above)",
                   file=sys.stderr)
+            # DeepSpeed's launcher exits with the first failed rank's code it sees (it polls once a second):
+            # let that be the rank that failed, not this one's generic 1.
+            time.sleep(PEER_EXIT_DELAY_S)
         else:
             traceback.print_exc()
         dist.abort(EXIT_ERROR)

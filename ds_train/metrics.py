@@ -150,7 +150,13 @@ def console_line(r: dict, total: int, eta_s: Optional[float]) -> Optional[str]:
         parts += ["update skipped (non-finite)"] if r.get("skipped") else []
         return " | ".join(parts)
     if "eval_loss" in r:
-        return f"eval  {r['step']}{of} | loss {r['eval_loss']:.4f}"
+        line = f"eval  {r['step']}{of} | loss {r['eval_loss']:.4f}"
+        if "eval_text_loss" in r and "eval_audio_loss" in r:
+            line += f" (text {r['eval_text_loss']:.4f}, audio {r['eval_audio_loss']:.4f})"
+        codebooks = [c for c in r.get("eval_codebook_losses") or [] if c is not None]
+        if codebooks:
+            line += " | codebooks " + " ".join(f"{c:.2f}" for c in codebooks)
+        return line
     return None
 
 
@@ -177,3 +183,13 @@ def truncate_metrics(out_dir: Path, step: int) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     os.replace(tmp, path)
+
+
+def final_summary(summary: dict) -> str:
+    """What a person reads at the end of a run (the JSON line after it is for scripts)."""
+    loss = (f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
+            if summary.get("first_loss") is not None else "no finite loss")
+    lines = [f"done: {summary['steps']} steps, {loss}", f"adapter: {summary['adapter']}"]
+    if summary.get("merged"):
+        lines.append(f"merged:  {summary['merged']}")
+    return "\n".join(lines)

@@ -107,6 +107,10 @@ def test_console_line_has_every_number_a_reader_needs():
                                                 "| grad norm 0.531 | 12,346 tokens/s | ETA 3m12s")
     assert console_line({**record, "skipped": True}, 200, 7300).endswith("ETA 2h01m | update skipped (non-finite)")
     assert console_line({"step": 0, "epoch": 0, "eval_loss": 9.87654}, 200, None) == "eval  0/200 | loss 9.8765"
+    evaluated = {"step": 40, "eval_loss": 9.5, "eval_text_loss": 2.25, "eval_audio_loss": 7.25,
+                 "eval_codebook_losses": [7.0, 7.5, None]}  # None: a codebook with no trained position
+    assert console_line(evaluated, 200, None) == ("eval  40/200 | loss 9.5000 (text 2.2500, audio 7.2500) "
+                                                  "| codebooks 7.00 7.50")
     assert console_line({"step": 3, "padding_efficiency": 0.9}, 200, None) is None
 
 
@@ -121,3 +125,10 @@ def test_logger_prints_a_line_per_step_record_with_eta(tmp_path, capsys, monkeyp
                 "tokens_per_s": 10.0, "skipped": False})
     assert capsys.readouterr().out.strip().endswith("step 4/10 | loss 1.0000 (text 0.5000, audio 0.5000) | lr 1.00e-01 "
                                                     "| grad norm 1.000 | 10 tokens/s | ETA 24s")
+
+
+def test_final_summary_reads_as_text():
+    from ds_train.metrics import final_summary
+
+    assert final_summary({"first_loss": 12.5, "last_loss": 11.25, "steps": 24, "adapter": "/o/adapter"}) == (
+        "done: 24 steps, loss 12.5000 -> 11.2500\nadapter: /o/adapter")
