@@ -119,6 +119,7 @@ def test_eval_loss_is_the_same_on_one_and_two_ranks(tiny_model, demo_data, tmp_p
     sample evaluated twice), and a 1-sample eval set on 2 ranks raised at the final eval, losing the run."""
     rows = (demo_data / "eval.jsonl").read_text().splitlines() + (demo_data / "train.jsonl").read_text().splitlines()[:1]
     three, one = tmp_path / "eval3.jsonl", tmp_path / "eval1.jsonl"
+    (tmp_path / "audio").symlink_to(demo_data / "audio")  # the rows' relative audio paths resolve from here
     three.write_text("\n".join(rows) + "\n")
     one.write_text(rows[0] + "\n")
     evals = {}
