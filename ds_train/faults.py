@@ -2,7 +2,7 @@
 
 DS_TRAIN_FAULT is a comma-separated list of NAME:STEP[:RANK] entries, e.g.
   nan_loss:3:1       rank 1 computes a NaN loss at step 3 (the ranks must still agree to skip)
-  after_shards:4     the process exits (code 99) mid-save at step 4: shards written, `latest` not yet
+  after_shards:4     the process exits (CRASH_EXIT) mid-save at step 4: shards written, `latest` not yet
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 
 from ds_train import dist
+
+CRASH_EXIT = 99  # os._exit code of an injected crash: tells it apart from a real failure
 
 
 def active(name: str, step: int) -> bool:
@@ -22,4 +24,4 @@ def active(name: str, step: int) -> bool:
 
 def crash_if(name: str, step: int) -> None:
     if active(name, step):
-        os._exit(99)
+        os._exit(CRASH_EXIT)

@@ -105,6 +105,61 @@ def memorised_run(tiny_model, tmp_path_factory) -> Path:
 
 ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
 
+# The reference run the resume, preemption and crash tests of test_checkpoint.py and test_resilience.py reproduce:
+# 8 samples / 2 ranks = 4 steps per epoch, so 12 steps cross two epoch boundaries (steps 4 and 8); a cosine
+# schedule with warmup changes the learning rate at every step; LoRA dropout draws from every rank's torch RNG at
+# every forward, so equal losses after a resume need each rank's RNG restored exactly.
+REF_STEPS = 12
+
+
+def reference_config(tiny_model: Path, demo_data: Path, out: Path, **sections) -> Path:
+    """The reference run's config file for OUTPUT_DIR `out` (written beside it); `sections` update it."""
+    cfg = base_config(tiny_model, demo_data, out, train={"max_steps": REF_STEPS, "epochs": 99},
+                      lora={"r": 8, "alpha": 16, "dropout": 0.3},
+                      optim={"lr": 0.005, "warmup_steps": 2, "scheduler": "cosine"},
+                      checkpoint={"every_steps": 2, "keep_last": 20})
+    for section, values in sections.items():
+        cfg[section].update(values)
+    return write_config(out.parent / f"{out.name}.yaml", cfg)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_model, demo_data, tmp_path_factory) -> Path:
+    """OUTPUT_DIR of one uninterrupted reference run: a checkpoint every 2 steps, all kept. Read it, never write
+    into it (copy it first)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    launch(["train", str(reference_config(tiny_model, demo_data, out))])
+    return out
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    """Every step logged once, the reference's losses and learning rates, a bit-equal final adapter."""
+    got, want = loss_records(out), loss_records(reference)
+    assert sorted(got) == sorted(want) == list(range(1, REF_STEPS + 1)), (sorted(got), sorted(want))
+    for step in want:
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), \
+            f"step {step}: loss {got[step]['loss']} here, {want[step]['loss']} in the reference"
+        assert got[step]["lr"] == pytest.approx(want[step]["lr"], rel=1e-12, abs=1e-15), f"step {step}: lr"
+    assert_same_adapter(out / "adapter", reference / "adapter")
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+    import torch
+
+    ta, tb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert ta.keys() == tb.keys()
+    for k in ta:  # bit-equal: same data, same order of operations
+        assert torch.equal(ta[k], tb[k]), f"{k}: max difference {(ta[k] - tb[k]).abs().max()}"
+
+
+def loss_records(out: Path) -> dict[int, dict]:
+    """{step: record} of the training-step records; a step logged twice is an error."""
+    records = [r for r in read_metrics(out) if "loss" in r]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"{out}: a step logged twice: {steps}"
+    return {r["step"]: r for r in records}
+
 
 def base_config(model_dir: Path, data_dir: Path, out: Path, **sections) -> dict:
     """A small-run config as a dict; `sections` deep-merge over it (e.g. train={"max_steps": 3})."""
@@ -160,3 +215,49 @@ def read_metrics(out: Path) -> list[dict]:
 
 def losses(out: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(out) if "loss" in r]
+
+
+# Small runs of the settings a real run uses and the reference does not: the shipped DeepSpeed configs, token-budget
+# micro-batches, DataLoader workers, evaluation with keep_best. A checkpoint and an evaluation after every step,
+# keep_last=1 and keep_best=2. The demo's merged lengths are 187-234 tokens: a budget of 700 makes micro-batches
+# of 1-3 samples (233 x 3 = 699 fits, 234 x 3 does not).
+SETTINGS_STEPS = 4
+SETTINGS_MAX_TOKENS = 700
+SETTINGS_RUNS = {  # name: (file in ds_configs/, data.num_workers)
+    "zero3": ("zero3.json", 2),
+    "zero3_inline": ("zero3.json", 0),
+    "zero2": ("zero2.json", 0),
+}
+
+
+def settings_config(tiny_model: Path, demo_data: Path, out: Path, name: str) -> Path:
+    ds_json, workers = SETTINGS_RUNS[name]
+    data = {"train_file": str(demo_data / "train.jsonl"), "eval_file": str(demo_data / "eval.jsonl"),
+            "max_tokens": SETTINGS_MAX_TOKENS, "num_workers": workers}
+    if workers:
+        data["persistent_workers"] = True
+    cfg = base_config(tiny_model, demo_data, out, data=data,
+                      train={"max_steps": SETTINGS_STEPS, "epochs": 99, "eval_every": 1,
+                             "deepspeed_config": str(REPO / "ds_configs" / ds_json)},
+                      optim={"lr": 0.01, "warmup_steps": 0, "scheduler": "constant"},
+                      checkpoint={"every_steps": 1, "keep_last": 1, "keep_best": 2})
+    return write_config(out.parent / f"{name}.yaml", cfg)
+
+
+class _SettingsRuns(dict):
+    """name -> OUTPUT_DIR; each run is launched the first time a test asks for it."""
+
+    def __init__(self, tiny_model: Path, demo_data: Path, root: Path):
+        super().__init__()
+        self.tiny_model, self.demo_data, self.root = tiny_model, demo_data, root
+
+    def __missing__(self, name: str) -> Path:
+        out = self.root / name
+        launch(["train", str(settings_config(self.tiny_model, self.demo_data, out, name))])
+        self[name] = out
+        return out
+
+
+@pytest.fixture(scope="session")
+def settings_runs(tiny_model, demo_data, tmp_path_factory) -> _SettingsRuns:
+    return _SettingsRuns(tiny_model, demo_data, tmp_path_factory.mktemp("settings_runs"))

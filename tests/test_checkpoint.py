@@ -1,8 +1,9 @@
-"""ds_train/checkpoint.py: save, resume and adapter export, on real 2-rank ZeRO-3 runs of the tiny model.
+"""ds_train/checkpoint.py: save, resume, pruning and adapter export, on real 2-rank ZeRO-3 runs of the tiny model.
 
-The reference is one uninterrupted run of 8 steps (2 epochs of 4 steps, a checkpoint every 2 steps, cosine schedule
-with warmup, so the learning rate differs at every step). Every resumed run must reproduce its logged losses and
-learning rates and end with the same adapter.
+The reference is conftest's `reference_run`: 12 uninterrupted steps over 3 epochs of 4 steps, a checkpoint every 2
+steps, a cosine schedule with warmup (the learning rate differs at every step) and LoRA dropout (every forward draws
+from each rank's RNG). Every resumed run must reproduce its logged losses and learning rates and its final adapter
+bit for bit. (The preemption and SIGKILL tests in test_resilience.py reproduce the same run.)
 """
 
 from __future__ import annotations
@@ -16,24 +17,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import base_config, launch, read_metrics, write_config
+from conftest import (REF_STEPS, SETTINGS_STEPS, assert_same_run, base_config, launch, read_metrics,
+                      reference_config, write_config)
 from ds_train.adapter import ADAPTER_WEIGHTS
-from ds_train.checkpoint import META, _prune, find_resume, tag_of
+from ds_train.checkpoint import META, _prune, find_resume, step_of, tag_of
 from ds_train.fsutil import staged_dir
 from ds_train.config import load_config
 from ds_train.errors import ConfigError
+from ds_train.faults import CRASH_EXIT
 
-STEPS = 8  # 8 samples / 2 ranks = 4 steps per epoch, 2 epochs
-
-
-def run_config(tiny_model: Path, demo_data: Path, out: Path, dropout: float = 0.0, **overrides) -> Path:
-    cfg = base_config(tiny_model, demo_data, out, train={"epochs": 2},
-                      lora={"r": 8, "alpha": 16, "dropout": dropout},
-                      optim={"lr": 0.005, "warmup_steps": 2, "scheduler": "cosine"},
-                      checkpoint={"every_steps": 2, "keep_last": 10})
-    for section, values in overrides.items():
-        cfg[section].update(values)
-    return write_config(out.parent / f"{out.name}.yaml", cfg)
+LAST = tag_of(REF_STEPS)
 
 
 def train(config: Path, **kwargs):
@@ -52,89 +45,55 @@ def rewind(src: Path, dst: Path, step: int) -> Path:
     return dst
 
 
-def loss_records(out: Path) -> dict[int, dict]:
-    records = [r for r in read_metrics(out) if "loss" in r]
-    steps = [r["step"] for r in records]
-    assert steps == list(range(1, STEPS + 1)), f"{out}: one loss record per step expected, got steps {steps}"
-    return {r["step"]: r for r in records}
-
-
-def assert_same_run(out: Path, reference: Path) -> None:
-    got, want = loss_records(out), loss_records(reference)
-    for step in want:
-        assert math.isclose(got[step]["loss"], want[step]["loss"], rel_tol=1e-5), \
-            f"step {step}: loss {got[step]['loss']} after resume, {want[step]['loss']} uninterrupted"
-        assert got[step]["lr"] == pytest.approx(want[step]["lr"], rel=1e-12, abs=1e-15), f"step {step}: lr"
-    assert_same_adapter(out / "adapter", reference / "adapter")
-
-
-def assert_same_adapter(a: Path, b: Path) -> None:
-    ta, tb = load_file(a / ADAPTER_WEIGHTS), load_file(b / ADAPTER_WEIGHTS)
-    assert ta.keys() == tb.keys()
-    for k in ta:  # bit-equal: same data, same order of operations
-        assert torch.equal(ta[k], tb[k]), f"{k}: max difference {(ta[k] - tb[k]).abs().max()}"
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_model, demo_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ckpt") / "uninterrupted"
-    train(run_config(tiny_model, demo_data, out))
-    return out
+@pytest.mark.slow
+def test_resume_at_epoch_boundary_restores_position_schedule_and_rng(reference_run, tiny_model, demo_data, tmp_path):
+    # Step 4 ends epoch 1: the resumed run must start epoch 2 with its own shuffle, the schedule at step 5, and each
+    # rank's RNG where it was (the dropout masks of steps 5-12 depend on it).
+    out = rewind(reference_run, tmp_path / "resumed", 4)
+    proc = train(reference_config(tiny_model, demo_data, out, train={"resume": "auto"}))
+    assert f"resumed from {out / 'checkpoints' / 'step-000004'} at step 4" in proc.stdout
+    assert_same_run(out, reference_run)
 
 
 @pytest.mark.slow
-def test_resume_at_epoch_boundary_continues_exactly(uninterrupted, tiny_model, demo_data, tmp_path):
-    out = rewind(uninterrupted, tmp_path / "resumed", 4)  # step 4 ends epoch 1
-    train(run_config(tiny_model, demo_data, out, train={"resume": "auto"}))
-    assert_same_run(out, uninterrupted)
-
-
-@pytest.mark.slow
-def test_resume_restores_rng(tiny_model, demo_data, tmp_path):
-    # LoRA dropout consumes the torch RNG at every forward: equal losses need each rank's RNG restored exactly.
-    reference = tmp_path / "reference"
-    train(run_config(tiny_model, demo_data, reference, dropout=0.3))
-    out = rewind(reference, tmp_path / "resumed", 6)
-    train(run_config(tiny_model, demo_data, out, dropout=0.3, train={"resume": "auto"}))
-    assert_same_run(out, reference)
-
-
-@pytest.mark.slow
-def test_crash_mid_save_keeps_latest_complete_and_resumes(uninterrupted, tiny_model, demo_data, tmp_path):
+def test_crash_mid_save_keeps_latest_complete_and_resumes(reference_run, tiny_model, demo_data, tmp_path):
     # Killed while saving step 4, resumed from step 2: the middle of epoch 1, so the sampler must restart at its
-    # saved position; the losses and learning rates of steps 3-8 must be those of the uninterrupted run.
+    # saved position; the losses and learning rates of steps 3-12 must be those of the uninterrupted run.
     out = tmp_path / "crashed"
-    config = run_config(tiny_model, demo_data, out, checkpoint={"every_steps": 2, "keep_last": 2})
-    proc = train(config, env={"DS_TRAIN_FAULT": "after_shards:4"}, check=False)
-    assert proc.returncode != 0
+    keep_2 = {"every_steps": 2, "keep_last": 2}
+    proc = train(reference_config(tiny_model, demo_data, out, checkpoint=keep_2),
+                 env={"DS_TRAIN_FAULT": "after_shards:4"}, check=False)
+    # Both ranks reach the fault and exit CRASH_EXIT; the launcher exits with the first failed rank's code.
+    assert proc.returncode == CRASH_EXIT == 99, proc.stderr[-4000:]
     root = out / "checkpoints"
     # Step 4's shards are on disk but the save never finished: `latest` still names step 2.
     assert (root / "latest").read_text() == "step-000002"
     assert (root / "step-000002" / META).is_file()
-    assert list((root / "step-000004").glob("zero_pp_rank_*_optim_states.pt"))
+    assert sorted(p.name for p in (root / "step-000004").glob("zero_pp_rank_*_optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert not (root / "step-000004" / META).exists()
 
-    resumed = train(run_config(tiny_model, demo_data, out, train={"resume": "auto"},
-                               checkpoint={"every_steps": 2, "keep_last": 2}))
+    resumed = train(reference_config(tiny_model, demo_data, out, train={"resume": "auto"}, checkpoint=keep_2))
     assert f"resumed from {root / 'step-000002'} at step 2" in resumed.stdout
-    assert_same_run(out, uninterrupted)
+    assert_same_run(out, reference_run)
     # keep_last=2 pruned the rest; no half-written dir or staging dir is left.
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step-000006", "step-000008"]
-    assert all((root / t / META).is_file() for t in ("step-000006", "step-000008"))
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step-000010", LAST]
+    assert all((root / t / META).is_file() for t in ("step-000010", LAST))
     assert not [p for p in out.rglob(".*") if ".tmp" in p.name or ".old" in p.name]
 
 
 @pytest.mark.slow
-def test_checkpoint_holds_only_trainable_state(uninterrupted, tiny_model):
-    step = uninterrupted / "checkpoints" / "step-000008"
+def test_checkpoint_holds_only_trainable_state(reference_run, tiny_model):
+    step = reference_run / "checkpoints" / LAST
     world = json.loads((step / META).read_text())["world_size"]
-    adapter = load_file(uninterrupted / "adapter" / ADAPTER_WEIGHTS)
+    assert world == 2
+    adapter = load_file(reference_run / "adapter" / ADAPTER_WEIGHTS)
     trainable = sum(t.numel() for t in adapter.values())
     base_bytes = sum(f.stat().st_size for f in tiny_model.glob("*.safetensors"))
     frozen = sum(t.numel() for t in load_file(tiny_model / "model.safetensors").values())
 
     module = torch.load(step / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)["module"]
-    assert module and all("lora_" in name for name in module), "a frozen weight is in the module state"
+    assert len(module) == len(adapter) and all("lora_" in name for name in module), "a frozen weight is in the module state"
     optim = sum(f.stat().st_size for f in step.glob("zero_pp_rank_*_optim_states.pt"))
     model_states = sum(f.stat().st_size for f in step.glob("zero_pp_rank_*_model_states.pt"))
     # fp32 master weights + two Adam moments per trainable parameter, plus pickle/zip overhead per rank file.
@@ -146,25 +105,44 @@ def test_checkpoint_holds_only_trainable_state(uninterrupted, tiny_model):
 
 
 @pytest.mark.slow
-def test_exported_adapter_is_the_trained_weights_and_loads_with_peft(uninterrupted, tiny_model):
+def test_exported_adapter_is_the_trained_weights_and_loads_with_peft(reference_run, tiny_model):
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
 
-    shards = get_fp32_state_dict_from_zero_checkpoint(str(uninterrupted / "checkpoints"), tag="step-000008",
+    shards = get_fp32_state_dict_from_zero_checkpoint(str(reference_run / "checkpoints"), tag=LAST,
                                                       exclude_frozen_parameters=True)
-    for adapter in (uninterrupted / "adapter", uninterrupted / "checkpoints" / "step-000008" / "adapter"):
+    for adapter in (reference_run / "adapter", reference_run / "checkpoints" / LAST / "adapter"):
         saved = load_file(adapter / ADAPTER_WEIGHTS)
         assert len(saved) == len(shards) == 36  # lora_A + lora_B of q/k/v/o x 3 layers and gate/up/down x 2
         for name, value in shards.items():
             assert torch.equal(saved[name.replace(".default", "")], value), name
-        assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in saved.items())  # trained
+        trained_b = [k for k, v in saved.items() if k.endswith("lora_B.weight") and v.abs().max() > 0]
+        assert len(trained_b) == 18  # every lora_B (zero at init) was trained
 
         model = PeftModel.from_pretrained(HiggsAudioModel.from_pretrained(str(tiny_model)), str(adapter))
         loaded = get_peft_model_state_dict(model)
         assert loaded.keys() == saved.keys()
         assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero3", "zero2"])
+def test_keep_best_keeps_the_lowest_eval_loss_checkpoints(settings_runs, stage):
+    """checkpoint.keep_last=1, keep_best=2, a checkpoint and an evaluation after every step (conftest's
+    settings_runs, with the shipped ds_configs/zero3.json and zero2.json)."""
+    out = settings_runs[stage]
+    evals = {r["step"]: r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r}
+    assert sorted(evals) == list(range(1, SETTINGS_STEPS + 1))
+    assert all(math.isfinite(v) for v in evals.values())
+    best = sorted(evals, key=lambda s: (evals[s], s))[:2]
+    root = out / "checkpoints"
+    kept = sorted(step_of(p) for p in root.iterdir() if p.is_dir())
+    assert kept == sorted({SETTINGS_STEPS, *best}), (kept, evals)
+    assert (root / "latest").read_text() == tag_of(SETTINGS_STEPS)
+    for step in kept:  # each dir records the eval loss it was kept for
+        assert json.loads((root / tag_of(step) / META).read_text())["eval_loss"] == evals[step]
 
 
 # ---- without a launch -------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import SETTINGS_STEPS, loss_records, read_metrics
 from ds_train.cli import translate_args
 from ds_train.config import load_config, redact, to_dict
 from ds_train.ds_config import deepspeed_config
@@ -168,3 +169,26 @@ def test_errors_say_whether_the_value_came_from_the_command_line_or_the_yaml(tmp
     with pytest.raises(ConfigError, match=r"train.epochs.*\(command-line override 'train.epochs=abc'\)$"):
         load_config(str(y), [*REQUIRED, "optim.weight_decay=0", "train.epochs=abc"])
     assert load_config(str(y), [*REQUIRED, "optim.weight_decay=0.1"]).optim.weight_decay == 0.1
+
+
+@pytest.mark.slow
+def test_shipped_zero2_and_zero3_configs_train_alike(settings_runs):
+    """ds_configs/zero2.json and zero3.json in real 2-rank runs (conftest's settings_runs, identical otherwise): each
+    runs its ZeRO stage (the checkpoint layout says which), and they compute the same training run."""
+    z3, z2 = settings_runs["zero3_inline"], settings_runs["zero2"]
+    last = f"step-{SETTINGS_STEPS:06d}"
+    rng = ["rng-rank00000.pt", "rng-rank00001.pt"]
+    z3_files = sorted(p.name for p in (z3 / "checkpoints" / last).glob("*.pt"))
+    z2_files = sorted(p.name for p in (z2 / "checkpoints" / last).glob("*.pt"))
+    # ZeRO-3 partitions the parameters too: a model file per rank.
+    assert z3_files == sorted(rng + [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1)
+                                     for kind in ("model", "optim")])
+    # ZeRO-2 keeps whole parameters (one model file, rank 0's) and partitions the optimizer state over both ranks.
+    assert z2_files == sorted(rng + ["mp_rank_00_model_states.pt"] +
+                              [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)])
+    a, b = loss_records(z3), loss_records(z2)
+    assert sorted(a) == sorted(b) == list(range(1, SETTINGS_STEPS + 1))
+    for step in a:
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-6), step  # measured: 1e-8 apart
+    evals = [{r["step"]: r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r} for out in (z3, z2)]
+    assert evals[0] == pytest.approx(evals[1], rel=1e-6)

@@ -8,8 +8,9 @@ import pickle
 
 import pytest
 import torch
+import yaml
 
-from conftest import base_config, write_config
+from conftest import SETTINGS_MAX_TOKENS, SETTINGS_STEPS, base_config, loss_records, read_metrics, write_config
 from ds_train.config import load_config
 from ds_train.data.cache import CachedDataset
 from ds_train.data.collate import IGNORE, Collate, make_collator, to_dataset_sample
@@ -279,3 +280,52 @@ def test_max_tokens_below_a_sample_names_its_manifest_line_or_skips_it(tiny_mode
     assert len(ds) == 6 and max(ds.lengths) == limit
     assert sorted(e["source"] for e in ds.entries) == sorted(f"train.jsonl:{i + 1}" for i in range(8) if i not in longest)
     assert "skipped 2 sample(s) of train.jsonl longer than data.max_tokens" in capsys.readouterr().out
+
+
+# ---- in a training run (conftest's settings_runs: data.max_tokens=700, 2 ranks, grad_accum 1) -------------------
+
+@pytest.mark.slow
+def test_token_budget_run_trains_the_plan_and_never_exceeds_max_tokens(settings_runs, cache, configs):
+    out = settings_runs["zero3"]
+    lengths = dataset(cache, configs).lengths
+    seed = yaml.safe_load((out / "config.yaml").read_text())["train"]["seed"]
+    sampler = MicroBatchSampler(lengths, 0, 2, 1, seed, max_tokens=SETTINGS_MAX_TOKENS)
+    logged_epochs = {r["epoch"]: r for r in read_metrics(out) if "padding_efficiency" in r}
+    steps = loss_records(out)
+    assert sorted(steps) == list(range(1, SETTINGS_STEPS + 1))
+    step = 0
+    for epoch in sorted(logged_epochs):
+        sampler.set_epoch(epoch)
+        plan = sampler.plan()
+        assert all(max(lengths[i] for i in b) * len(b) <= SETTINGS_MAX_TOKENS for b in plan)
+        assert sorted(i for b in plan for i in b) == list(range(len(lengths)))  # nothing dropped
+        assert max(len(b) for b in plan) >= 2  # the budget, not micro_batch_size=1, made these batches
+        # The run logged this plan's padding efficiency, and trained its micro-batches 2k and 2k+1 at its step k.
+        assert logged_epochs[epoch]["padding_efficiency"] == pytest.approx(sampler.padding_efficiency(), rel=1e-12)
+        assert logged_epochs[epoch]["dropped_samples"] == 0
+        for k in range(sampler.steps_per_epoch()):
+            step += 1
+            if step > SETTINGS_STEPS:
+                break
+            r, step_batches = steps[step], plan[2 * k: 2 * k + 2]
+            assert r["epoch"] == epoch
+            assert r["tokens"] == sum(lengths[i] for b in step_batches for i in b), (step, plan)
+            assert r["samples_per_s"] * r["step_time_s"] == pytest.approx(sum(map(len, step_batches)), rel=1e-9)
+    assert step >= SETTINGS_STEPS and len(logged_epochs) == 2  # 4 micro-batches = 2 steps per epoch
+
+
+@pytest.mark.slow
+def test_workers_run_trains_exactly_like_the_main_process(settings_runs):
+    """data.num_workers=2 (persistent) and num_workers=0: the same batches, so the same losses and eval losses."""
+    runs = {name: settings_runs[name] for name in ("zero3", "zero3_inline")}
+    workers = {n: yaml.safe_load((out / "config.yaml").read_text())["data"]["num_workers"] for n, out in runs.items()}
+    assert workers == {"zero3": 2, "zero3_inline": 0}
+    a, b = loss_records(runs["zero3"]), loss_records(runs["zero3_inline"])
+    assert sorted(a) == sorted(b) == list(range(1, SETTINGS_STEPS + 1))
+    for step in a:
+        for key in ("loss", "grad_norm"):
+            assert a[step][key] == pytest.approx(b[step][key], rel=1e-6), (step, key)
+    assert a[1]["loss"] != a[SETTINGS_STEPS]["loss"]  # the weights moved, so later steps compare trained models
+    evals = [{r["step"]: r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r} for out in runs.values()]
+    assert sorted(evals[0]) == list(range(1, SETTINGS_STEPS + 1))
+    assert evals[0] == pytest.approx(evals[1], rel=1e-6)

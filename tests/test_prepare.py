@@ -14,7 +14,7 @@ from ds_train.config import load_config
 from ds_train.data.cache import CachedDataset
 from ds_train.demo.data import RATE, synth
 from ds_train.data.prepare import prepare, write_report
-from ds_train.errors import CacheMismatchError, DataError
+from ds_train.errors import EXIT_DATA, CacheMismatchError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -268,8 +268,8 @@ def test_two_process_prepare_equals_one_process(tiny_model, text_tok, audio_tok,
                                                   "cache_dir": str(tmp_path / "cache2")})
     # Without skip_bad every rank stops with the whole report, also the rank whose own shards are clean.
     failed = launch(["prepare", str(write_config(tmp_path / "fail.yaml", cfg2))], nprocs=2, check=False)
-    assert failed.returncode != 0
     logs = failed.stdout + failed.stderr
+    assert failed.returncode == EXIT_DATA == 3, logs[-3000:]  # every rank stops with the report: a data error
     assert logs.count(f"ds-train prepare: 3 bad sample(s) in {manifest}:\n  train.jsonl:2: audio is silent") == 2
     assert logs.count("\n  train.jsonl:6: invalid JSON") == 2 and logs.count("\n  train.jsonl:8: audio file not") == 2
     assert not list((tmp_path / "cache2").glob("shard-*"))

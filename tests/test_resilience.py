@@ -3,6 +3,7 @@ outside (signals, SIGKILL) or through DS_TRAIN_FAULT (ds_train/faults.py) for a 
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -12,44 +13,16 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, base_config, free_port, launch, losses, read_metrics, write_config
+from conftest import (REF_STEPS, REPO, assert_same_run, free_port, launch, loss_records, read_metrics,
+                      reference_config)
+from ds_train.checkpoint import tag_of
+from ds_train.resilience import DIVERGED_EXIT, PREEMPTED_EXIT
 
 pytestmark = pytest.mark.slow
-STEPS = 24
-
-
-def _config(tiny_model, demo_data, tmp_path, out, **sections):
-    defaults = dict(train={"max_steps": STEPS, "epochs": 99}, checkpoint={"every_steps": 3, "keep_last": 20},
-                    optim={"lr": 0.005, "scheduler": "cosine", "warmup_steps": 3})
-    for k, v in sections.items():
-        defaults.setdefault(k, {}).update(v)
-    return write_config(tmp_path / f"{out.name}.yaml", base_config(tiny_model, demo_data, out, **defaults))
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model, demo_data, tmp_path_factory):
-    """One uninterrupted run everything else must reproduce."""
-    tmp = tmp_path_factory.mktemp("reference")
-    out = tmp / "ref"
-    launch(["train", str(_config(tiny_model, demo_data, tmp, out))])
-    return out
-
-
-def _adapter(out: Path) -> dict:
-    return load_file(out / "adapter" / "adapter_model.safetensors")
-
-
-def assert_same_run(out: Path, reference: Path):
-    """Same steps, each once, same losses, bit-equal final adapter."""
-    steps = [r["step"] for r in read_metrics(out) if "loss" in r]
-    assert steps == list(range(1, STEPS + 1)), steps
-    assert losses(out) == pytest.approx(losses(reference), rel=1e-5)
-    got, want = _adapter(out), _adapter(reference)
-    assert got.keys() == want.keys()
-    for k in want:
-        assert bool((got[k] == want[k]).all()), k
+KILLED_EXIT = 256 - signal.SIGKILL  # a rank killed by SIGKILL, as the launcher passes it on
 
 
 def _start(args: list[str], env: dict | None = None) -> subprocess.Popen:
@@ -89,9 +62,9 @@ def _launcher_cmd(config: Path, *extra: str, nprocs: int = 2) -> list[str]:
             "--no_local_rank", "--module", "ds_train", "train", str(config), *extra]
 
 
-def test_sigterm_to_run_sh_checkpoints_exits_75_and_resumes_exactly(tiny_model, demo_data, tmp_path, reference):
+def test_sigterm_to_run_sh_checkpoints_exits_75_and_resumes_exactly(tiny_model, demo_data, tmp_path, reference_run):
     out = tmp_path / "preempt"
-    config = _config(tiny_model, demo_data, tmp_path, out)
+    config = reference_config(tiny_model, demo_data, out)
     proc = _start([str(REPO / "run.sh"), "train", str(config)], env={"LOCAL_SIZE": "2"})
     _wait_for_step(out, 5, proc)
     t0 = time.time()
@@ -99,82 +72,144 @@ def test_sigterm_to_run_sh_checkpoints_exits_75_and_resumes_exactly(tiny_model, 
     output, _ = proc.communicate(timeout=120)
     elapsed = time.time() - t0
     print(f"SIGTERM-to-exit: {elapsed:.1f}s")
-    assert proc.returncode == 75, output[-4000:]
+    assert proc.returncode == PREEMPTED_EXIT == 75, output[-4000:]
     assert elapsed < 30
     stopped = [r for r in read_metrics(out) if "preempted" in r]
     assert len(stopped) == 1 and stopped[0]["preempted"] == "SIGUSR1"
     step = stopped[0]["step"]
     assert (out / "checkpoints" / "latest").read_text() == f"step-{step:06d}"
-    assert 5 <= step < STEPS
+    assert 5 <= step < REF_STEPS
 
     launch(["train", str(config), "train.resume=auto"])
-    assert_same_run(out, reference)
+    assert_same_run(out, reference_run)
 
 
 def test_signal_to_one_rank_stops_all_ranks_at_the_same_step(tiny_model, demo_data, tmp_path):
     out = tmp_path / "rank_signal"
-    config = _config(tiny_model, demo_data, tmp_path, out)
+    config = reference_config(tiny_model, demo_data, out)
     proc = _start(_launcher_cmd(config), env={"LOCAL_SIZE": "2"})
     _wait_for_step(out, 4, proc)
     os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)  # only rank 1 hears it; rank 0 learns at the step boundary
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 75, output[-4000:]
+    assert proc.returncode == PREEMPTED_EXIT, output[-4000:]
     step = [r for r in read_metrics(out) if "preempted" in r][0]["step"]
     ckpt = out / "checkpoints" / f"step-{step:06d}"
     assert sorted(p.name for p in ckpt.glob("rng-rank*.pt")) == ["rng-rank00000.pt", "rng-rank00001.pt"]
 
 
-def test_crash_resume_chaos_sigkill_one_rank(tiny_model, demo_data, tmp_path, reference):
+def test_crash_resume_chaos_sigkill_one_rank(tiny_model, demo_data, tmp_path, reference_run):
     """SIGKILL a rank at random steps, relaunch with resume=auto each time: the result is the uninterrupted run."""
     out = tmp_path / "chaos"
-    config = _config(tiny_model, demo_data, tmp_path, out)
+    config = reference_config(tiny_model, demo_data, out)
     rng = random.Random(1234)
-    kill_points = sorted(rng.sample(range(4, STEPS - 2), 3))
+    kill_points = sorted(rng.sample(range(4, REF_STEPS - 2), 3))
     killed_at = []
     for i, point in enumerate(kill_points):
         resume = [] if i == 0 else ["train.resume=auto"]
         proc = _start(_launcher_cmd(config, *resume), env={"LOCAL_SIZE": "2"})
         killed_at.append(_wait_for_step(out, point, proc))
-        os.kill(_rank_pid(proc.pid, rng.choice([0, 1])), signal.SIGKILL)
-        proc.communicate(timeout=120)
-        assert proc.returncode != 0
+        os.kill(_rank_pid(proc.pid, (i + 1) % 2), signal.SIGKILL)  # ranks 1, 0, 1: each rank dies at least once
+        output, _ = proc.communicate(timeout=120)
+        print(f"chaos launch {i}: exit {proc.returncode}")
+        # DeepSpeed's launcher exits with the code of the first dead rank its 1 s poll finds; the peer, whose
+        # collective failed, waits PEER_EXIT_DELAY_S before it exits, so that is the killed rank: -9, passed on as
+        # 256 - 9 = 247.
+        assert proc.returncode == KILLED_EXIT == 247, output[-4000:]
     print(f"chaos kill points (step seen when killing): {killed_at}")
     assert len(set(killed_at)) == 3
     launch(["train", str(config), "train.resume=auto"])
-    assert_same_run(out, reference)
+    assert_same_run(out, reference_run)
 
 
-def test_nan_on_one_rank_skips_the_update_on_all_ranks(tiny_model, demo_data, tmp_path):
-    out = tmp_path / "nan"
-    config = _config(tiny_model, demo_data, tmp_path, out, train={"max_steps": 6})
-    launch(["train", str(config)], env={"DS_TRAIN_FAULT": "nan_loss:3:1"})
-    steps = {r["step"]: r for r in read_metrics(out) if "loss" in r}
-    assert steps[3]["skipped"] is True and steps[3]["loss"] != steps[3]["loss"]  # NaN, logged as such
-    assert [s for s, r in steps.items() if r["skipped"]] == [3]
-    assert steps[6]["skipped_steps"] == 1 and steps[6]["loss"] == steps[6]["loss"]
-    assert all(bool(t.isfinite().all()) for t in _adapter(out).values())
+# ---- non-finite steps: one run serves both tests ------------------------------------------------------------------
+
+NON_FINITE_FAULTS = "nan_loss:3:1,nan_loss:5,nan_loss:6,nan_loss:7"
 
 
-def test_too_many_non_finite_steps_stop_with_last_good_checkpoint(tiny_model, demo_data, tmp_path):
-    out = tmp_path / "diverge"
-    config = _config(tiny_model, demo_data, tmp_path, out, train={"max_steps": 12, "max_consecutive_skips": 3},
-                     checkpoint={"every_steps": 100})
-    faults = ",".join(f"nan_loss:{s}" for s in range(3, 13))
-    proc = launch(["train", str(config)], env={"DS_TRAIN_FAULT": faults}, check=False)
-    assert proc.returncode != 0
-    assert "3 consecutive steps (up to step 5) had a non-finite loss" in proc.stderr + proc.stdout
-    assert (out / "checkpoints" / "latest").read_text() == "step-000005"
-    good = load_file(out / "checkpoints" / "step-000005" / "adapter" / "adapter_model.safetensors")
+@pytest.fixture(scope="module")
+def non_finite_run(tiny_model, demo_data, tmp_path_factory):
+    """The reference config with a checkpoint after every step and train.max_consecutive_skips=3. Rank 1 alone gets
+    a NaN loss at step 3; both ranks at steps 5, 6 and 7, the third in a row, so the run stops after step 7.
+    Returns (OUTPUT_DIR, the launcher's CompletedProcess)."""
+    out = tmp_path_factory.mktemp("non_finite") / "run"
+    config = reference_config(tiny_model, demo_data, out, train={"max_consecutive_skips": 3},
+                              checkpoint={"every_steps": 1, "keep_last": 100})
+    proc = launch(["train", str(config)], env={"DS_TRAIN_FAULT": NON_FINITE_FAULTS}, check=False)
+    return out, proc
+
+
+def trainable_state(step_dir: Path) -> dict:
+    """Everything a step changes: the exported adapter, and every tensor of each rank's optimizer shard (fp32 master
+    weights, Adam moments and step counts)."""
+    state = {f"adapter/{k}": v for k, v in load_file(step_dir / "adapter" / "adapter_model.safetensors").items()}
+    shards = sorted(step_dir.glob("*zero_pp_rank_*_optim_states.pt"))
+    assert len(shards) == 2, shards
+    for shard in shards:
+        optim = torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for key, value in _tensors(optim):
+            state[f"{shard.name}/{key}"] = value
+    return state
+
+
+def _tensors(obj, prefix=""):
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for k, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{k}")
+
+
+def assert_same_state(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys()
+    for k in a:  # exactly: a skipped update must not touch a single bit
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs (max {(a[k].double() - b[k].double()).abs().max()})"
+
+
+def test_nan_on_one_rank_skips_the_update_on_all_ranks(non_finite_run):
+    out, _ = non_finite_run
+    steps = loss_records(out)
+    assert math.isnan(steps[3]["loss"]) and steps[3]["skipped"] is True  # NaN, logged as such
+    assert [s for s in (1, 2, 3, 4) if steps[s]["skipped"]] == [3]
+    assert steps[4]["skipped_steps"] == 1 and math.isfinite(steps[4]["loss"])
+
+    root = out / "checkpoints"
+    before, skipped, after = (trainable_state(root / tag_of(s)) for s in (2, 3, 4))
+    assert len([k for k in before if k.startswith("adapter/")]) == 36
+    assert_same_state(before, skipped, "step 3 was skipped")  # weights and optimizer state of step 2, on every rank
+    # Step 4 trained again: every adapter tensor moved (so the comparison above could see an update).
+    changed = [k for k in after if k.startswith("adapter/") and not torch.equal(after[k], skipped[k])]
+    assert len(changed) == 36
+    assert all(bool(t.isfinite().all()) for t in after.values())
+
+
+def test_too_many_non_finite_steps_stop_with_last_good_checkpoint(non_finite_run):
+    out, proc = non_finite_run
+    # Every rank raises Diverged at the same step and exits DIVERGED_EXIT after leaving the process group together;
+    # DeepSpeed's launcher exits with the code of the first failed rank it sees, the same on both.
+    assert proc.returncode == DIVERGED_EXIT == 4, proc.stderr[-4000:]
+    assert "3 consecutive steps (up to step 7) had a non-finite loss" in proc.stderr
+    records = loss_records(out)
+    assert sorted(records) == list(range(1, 8))
+    assert [records[s]["skipped"] for s in range(1, 8)] == [False, False, True, False, True, True, True]
+    assert records[7]["skipped_steps"] == 4
+    root = out / "checkpoints"
+    assert (root / "latest").read_text() == "step-000007"  # saved by the stop: the periodic save comes after it
+    assert not (out / "adapter").exists()  # the run did not finish
+    # Steps 5-7 changed nothing: every checkpoint from step 4 on holds step 4's weights and optimizer state.
+    good = trainable_state(root / tag_of(4))
     assert all(bool(t.isfinite().all()) for t in good.values())
-    records = [r for r in read_metrics(out) if "loss" in r]
-    assert [r["skipped"] for r in records] == [False, False, True, True, True]
+    for step in (5, 6, 7):
+        assert_same_state(good, trainable_state(root / tag_of(step)), f"step {step} was skipped")
 
 
 def test_ctrl_c_checkpoints_and_exits_75(tiny_model, demo_data, tmp_path):
     # A terminal's Ctrl-C sends SIGINT to run.sh's whole process group. (SIGINT back to its default first: a shell
     # that started this test in the background made it ignored, and bash cannot trap a signal ignored on entry.)
     out = tmp_path / "ctrl_c"
-    config = _config(tiny_model, demo_data, tmp_path, out)
+    config = reference_config(tiny_model, demo_data, out)
     proc = subprocess.Popen([str(REPO / "run.sh"), "train", str(config)], cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "LOCAL_SIZE": "2"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -182,7 +217,7 @@ def test_ctrl_c_checkpoints_and_exits_75(tiny_model, demo_data, tmp_path):
     _wait_for_step(out, 3, proc)
     os.killpg(proc.pid, signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 75, output[-4000:]
+    assert proc.returncode == PREEMPTED_EXIT, output[-4000:]
     stopped = [r for r in read_metrics(out) if "preempted" in r]
     assert len(stopped) == 1, output[-4000:]
     assert (out / "checkpoints" / "latest").read_text() == f"step-{stopped[0]['step']:06d}"
