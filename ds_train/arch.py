@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ds_train import dist
-from ds_train.config import ConfigError, zero_stage
+from ds_train.ds_config import zero_stage
+from ds_train.errors import ConfigError
 
 # The Llama-3 special block (offset from vocab_size - 256); the Higgs tokens are placed at the config's ids.
 LLAMA3_SPECIALS = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>", 7: "<|end_header_id|>",
@@ -148,7 +149,7 @@ def build_text_tokenizer(model_config):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from ds_train.tiny import SPECIALS, _bytes_to_unicode
+    from ds_train.demo.tiny import SPECIALS, _bytes_to_unicode
 
     vocab_size = model_config.text_config.vocab_size
     base = vocab_size - 256

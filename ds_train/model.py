@@ -27,6 +27,7 @@ def build_model(cfg: Config, ds_config: dict, dtype: torch.dtype):
 
     if cfg.model.init == "random":
         from ds_train.arch import build_random_model
+        from ds_train.preflight import load_model_config
 
         model = build_random_model(load_model_config(cfg.model.path), ds_config, dtype,
                                    cfg.model.attn_implementation, cfg.train.seed)

@@ -12,7 +12,8 @@ import torch
 
 from ds_train import dist
 from ds_train.arch import build_random_model
-from ds_train.model import count_parameters, load_model_config
+from ds_train.model import count_parameters
+from ds_train.preflight import load_model_config
 
 path, mode, dtype = sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "bf16"
 dist.init_distributed()

@@ -24,7 +24,7 @@ def small_arch(tmp_path_factory):
 def test_released_architecture_has_5_771b_parameters():
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
 
-    from ds_train.model import load_model_config
+    from ds_train.preflight import load_model_config
 
     config = load_model_config(str(ARCH))
     with torch.device("meta"):  # shapes only: nothing is allocated
@@ -39,7 +39,7 @@ def test_released_architecture_has_5_771b_parameters():
 
 def test_arch_dir_tokenizer_has_the_higgs_specials_at_the_real_ids(small_arch):
     from ds_train.config import load_config
-    from ds_train.model import load_model_config, load_text_tokenizer
+    from ds_train.preflight import load_model_config, load_text_tokenizer
 
     config = load_model_config(str(small_arch))
     assert (config.text_config.num_hidden_layers, config.text_config.hidden_size) == (2, 128)
@@ -57,7 +57,7 @@ def test_arch_dir_tokenizer_has_the_higgs_specials_at_the_real_ids(small_arch):
 
 def test_random_init_fills_weights_and_keeps_norms(small_arch):
     from ds_train.arch import build_random_model
-    from ds_train.model import load_model_config
+    from ds_train.preflight import load_model_config
 
     config = load_model_config(str(small_arch))
     no_zero3 = {"zero_optimization": {"stage": 2}}
