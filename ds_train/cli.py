@@ -238,6 +238,48 @@ def cmd_make_arch(words):
     print(make_arch_dir(a.arch_file, a.out_dir, scale if a.layers is not None else None))
 
 
+def _split_flags(words, flags: dict) -> tuple[list, dict]:
+    """Pull `--flag value` / `--flag=value` for the given flags (name -> type) out of `words`."""
+    rest, found, i = [], {}, 0
+    while i < len(words):
+        flag, eq, inline = words[i].partition("=")
+        if flag in flags:
+            if not eq:
+                if i + 1 >= len(words):
+                    raise ConfigError(f"{flag} needs a value")
+                i += 1
+                inline = words[i]
+            found[flag.lstrip("-").replace("-", "_")] = flags[flag](inline)
+        else:
+            rest.append(words[i])
+        i += 1
+    return rest, found
+
+
+BENCH_FLAGS = {"--warmup": int, "--steps": int, "--synthetic": str, "--audio-fraction": float, "--baseline": str,
+               "--peak-tflops": float}
+
+
+def cmd_bench_train(words):
+    from ds_train.bench.train import BenchOptions, bench_train
+
+    words, flags = _split_flags(words, BENCH_FLAGS)
+    if flags.get("baseline") not in (None, "hf"):
+        raise ConfigError(f"--baseline must be hf, got {flags['baseline']!r}")
+    yaml_path, dotlist = translate_args(words)
+    if flags.get("synthetic"):
+        # Synthetic batches need neither a manifest nor an audio tokenizer; the user's settings still win.
+        dotlist = ["data.train_file=synthetic", "model.audio_tokenizer_path=unused", *dotlist]
+    bench_train(load_config(yaml_path, dotlist), BenchOptions(**flags))
+
+
+def cmd_plan(words):
+    from ds_train.plan import plan_command
+
+    words, flags = _split_flags(words, {"--hostfile": str, "--gpu-memory": float, "--positions": int})
+    plan_command(_config(words), **flags)
+
+
 def cmd_bench_data(words):
     from ds_train.bench.data import bench_data
 
@@ -254,6 +296,7 @@ COMMANDS = {
     "train": cmd_train, "prepare": cmd_prepare, "consolidate": cmd_consolidate, "merge": cmd_merge,
     "make-tiny": cmd_make_tiny, "make-demo-data": cmd_make_demo_data, "make-arch": cmd_make_arch, "bench-data": cmd_bench_data,
     "generate": cmd_generate, "plot": cmd_plot,
+    "bench-train": cmd_bench_train, "plan": cmd_plan,
     "show-config": cmd_show_config,
 }
 
