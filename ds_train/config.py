@@ -85,7 +85,7 @@ class DataConfig:
     max_tokens: int = 0  # >0: token-budget micro-batches (text + audio positions) instead of train.micro_batch_size
     num_workers: int = 0
     persistent_workers: bool = False
-    pin_memory: bool = False
+    pin_memory: bool = True  # pinned host batches, copied with non_blocking=True (GPU only; ignored on CPU)
     prefetch_factor: Optional[int] = None
     shard_size: int = 256  # samples per cache shard
 
