@@ -290,7 +290,8 @@ def _summarise(times, tokens, samples, flops, opts) -> dict:
     seconds = tot[0] / world
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return {
-        "step_time_s": seconds / len(t), "step_times_s": [round(x, 4) for x in t],
+        "step_time_s": seconds / len(t), "step_times_s": [round(x, 4) for x in t], "tokens": int(tot[1]),
+        "samples": int(tot[2]), "model_flops": tot[3],
         "tokens_per_s": tot[1] / seconds, "tokens_per_s_per_device": tot[1] / seconds / world,
         "samples_per_s": tot[2] / seconds, "tflops_per_s_per_device": tot[3] / seconds / world / 1e12,
         "mfu": tot[3] / seconds / world / (opts.peak_tflops * 1e12),
