@@ -2,8 +2,8 @@
 touched? Per-device memory of the configured model, LoRA, ZeRO stage/offload and micro-batch, and what to change.
 
 The model is counted exactly from its config (built on the meta device, nothing allocated). Per device:
-  parameters    frozen base x dtype bytes; ZeRO-3: / ranks, plus the gathered working set (the largest module +
-                the prefetch bucket, capped by stage3_max_live_parameters); offload_param: on the host instead
+  parameters    frozen base x dtype bytes; ZeRO-3: / ranks, plus the gathered working set (up to
+                stage3_max_live_parameters, twice: parameters and all-gather buffers); offload_param: on the host
   LoRA          trainable x dtype bytes (ZeRO-3: / ranks), gradients x dtype bytes (ZeRO-2/3: / ranks)
   optimizer     AdamW m, v (+ an fp32 master copy in bf16) = 12 (bf16) or 8 (fp32) bytes per trainable / ranks;
                 offload_optimizer: on the host
@@ -115,9 +115,13 @@ def plan_memory(cfg: Config, model_config, ds_config: dict, world: int, position
     base = c.frozen * b / (world if stage == 3 else 1)
     (host if offload_param else comp)["parameters"] = base / GIB
     if stage == 3:
+        # stage3_max_reuse_distance (1e9 in our JSONs) keeps a gathered parameter until backward has used it again,
+        # so up to stage3_max_live_parameters (or the whole model) is gathered at once; measured on CPU, RSS grows
+        # by twice that (the all-gather's flat buffers as well as the parameters): 320M-parameter fp32 copy, 2 ranks,
+        # +3.05 GiB over 1.2 GiB of parameters.
         live = int(zero.get("stage3_max_live_parameters", 1e9))
-        prefetch = int(zero.get("stage3_prefetch_bucket_size", 5e7))
-        comp["gathered parameters"] = min(live, c.largest_module + prefetch) * b / GIB
+        gathered = max(min(live, c.frozen + c.trainable), c.largest_module)
+        comp["gathered parameters"] = 2 * gathered * b / GIB
     comp["LoRA + gradients"] = c.trainable * b * (1 / world if stage == 3 else 1) / GIB \
         + c.trainable * b / (world if stage >= 2 else 1) / GIB
     opt = c.trainable * (12 if bf16 else 8) / (world if stage >= 1 else 1) / GIB
