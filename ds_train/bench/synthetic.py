@@ -52,7 +52,7 @@ class SyntheticBatches:
         self.model_config, self.lengths, self.n, self.audio_fraction = model_config, lengths, samples_per_batch, \
             audio_fraction
         self.seed = seed
-        self.collate = Collate(make_collator(model_config, None))
+        self.collate = Collate(make_collator(model_config))
 
     def batch(self, index: int, rank: int):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index * 1009 + rank)

@@ -108,7 +108,7 @@ def _batch_source(cfg: Config, opts: BenchOptions, model_config):
 
     pre = preflight(cfg)
     dataset = build_data(cfg, model_config, pre.text_tokenizer, pre.out_dir).train_set  # prepares when missing
-    collate = Collate(make_collator(model_config, pre.text_tokenizer))
+    collate = Collate(make_collator(model_config, cfg.model.whisper_processor_path))
     plans = []
     for rank in range(dist.world_size()):  # every rank's micro-batches: the HF baseline reads them interleaved
         sampler = MicroBatchSampler(dataset.lengths, rank, dist.world_size(), cfg.train.grad_accum, cfg.train.seed,
