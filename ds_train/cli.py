@@ -27,6 +27,10 @@ USAGE = """ds-train <command> ...
   plot OUTPUT_DIR                            OUTPUT_DIR/curves.png from its metrics.jsonl (losses, quality, lr, tokens/s)
   make-tiny OUT_DIR                          tiny real-format Higgs Audio checkpoint (tests, demo)
   make-demo-data OUT_DIR [--n N]             small synthetic voice-cloning data set (TTS manifest)
+  make-arch ARCH.json OUT_DIR [--layers N --hidden H --intermediate I --heads A --kv-heads K]
+                                             weightless model dir (config + real-id tokenizer) for model.init=random
+  plan CONFIG.yaml [key=value ...] [--hostfile F] [--gpu-memory GB]   predicted memory per device, fits or not
+  bench-train CONFIG.yaml [key=value ...] [--synthetic ...] [--baseline hf]   training step throughput and MFU
   bench-data CONFIG.yaml [key=value ...]     cache vs on-the-fly loader throughput, padding efficiency
   show-config CONFIG.yaml [key=value ...]    print the resolved config
 """
@@ -218,6 +222,64 @@ def cmd_make_demo_data(words):
     print(make_demo_data(a.out_dir, a.n, a.n_eval, skewed=a.skewed))
 
 
+def cmd_make_arch(words):
+    p = argparse.ArgumentParser(prog="ds-train make-arch")
+    p.add_argument("arch_file")
+    p.add_argument("out_dir")
+    for flag in ("--layers", "--hidden", "--intermediate", "--heads", "--kv-heads"):
+        p.add_argument(flag, type=int, default=None)
+    a = p.parse_args(words)
+    scale = {"layers": a.layers, "hidden": a.hidden, "intermediate": a.intermediate, "heads": a.heads,
+             "kv_heads": a.kv_heads}
+    if any(v is not None for v in scale.values()) and not all(v is not None for v in scale.values()):
+        raise ConfigError("make-arch: give all of --layers --hidden --intermediate --heads --kv-heads, or none")
+    from ds_train.arch import make_arch_dir
+
+    print(make_arch_dir(a.arch_file, a.out_dir, scale if a.layers is not None else None))
+
+
+def _split_flags(words, flags: dict) -> tuple[list, dict]:
+    """Pull `--flag value` / `--flag=value` for the given flags (name -> type) out of `words`."""
+    rest, found, i = [], {}, 0
+    while i < len(words):
+        flag, eq, inline = words[i].partition("=")
+        if flag in flags:
+            if not eq:
+                if i + 1 >= len(words):
+                    raise ConfigError(f"{flag} needs a value")
+                i += 1
+                inline = words[i]
+            found[flag.lstrip("-").replace("-", "_")] = flags[flag](inline)
+        else:
+            rest.append(words[i])
+        i += 1
+    return rest, found
+
+
+BENCH_FLAGS = {"--warmup": int, "--steps": int, "--synthetic": str, "--audio-fraction": float, "--baseline": str,
+               "--peak-tflops": float}
+
+
+def cmd_bench_train(words):
+    from ds_train.bench.train import BenchOptions, bench_train
+
+    words, flags = _split_flags(words, BENCH_FLAGS)
+    if flags.get("baseline") not in (None, "hf"):
+        raise ConfigError(f"--baseline must be hf, got {flags['baseline']!r}")
+    yaml_path, dotlist = translate_args(words)
+    if flags.get("synthetic"):
+        # Synthetic batches need neither a manifest nor an audio tokenizer; the user's settings still win.
+        dotlist = ["data.train_file=synthetic", "model.audio_tokenizer_path=unused", *dotlist]
+    bench_train(load_config(yaml_path, dotlist), BenchOptions(**flags))
+
+
+def cmd_plan(words):
+    from ds_train.plan import plan_command
+
+    words, flags = _split_flags(words, {"--hostfile": str, "--gpu-memory": float, "--positions": int})
+    plan_command(_config(words), **flags)
+
+
 def cmd_bench_data(words):
     from ds_train.bench.data import bench_data
 
@@ -232,8 +294,9 @@ def cmd_show_config(words):
 
 COMMANDS = {
     "train": cmd_train, "prepare": cmd_prepare, "consolidate": cmd_consolidate, "merge": cmd_merge,
-    "make-tiny": cmd_make_tiny, "make-demo-data": cmd_make_demo_data, "bench-data": cmd_bench_data,
+    "make-tiny": cmd_make_tiny, "make-demo-data": cmd_make_demo_data, "make-arch": cmd_make_arch, "bench-data": cmd_bench_data,
     "generate": cmd_generate, "plot": cmd_plot,
+    "bench-train": cmd_bench_train, "plan": cmd_plan,
     "show-config": cmd_show_config,
 }
 

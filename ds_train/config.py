@@ -36,9 +36,18 @@ class ModelConfig:
     activation_checkpointing: bool = False
     train_audio_mlp: bool = False  # train the DualFFN audio_mlp weights fully (not through LoRA)
     trust_remote_code: bool = False
+    # pretrained: load the weights at `path`. random: build the architecture at `path` (an arch JSON such as
+    # configs/arch/higgs-v2-3b.json, or a dir with config.json) with random weights, for benchmarks and scale tests.
+    init: str = "pretrained"
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs the flash-attn package)
+    # true: project every position to the text vocabulary, as Boson's forward does (kept to measure the saving);
+    # false: only the positions with a trained text label (same loss, no positions x vocab tensor).
+    full_text_logits: bool = False
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("auto", "bf16", "fp32"))
+        _choice("model.init", self.init, ("pretrained", "random"))
+        _choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
 
 
 @dataclass
@@ -76,7 +85,7 @@ class DataConfig:
     max_tokens: int = 0  # >0: token-budget micro-batches (text + audio positions) instead of train.micro_batch_size
     num_workers: int = 0
     persistent_workers: bool = False
-    pin_memory: bool = False
+    pin_memory: bool = True  # pinned host batches, copied with non_blocking=True (GPU only; ignored on CPU)
     prefetch_factor: Optional[int] = None
     shard_size: int = 256  # samples per cache shard
 

@@ -25,11 +25,19 @@ def build_model(cfg: Config, ds_config: dict, dtype: torch.dtype):
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
     from transformers.integrations import HfDeepSpeedConfig
 
-    # transformers' from_pretrained builds under deepspeed.zero.Init while this object is alive.
-    hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
-    model = HiggsAudioModel.from_pretrained(cfg.model.path, torch_dtype=dtype,
-                                            trust_remote_code=cfg.model.trust_remote_code)
-    del hf_ds
+    if cfg.model.init == "random":
+        from ds_train.arch import build_random_model
+        from ds_train.preflight import load_model_config
+
+        model = build_random_model(load_model_config(cfg.model.path), ds_config, dtype,
+                                   cfg.model.attn_implementation, cfg.train.seed)
+    else:
+        # transformers' from_pretrained builds under deepspeed.zero.Init while this object is alive.
+        hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
+        model = HiggsAudioModel.from_pretrained(cfg.model.path, torch_dtype=dtype,
+                                                attn_implementation=cfg.model.attn_implementation,
+                                                trust_remote_code=cfg.model.trust_remote_code)
+        del hf_ds
     model.config.use_cache = False
     model.requires_grad_(False)
     model = apply_lora(model, cfg)
@@ -41,6 +49,10 @@ def build_model(cfg: Config, ds_config: dict, dtype: torch.dtype):
                 p.requires_grad_(True)
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(decoder_layers(model))
+    if not cfg.model.full_text_logits:
+        from ds_train.text_head import project_trained_positions_only
+
+        project_trained_positions_only(base_model(model))
     trainable, total = count_parameters(model)
     dist.print0(f"parameters: {trainable:,} trainable / {total:,} total ({100 * trainable / total:.3f}%)")
     return model

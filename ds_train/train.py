@@ -29,6 +29,7 @@ from ds_train.export import merge
 from ds_train.loss import LossReport, loss_sums, objective, report
 from ds_train.metrics import make_logger, peak_memory_gb, truncate_metrics
 from ds_train.model import build_model, torch_dtype
+from ds_train.plan import check_at_start as check_memory_plan
 from ds_train.preflight import preflight
 from ds_train.resilience import Diverged, Preempted, PreemptionFlag, SkipCounter
 from ds_train.samples import TrainingSamples
@@ -74,6 +75,8 @@ def setup(cfg: Config) -> Run:
 
     data = build_data(cfg, pre.model_config, pre.text_tokenizer, out)
     total_steps = planned_steps(cfg, data.sampler)
+    # one warning line if the memory plan predicts an out-of-memory
+    check_memory_plan(cfg, pre.model_config, ds_config, max(data.train_set.lengths))
     # Seed right before the adapters are initialised: whether `prepare` just ran the audio tokenizer (which draws
     # random numbers while it is built) must not change the LoRA init.
     seed_everything(cfg.train.seed)

@@ -1,0 +1,65 @@
+"""ds-train plan: exact counts of the released architecture, the per-device arithmetic, the recommendations."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO
+
+ARCH = str(REPO / "configs/arch/higgs-v2-3b.json")
+GIB = 2**30
+
+
+def _cfg(*overrides):
+    from ds_train.config import load_config
+
+    return load_config(overrides=[f"model.path={ARCH}", "model.init=random", "model.dtype=bf16",
+                                  "model.audio_tokenizer_path=x", "data.train_file=x", "train.output_dir=x",
+                                  *overrides])
+
+
+def _plan(cfg, world, positions, capacity, device="gpu"):
+    from ds_train.ds_config import deepspeed_config
+    from ds_train.plan import plan_memory
+    from ds_train.preflight import load_model_config
+
+    ds = deepspeed_config(cfg, world, cuda=True)
+    return plan_memory(cfg, load_model_config(ARCH), ds, world, positions, capacity, device)
+
+
+def test_counts_of_the_released_architecture_with_default_lora():
+    from ds_train.plan import count_model
+    from ds_train.preflight import load_model_config
+
+    c = count_model(_cfg(), load_model_config(ARCH))
+    # LoRA r=16 per layer: q, o 16 x (3072+3072); k, v 16 x (3072+1024); audio_mlp gate, up, down 16 x (3072+8192)
+    assert c.trainable == 28 * (2 * 98304 + 2 * 65536 + 3 * 180224) == 24_313_856
+    assert c.frozen == 5_771_283_456
+    assert c.largest_module == 128256 * 3072  # embedding / text head: what ZeRO-3 gathers at once at least
+
+
+def test_zero3_partitions_the_base_and_recommends_zero2_on_an_80gb_gpu():
+    p = _plan(_cfg("train.deepspeed_config=ds_configs/zero3.json"), world=8, positions=4096, capacity=80.0)
+    assert p.components["parameters"] == pytest.approx(5_771_283_456 * 2 / 8 / GIB)
+    assert p.components["optimizer"] == pytest.approx(24_313_856 * 12 / 8 / GIB)
+    assert p.fits
+    assert any(r.startswith("ZeRO-2 fits") for r in p.recommendations)
+
+
+def test_full_text_logits_cost_what_the_vocabulary_says():
+    trained = _plan(_cfg(), world=1, positions=4096, capacity=80.0)
+    full = _plan(_cfg("model.full_text_logits=true"), world=1, positions=4096, capacity=80.0)
+    # 4032 more positions x 128256 words x (bf16 logits + fp32 copy + log-softmax + gradient = 14 bytes)
+    assert full.components["logits"] - trained.components["logits"] == pytest.approx(4032 * 128256 * 14 / GIB)
+
+
+def test_too_small_a_device_gets_checkpointing_and_a_token_budget():
+    p = _plan(_cfg("train.deepspeed_config=ds_configs/zero3.json"), world=8, positions=8192, capacity=24.0)
+    assert not p.fits
+    ckpt = [r for r in p.recommendations if r.startswith("model.activation_checkpointing=true")]
+    budget = [r for r in p.recommendations if r.startswith("data.max_tokens <=")]
+    assert ckpt and budget
+    tokens = int(budget[0].split("<=")[1].split()[0])
+    assert tokens % 256 == 0 and 0 < tokens < 8192
+    assert _plan(_cfg("train.deepspeed_config=ds_configs/zero3.json"), world=8, positions=tokens,
+                 capacity=24.0).total_gib <= 0.9 * 24.0
