@@ -39,3 +39,26 @@ def test_trained_positions_only_gives_the_full_projection_loss_and_gradients(tin
     torch.testing.assert_close(sel_loss.total, full_loss.total, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(sel_q, full_q, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(sel_emb, full_emb, rtol=1e-5, atol=1e-7)
+
+
+def test_deferring_the_head_keeps_parameter_names_and_the_lora_head(tiny_model):
+    """Adapters and checkpoints name parameters by module path: deferring the head (LoRA-wrapped or not) must not
+    move it (a wrapper module would rename `text_lm_head.*` and the adapter would no longer load without it)."""
+    from ds_train.bench.synthetic import SyntheticBatches
+    from ds_train.config import load_config
+    from ds_train.model import apply_lora, base_model
+    from ds_train.text_head import project_trained_positions_only
+
+    cfg = load_config(None, [f"model.path={tiny_model}", f"model.audio_tokenizer_path={tiny_model}/audio_tokenizer",
+                             "data.train_file=unused.jsonl", "train.output_dir=unused", "lora.dropout=0.0",
+                             "lora.target_modules=[self_attn.q_proj,text_lm_head]"])
+    model = apply_lora(_model(tiny_model, False), cfg)
+    names = [n for n, _ in model.named_parameters()]
+    batch = SyntheticBatches(base_model(model).config, (40, 90), 2, 0.7, seed=5).batch(0, 0)
+    full = model(**batch.inputs).logits
+    project_trained_positions_only(base_model(model))
+    assert [n for n, _ in model.named_parameters()] == names
+    assert any("text_lm_head.lora_A" in n for n in names)
+    out = model(**batch.inputs)
+    trained = out.expanded_labels[:, 1:] != -100
+    torch.testing.assert_close(out.logits, full[:, :-1][trained], rtol=1e-5, atol=1e-6)
