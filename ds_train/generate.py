@@ -17,12 +17,15 @@ import os
 from copy import deepcopy
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 
 from ds_train.adapter import ADAPTER_CONFIG, BASE_TRAINABLE
+
+if TYPE_CHECKING:
+    from boson_multimodal.data_types import ChatMLSample
 
 # Generation stops once the audio stream is closed (<|audio_eos|>): one clip per prompt, never a second segment.
 STOP_STRINGS = ["<|audio_eos|>", "<|eot_id|>", "<|end_of_text|>"]
@@ -33,7 +36,7 @@ KV_CACHE_LENGTHS = [1024, 4096, 8192]  # HiggsAudioServeEngine's buckets
 class Prompt:
     """The turns before the audio to generate, the spoken text, and the clip it should sound like (if known)."""
 
-    sample: "ChatMLSample"  # noqa: F821 (boson_multimodal.data_types)
+    sample: ChatMLSample
     name: str  # output file stem
     text: str
     target_audio: Optional[str] = None

@@ -33,7 +33,7 @@ def build_model(cfg: Config, ds_config: dict, dtype: torch.dtype):
                                    cfg.model.attn_implementation, cfg.train.seed)
     else:
         # transformers' from_pretrained builds under deepspeed.zero.Init while this object is alive.
-        hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
+        hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841 (kept alive)
         model = HiggsAudioModel.from_pretrained(cfg.model.path, torch_dtype=dtype,
                                                 attn_implementation=cfg.model.attn_implementation,
                                                 trust_remote_code=cfg.model.trust_remote_code)

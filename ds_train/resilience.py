@@ -6,8 +6,6 @@ import math
 import signal
 
 from ds_train import dist
-
-from ds_train.errors import EXIT_DIVERGED as DIVERGED_EXIT
 from ds_train.errors import EXIT_PREEMPTED as PREEMPTED_EXIT  # EX_TEMPFAIL: "try again later"; resume=auto
 
 

@@ -67,7 +67,7 @@ def damaged_copy(src: Path, dst: Path, step: int, damage: str) -> Path:
 
 
 def resume_cfg(out: Path, resume="auto"):
-    return load_config(None, [f"model.path=/m", "model.audio_tokenizer_path=/t", "data.train_file=/d",
+    return load_config(None, ["model.path=/m", "model.audio_tokenizer_path=/t", "data.train_file=/d",
                               f"train.output_dir={out}", f"train.resume={resume}"])
 
 

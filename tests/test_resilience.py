@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from conftest import (REF_STEPS, REPO, assert_same_run, free_port, launch, loss_records, read_metrics,
                       reference_config)
 from ds_train.checkpoint import tag_of
-from ds_train.resilience import DIVERGED_EXIT, PREEMPTED_EXIT
+from ds_train.errors import EXIT_DIVERGED as DIVERGED_EXIT
+from ds_train.resilience import PREEMPTED_EXIT
 
 pytestmark = pytest.mark.slow
 KILLED_EXIT = 256 - signal.SIGKILL  # a rank killed by SIGKILL, as the launcher passes it on
