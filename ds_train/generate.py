@@ -136,9 +136,9 @@ def write_spoken(out_dir: Path, prompt: Prompt, spoken: Spoken, extra: Optional[
 # Prompts
 
 def read_prompts(path: str, system_prompt: str) -> list[Prompt]:
-    """A prompts JSONL: `text`, optional `ref_audio` + `ref_text` (voice cloning), optional `out` (file stem).
-    Relative audio paths resolve against the file's directory; every bad line is reported at once."""
-    from ds_train.data.manifest import voice_cloning_prompt
+    """A prompts JSONL (or JSON list): `text`, optional `ref_audio` + `ref_text` (voice cloning), optional `out`
+    (file stem). Relative audio paths resolve against the file's directory; every bad line is reported at once."""
+    from ds_train.data.manifest import raw_records, voice_cloning_prompt
     from ds_train.errors import DataError
 
     from boson_multimodal.data_types import ChatMLSample
@@ -147,16 +147,8 @@ def read_prompts(path: str, system_prompt: str) -> list[Prompt]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file not found: {path}")
     prompts, bad = [], []
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        source = f"{name}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.append({"source": source, "reason": f"invalid JSON: {e.msg} (column {e.colno})"})
-            continue
-        reason = _prompt_problem(row, base)
+    for source, row, error in raw_records(path):
+        reason = error or _prompt_problem(row, base)
         if reason:
             bad.append({"source": source, "reason": reason})
             continue

@@ -45,7 +45,7 @@ def read_manifest(path: str, fmt: str = "auto", system_prompt: str = "",
         raise FileNotFoundError(f"manifest not found: {path}")
     base = Path(path).resolve().parent
     out = []
-    for source, raw, error in _raw_records(path):
+    for source, raw, error in raw_records(path):
         if error is not None:
             out.append(Record(source, None, _hash(source, raw), error))
             continue
@@ -74,7 +74,7 @@ def _sample_key(sample: ChatMLSample, digest: Callable[[str], str]) -> str:
     return _hash(d)
 
 
-def _raw_records(path: str) -> Iterator[tuple[str, object, Optional[str]]]:
+def raw_records(path: str) -> Iterator[tuple[str, object, Optional[str]]]:
     """(source, raw record or the text that failed to parse, error or None) for each record."""
     name = os.path.basename(path)
     with open(path, encoding="utf-8-sig") as f:  # a BOM (some Windows editors write one) is not data
