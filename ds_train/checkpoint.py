@@ -47,8 +47,12 @@ def read_latest(out_dir: Path) -> Optional[Path]:
     return checkpoint_root(out_dir) / latest.read_text().strip()
 
 
-def save(engine, model, cfg: Config, out_dir: Path, state: dict, eval_loss: Optional[float] = None) -> Path:
-    """Collective: every rank writes its shards and RNG; then rank 0 writes the adapter, `latest`, and prunes."""
+def save(engine, model, cfg: Config, out_dir: Path, state: dict, metrics: Optional[dict] = None) -> Path:
+    """Collective: every rank writes its shards and RNG; then rank 0 writes the adapter, `latest`, and prunes.
+    `metrics`: the eval and sample numbers of this step (rank 0's are recorded: it alone has the judges' scores)."""
+    metrics = {k: v for k, v in (metrics or {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+    eval_loss = metrics.get("eval_loss")
     root = checkpoint_root(out_dir)
     tag = tag_of(state["step"])
     if dist.is_main() and (root / tag).exists():
@@ -71,10 +75,11 @@ def save(engine, model, cfg: Config, out_dir: Path, state: dict, eval_loss: Opti
     faults.crash_if("after_shards", state["step"])
     dist.barrier()  # every rank's files are on disk before `latest` may name them
     if dist.is_main():
-        atomic_write(root / tag / META, json.dumps({"step": state["step"], "eval_loss": eval_loss,
+        atomic_write(root / tag / META, json.dumps({"step": state["step"], "eval_loss": eval_loss, "metrics": metrics,
                                                     "world_size": dist.world_size(), "config": to_dict(cfg)}))
         atomic_write(root / "latest", tag)
-        _prune(root, tag, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
+        ck = cfg.checkpoint
+        _prune(root, tag, ck.keep_last, ck.keep_best, ck.best_metric, ck.best_direction())
     dist.barrier()
     return root / tag
 
@@ -94,22 +99,45 @@ def step_of(path: Path) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def _prune(root: Path, current: str, keep_last: int, keep_best: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints and the `keep_best` lowest eval losses; drop dirs that a
-    crashed save left without META (every rank has passed the barrier, so none is still being written).
-    Complete dirs past the current step belong to an abandoned branch of the run (a resume from an older
+def _prune(root: Path, current: str, keep_last: int, keep_best: int, metric: str = "eval_loss",
+           mode: str = "min") -> None:
+    """Keep the newest `keep_last` complete checkpoints and the `keep_best` best by `metric` (`mode` min or max);
+    drop dirs that a crashed save left without META (every rank has passed the barrier, so none is still being
+    written). Complete dirs past the current step belong to an abandoned branch of the run (a resume from an older
     checkpoint): they are neither counted nor removed here; a save at the same step replaces them."""
     dirs = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of)
     done = [p for p in dirs if (p / META).is_file() and step_of(p) <= step_of(root / current)]
     keep = set(done[-keep_last:]) | {root / current}
     keep |= {p for p in dirs if (p / META).is_file() and step_of(p) > step_of(root / current)}
     if keep_best:
-        scored = [(json.loads((p / META).read_text())["eval_loss"], p) for p in done]
-        scored = [(loss, p) for loss, p in scored if loss is not None and math.isfinite(loss)]
-        keep |= {p for _, p in sorted(scored, key=lambda s: (s[0], step_of(s[1])))[:keep_best]}
+        keep |= {p for p, _ in ranked(done, metric, mode)[:keep_best]}
     for p in dirs:
         if p not in keep:
             _remove_checkpoint(p)
+
+
+def ranked(step_dirs: list[Path], metric: str, mode: str) -> list[tuple[Path, float]]:
+    """(checkpoint, value) best first, for the checkpoints whose META records a finite `metric`; ties go to the
+    earlier step."""
+    scored = []
+    for p in step_dirs:
+        meta = json.loads((p / META).read_text())
+        # Checkpoints written before META carried `metrics` recorded the eval loss alone.
+        value = meta.get("metrics", {}).get(metric, meta.get("eval_loss") if metric == "eval_loss" else None)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            scored.append((p, float(value)))
+    sign = 1 if mode == "min" else -1
+    return sorted(scored, key=lambda s: (sign * s[1], step_of(s[0])))
+
+
+def best(out_dir: Path, metric: str, mode: str) -> Optional[tuple[Path, float]]:
+    """The best complete checkpoint of OUTPUT_DIR by `metric`, with its value; None when none recorded it."""
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None and (p / META).is_file()]
+    order = ranked(done, metric, mode)
+    return order[0] if order else None
 
 
 def _remove_checkpoint(path: Path) -> None:

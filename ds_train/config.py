@@ -182,6 +182,9 @@ class EvalConfig:
     samples: Optional[Union[int, str]] = None  # prompts JSONL (as `ds-train generate --prompts`), or N eval-set samples
     samples_every: int = 0  # steps between sample generations; 0: at the end only
     samples_max_frames: int = 500  # length cap per clip (audio frames; 10 s at 50 frames/s)
+    # Local model dirs that judge the samples (ds_train.quality); no hub at run time.
+    asr_model: Optional[str] = None  # Whisper (transformers): samples_wer, samples_cer against the prompt text
+    speaker_model: Optional[str] = None  # WavLM x-vector (transformers): samples_speaker_sim to the reference clip
 
     def __post_init__(self):
         if isinstance(self.samples, int) and self.samples <= 0:
@@ -191,19 +194,42 @@ class EvalConfig:
         if self.samples_every and self.samples is None:
             raise ConfigError("eval.samples_every > 0 needs eval.samples (a prompts JSONL or a number of eval samples)")
         _positive("eval.samples_max_frames", self.samples_max_frames)
+        for key in ("asr_model", "speaker_model"):
+            if getattr(self, key) and self.samples is None:
+                raise ConfigError(f"eval.{key} judges the generated samples: it needs eval.samples")
+
+
+# checkpoint.best_metric: the metrics it can name and which way is better. (samples_length_ratio has no direction:
+# 1.0 is best.) The issue's short names are accepted for the samples' judges.
+BEST_METRICS = {
+    "eval_loss": "min", "eval_text_loss": "min", "eval_audio_loss": "min", "eval_text_acc": "max",
+    "eval_audio_acc": "max", "samples_eos_fraction": "max", "samples_code_match": "max", "samples_wer": "min",
+    "samples_cer": "min", "samples_speaker_sim": "max",
+}
+BEST_ALIASES = {"wer": "samples_wer", "cer": "samples_cer", "speaker_sim": "samples_speaker_sim"}
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end
     keep_last: int = 2
-    keep_best: int = 0  # by eval loss, when evaluation runs
+    keep_best: int = 0  # by best_metric, among the checkpoints saved at a step where it was computed
+    best_metric: str = "eval_loss"  # also ranks the final summary's best checkpoint; see BEST_METRICS
+    best_mode: str = "auto"  # auto (BEST_METRICS' direction) | min | max
     merge: bool = False  # write OUTPUT_DIR/merged at the end of training
 
     def __post_init__(self):
         _positive("checkpoint.keep_last", self.keep_last)
         _at_least("checkpoint.every_steps", self.every_steps, 0)
         _at_least("checkpoint.keep_best", self.keep_best, 0)
+        self.best_metric = BEST_ALIASES.get(self.best_metric, self.best_metric)
+        if self.best_metric not in BEST_METRICS:
+            raise ConfigError(f"checkpoint.best_metric must be one of {', '.join([*BEST_METRICS, *BEST_ALIASES])}; "
+                              f"got {self.best_metric!r}")
+        _choice("checkpoint.best_mode", self.best_mode, ("auto", "min", "max"))
+
+    def best_direction(self) -> str:
+        return BEST_METRICS[self.best_metric] if self.best_mode == "auto" else self.best_mode
 
 
 @dataclass
@@ -249,8 +275,22 @@ class Config:
             raise ConfigError("train.eval_every > 0 needs data.eval_file")
         if self.train.eval_on_start and not self.data.eval_file:
             raise ConfigError("train.eval_on_start needs data.eval_file")
-        if self.checkpoint.keep_best > 0 and not self.data.eval_file:
-            raise ConfigError("checkpoint.keep_best > 0 needs data.eval_file (best is measured by eval loss)")
+        self._check_best_metric()
+
+    def _check_best_metric(self) -> None:
+        """checkpoint.best_metric must be a metric this run computes (the default, eval_loss, only when ranking)."""
+        metric, ck = self.checkpoint.best_metric, self.checkpoint
+        if ck.keep_best == 0 and metric == "eval_loss":
+            return
+        source = f"checkpoint.best_metric={metric}" + (f" (checkpoint.keep_best={ck.keep_best})" if ck.keep_best else "")
+        if metric.startswith("eval_") and not self.data.eval_file:
+            raise ConfigError(f"{source} needs data.eval_file")
+        if metric.startswith("samples_") and self.eval.samples is None:
+            raise ConfigError(f"{source} needs eval.samples")
+        if metric in ("samples_wer", "samples_cer") and not self.eval.asr_model:
+            raise ConfigError(f"{source} needs eval.asr_model (a local Whisper dir)")
+        if metric == "samples_speaker_sim" and not self.eval.speaker_model:
+            raise ConfigError(f"{source} needs eval.speaker_model (a local WavLM x-vector dir)")
 
 
 def _positive(name: str, value) -> None:

@@ -40,6 +40,7 @@ class Prompt:
     name: str  # output file stem
     text: str
     target_audio: Optional[str] = None
+    ref_audio: Optional[str] = None  # the voice to clone (speaker similarity is measured against it)
 
 
 @dataclass
@@ -81,7 +82,8 @@ def serve_engine(model, text_tokenizer, audio_tokenizer, capture_cuda_graphs: bo
     from ds_train.data.collate import DEFAULT_WHISPER_PROCESSOR, make_collator
 
     engine = HiggsAudioServeEngine.__new__(HiggsAudioServeEngine)
-    engine.model, engine.tokenizer, engine.audio_tokenizer = model, text_tokenizer, audio_tokenizer
+    engine.model, engine.tokenizer = model, text_tokenizer
+    engine.audio_tokenizer = _ZeroFrameSafe(audio_tokenizer)
     engine.device = str(model.device)
     engine.audio_num_codebooks = model.config.audio_num_codebooks
     engine.audio_codebook_size = model.config.audio_codebook_size
@@ -95,6 +97,23 @@ def serve_engine(model, text_tokenizer, audio_tokenizer, capture_cuda_graphs: bo
     if capture_cuda_graphs:
         engine.model.capture_model(engine.kv_caches.values())
     return engine
+
+
+class _ZeroFrameSafe:
+    """The audio tokenizer as the serve engine sees it. The engine decodes every generated clip, and the codec's
+    decoder fails on a clip of zero frames - what a model that closes the audio stream at once (early in training)
+    generates. Such a clip is empty audio, not a crashed run."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def decode(self, vq_code: torch.Tensor):
+        if vq_code.shape[-1] == 0:
+            return np.zeros((vq_code.shape[0], 1, 0), dtype=np.float32)
+        return self._tokenizer.decode(vq_code)
 
 
 def speak(engine, prompt: Prompt, sampling: Sampling) -> Spoken:
@@ -154,7 +173,8 @@ def read_prompts(path: str, system_prompt: str) -> list[Prompt]:
             continue
         ref_audio = str(base / row["ref_audio"]) if "ref_audio" in row else None
         messages = voice_cloning_prompt(row["text"], system_prompt, row.get("ref_text"), ref_audio)
-        prompts.append(Prompt(ChatMLSample(messages=messages), row.get("out") or f"{len(prompts):03d}", row["text"]))
+        prompts.append(Prompt(ChatMLSample(messages=messages), row.get("out") or f"{len(prompts):03d}", row["text"],
+                              ref_audio=ref_audio))
     if bad:
         raise DataError(bad, path)
     if not prompts:
@@ -188,7 +208,7 @@ def prompts_from_manifest(path: str, fmt: str, system_prompt: str, n: int) -> li
     audio turn, whose clip becomes the target the generated audio is compared with."""
     from boson_multimodal.data_types import AudioContent, ChatMLSample
 
-    from ds_train.data.manifest import contents, read_manifest, text_of
+    from ds_train.data.manifest import audio_contents, contents, read_manifest, text_of
 
     prompts = []
     for rec in read_manifest(path, fmt, system_prompt):
@@ -201,8 +221,10 @@ def prompts_from_manifest(path: str, fmt: str, system_prompt: str, n: int) -> li
             continue
         target = next(c for c in contents(messages[last]) if isinstance(c, AudioContent)).audio_url
         prompt_sample = ChatMLSample(messages=messages[:last])
+        earlier = [c.audio_url for c in audio_contents(prompt_sample)]
         stem = f"{len(prompts):03d}-{Path(target).stem}"
-        prompts.append(Prompt(prompt_sample, stem, (text_of(prompt_sample) or [""])[-1], target))
+        prompts.append(Prompt(prompt_sample, stem, (text_of(prompt_sample) or [""])[-1], target,
+                              ref_audio=earlier[-1] if earlier else None))
         if len(prompts) == n:
             break
     return prompts

@@ -1,7 +1,7 @@
 """`ds-train plot OUTPUT_DIR`: OUTPUT_DIR/curves.png from OUTPUT_DIR/metrics.jsonl, for a person without a browser.
 
 Panels: train/eval loss; text vs audio loss; per-codebook audio loss; quality (eval top-1 accuracy, the generated
-samples' EOS fraction, length ratio and code match); learning rate; tokens/s.
+samples' EOS fraction, length ratio, code match, WER/CER and speaker similarity); learning rate; tokens/s.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def plot_curves(out_dir: Path) -> Path:
         ("quality", [("eval_audio_acc", None, "eval top-1 audio acc"), ("eval_text_acc", None, "eval top-1 text acc"),
                      ("samples_eos_fraction", None, "samples stopped by EOS"),
                      ("samples_length_ratio", None, "samples length ratio"),
-                     ("samples_code_match", None, "samples code match (codebook 0)")]),
+                     ("samples_code_match", None, "samples code match (codebook 0)"),
+                     ("samples_wer", None, "samples WER"), ("samples_cer", None, "samples CER"),
+                     ("samples_speaker_sim", None, "samples speaker similarity")]),
         ("learning rate", [("lr", None, "lr")]),
         ("throughput", [("tokens_per_s", None, "tokens/s")]),
     ]

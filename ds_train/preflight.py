@@ -95,6 +95,15 @@ def check_output_dir(cfg: Config, for_prepare: bool = False) -> Path:
     return out
 
 
+def check_judges(cfg: Config) -> None:
+    """eval.asr_model / eval.speaker_model are local model dirs: a run never downloads them mid-training."""
+    for key in ("asr_model", "speaker_model"):
+        path = getattr(cfg.eval, key)
+        if path and not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"eval.{key}={path} is not a local model dir (no config.json); download it once "
+                              "(e.g. `huggingface-cli download ORG/NAME --local-dir DIR`) and point the key at DIR")
+
+
 @dataclass
 class Preflight:
     model_config: object  # HiggsAudioConfig
@@ -109,4 +118,5 @@ def preflight(cfg: Config, for_prepare: bool = False) -> Preflight:
     check_audio_tokenizer(cfg, model_config)
     if cfg.lora.init_from:
         check_init_adapter(cfg.lora.init_from, cfg.lora.r, cfg.lora.alpha)
+    check_judges(cfg)
     return Preflight(model_config, text_tokenizer, check_output_dir(cfg, for_prepare))

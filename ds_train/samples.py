@@ -9,6 +9,9 @@ metrics (against the prompt's target clip, when it has one):
   samples_eos_fraction   clips the model ended itself (stream EOS) rather than the length cap
   samples_length_ratio   generated / target frames, mean over clips with a target
   samples_code_match     positions of the first codebook equal to the target's, over target frames
+
+and, with eval.asr_model / eval.speaker_model, samples_wer, samples_cer and samples_speaker_sim (ds_train.quality;
+rank 0 computes them from the clips after generation - no ZeRO-3 parameter is involved).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class TrainingSamples:
         self.prompts = load_prompts(cfg)
         self.sampling = Sampling(temperature=0.0, max_new_frames=cfg.eval.samples_max_frames)  # greedy: comparable
         self.engine = None  # built at the first run (the audio tokenizer is loaded then)
+        self.judges = None  # ds_train.quality.Judges on rank 0, with eval.asr_model / eval.speaker_model
         self.targets: dict[str, torch.Tensor] = {}
 
     def due(self, step: int, last_step: bool) -> bool:
@@ -62,12 +66,19 @@ class TrainingSamples:
             spoken = [speak(self.engine, p, self.sampling) for p in self.prompts]
         if was_training:
             ds_engine.train()
+        metrics = {"step": step, **sample_metrics(self.prompts, spoken, self.targets)}
+        per_clip = [{} for _ in spoken]
+        if self.judges is not None:  # rank 0 only
+            t1 = time.perf_counter()
+            judged, per_clip = self.judges.score([(p.text, p.ref_audio, s.wav, s.sampling_rate)
+                                                  for p, s in zip(self.prompts, spoken)])
+            metrics.update(judged, samples_judge_time_s=time.perf_counter() - t1)
         seconds = time.perf_counter() - t0
-        metrics = {"step": step, **sample_metrics(self.prompts, spoken, self.targets), "samples_time_s": seconds}
+        metrics["samples_time_s"] = seconds
         if dist.is_main():
             folder = step_dir(self.out_dir, step)
-            for prompt, clip in zip(self.prompts, spoken):
-                write_spoken(folder, prompt, clip, {"step": step})
+            for prompt, clip, info in zip(self.prompts, spoken, per_clip):
+                write_spoken(folder, prompt, clip, {"step": step, **info})
             dist.print0(f"step {step}: {len(spoken)} audio samples in {folder} ({seconds:.1f}s)")
         logger.log(metrics)
         logger.audio(step, [(p.name, s.wav, s.sampling_rate, p.text) for p, s in zip(self.prompts, spoken)])
@@ -85,6 +96,11 @@ class TrainingSamples:
             if p.target_audio:
                 wav = load_audio(p.target_audio, audio_tokenizer.sampling_rate)
                 self.targets[p.name] = encode(audio_tokenizer, wav, self.cfg.data.loudness_normalize)
+        ev = self.cfg.eval
+        if dist.is_main() and (ev.asr_model or ev.speaker_model):
+            from ds_train.quality import Judges
+
+            self.judges = Judges(ev.asr_model, ev.speaker_model, str(dist.device()))
 
 
 def load_prompts(cfg: Config) -> list[Prompt]:

@@ -30,6 +30,7 @@ from ds_train.loss import LossReport, loss_sums, objective, report
 from ds_train.metrics import make_logger, peak_memory_gb, truncate_metrics
 from ds_train.model import build_model, torch_dtype
 from ds_train.plan import check_at_start as check_memory_plan
+from ds_train.plot import plot_curves
 from ds_train.preflight import preflight
 from ds_train.resilience import Diverged, Preempted, PreemptionFlag, SkipCounter
 from ds_train.samples import TrainingSamples
@@ -141,16 +142,15 @@ def train(cfg: Config) -> dict:
                            f"last good state is saved in {path}; lower optim.lr or inspect the data, then resume "
                            "with train.resume=auto.")
 
-        eval_loss = None
+        measured = {}  # this step's eval and sample metrics: what checkpoint.best_metric ranks checkpoints by
         if run.data.eval is not None and (last_step or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
-            evaluated = evaluate(engine, run.data.eval, cfg)
-            eval_loss = evaluated.loss
-            logger.log({"step": step, "epoch": state["epoch"], **evaluated.as_record("eval_")})
-        audio_samples.run(engine, step, last_step, logger)
+            measured.update(evaluate(engine, run.data.eval, cfg).as_record("eval_"))
+            logger.log({"step": step, "epoch": state["epoch"], **measured})
+        measured.update(audio_samples.run(engine, step, last_step, logger) or {})
         every = cfg.checkpoint.every_steps
         saved = last_step or (every and step % every == 0)
         if saved:
-            checkpoint.save(engine, run.model, cfg, run.out, state, eval_loss)
+            checkpoint.save(engine, run.model, cfg, run.out, state, measured)
         if not last_step and preemption.agreed():
             path = checkpoint.save(engine, run.model, cfg, run.out, state) if not saved else \
                 checkpoint.read_latest(run.out)
@@ -201,7 +201,8 @@ def train_step(run: Run, batches: list[Batch]) -> StepResult:
 
 
 def finish(run: Run, losses: list[float]) -> dict:
-    """The final adapter, and a merged model when asked."""
+    """The final adapter, a merged model when asked; rank 0 names the best checkpoint (checkpoint.best_metric) and
+    draws OUTPUT_DIR/curves.png."""
     cfg, out = run.cfg, run.out
     export_adapter(run.model, out / "adapter")
     dist.barrier()
@@ -212,6 +213,11 @@ def finish(run: Run, losses: list[float]) -> dict:
     dist.barrier()
     if cfg.checkpoint.merge:
         summary["merged"] = str(out / "merged")
+    if dist.is_main():
+        metric = cfg.checkpoint.best_metric
+        best = checkpoint.best(out, metric, cfg.checkpoint.best_direction())
+        summary.update(best_metric=metric, best_checkpoint=str(best[0]) if best else None,
+                       best_value=best[1] if best else None, curves=str(plot_curves(out)))
     run.logger.summary(summary)
     run.logger.finish()
     return summary

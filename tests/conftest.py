@@ -60,18 +60,22 @@ def audio_mlp_run(tiny_model, demo_data, tmp_path_factory) -> Path:
     return out
 
 
-# Two voice-cloning samples short enough to memorise in a few dozen steps: (speaker, reference text, text).
-MEMO_ROWS = [("alto", "blue", "calm sea"), ("bass", "dog", "red fox")]
+# One voice-cloning sample short enough (10 frames) to memorise in a few dozen steps: (speaker, reference text,
+# text). Two distinct samples need 44+ steps and even then the greedy clips flip between them from one step count to
+# the next; one sample regenerates exactly from step 24 on, and its audio loss falls steadily (0.004 at step 32).
+MEMO_ROWS = [("alto", "blue", "calm")]
 # The demo's targets: at tiny scale the random heads must adapt too; r = hidden size makes the heads' update full rank.
 MEMO_LORA = {"r": 64, "alpha": 64, "dropout": 0.0,
              "target_modules": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                 "audio_mlp.gate_proj", "audio_mlp.up_proj", "audio_mlp.down_proj", "audio_lm_head",
                                 "text_lm_head"]}
-MEMO_STEPS = 48
+MEMO_STEPS = 32
+# What the tiny ASR judge hears in any clip (tiny_judges): against "calm", 1 word of 1 and 2 characters of 4 wrong.
+JUDGE_HEARS = "Clam!"
 
 
 def write_memo_data(out: Path) -> Path:
-    """MEMO_ROWS as a TTS manifest (22.05 kHz clips, so the resampler runs)."""
+    """MEMO_ROWS as a TTS manifest (22.05 kHz clips, so the resampler runs), each row twice: one per rank."""
     import soundfile as sf
 
     from ds_train.demo.data import RATE, SPEAKERS, synth
@@ -83,23 +87,95 @@ def write_memo_data(out: Path) -> Path:
         sf.write(out / "audio" / f"utt_{i}.wav", synth(text, SPEAKERS[speaker]), RATE)
         rows.append({"audio": f"audio/utt_{i}.wav", "text": text, "speaker": speaker,
                      "ref_audio": f"audio/ref_{speaker}.wav", "ref_text": ref_text})
-    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows for _ in range(2)))
     return out
 
 
 @pytest.fixture(scope="session")
-def memorised_run(tiny_model, tmp_path_factory) -> Path:
-    """OUTPUT_DIR of a 2-rank ZeRO-3 run that memorises the two MEMO_ROWS samples (both in every step), with audio
-    samples of both generated at the end of training (eval.samples=2: the first two training samples, as there is no
-    eval set), and merged/ for Boson's serve engine."""
+def tiny_judges(tmp_path_factory) -> tuple[Path, Path]:
+    """(asr dir, speaker dir): tiny random-weight models of the classes eval.asr_model / eval.speaker_model load
+    (WhisperForConditionalGeneration + WhisperProcessor, WavLMForXVector + its feature extractor), saved like the
+    hub's. The Whisper decoder's layers are zeroed and its positions wired to JUDGE_HEARS, so its transcript of any
+    clip is known; the WavLM keeps random weights and the real x-vector TDNN shape (0.3 s receptive field)."""
+    import torch
+    from transformers import (GenerationConfig, Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector,
+                              WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
+                              WhisperProcessor, WhisperTokenizer)
+
+    from ds_train.demo.tiny import _bytes_to_unicode
+
+    root = tmp_path_factory.mktemp("judges")
+    asr, speaker = root / "asr", root / "speaker"
+    asr.mkdir()
+    # A byte-level Whisper tokenizer: token id == byte, then Whisper's specials.
+    symbols = _bytes_to_unicode()
+    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|translate|>",
+                "<|notimestamps|>"]
+    vocab = {**{symbols[b]: b for b in range(256)}, **{t: 256 + i for i, t in enumerate(specials)}}
+    (asr / "vocab.json").write_text(json.dumps(vocab))
+    (asr / "merges.txt").write_text("#version: 0.2\n")
+    eot, sot, notimestamps = vocab["<|endoftext|>"], vocab["<|startoftranscript|>"], vocab["<|notimestamps|>"]
+    tokenizer = WhisperTokenizer(str(asr / "vocab.json"), str(asr / "merges.txt"), unk_token="<|endoftext|>",
+                                 bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    WhisperProcessor(WhisperFeatureExtractor(feature_size=80), tokenizer).save_pretrained(asr)
+    torch.manual_seed(0)
+    d = 16
+    model = WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=len(vocab), num_mel_bins=80, d_model=d, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_source_positions=1500, max_target_positions=d, tie_word_embeddings=False, pad_token_id=eot,
+        bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot))
+    # Decoder input at position i is one-hot e_i (token embeddings and layer outputs zeroed); the output projection
+    # maps e_i to the token wanted after it: <|notimestamps|>, the bytes of JUDGE_HEARS, then end of text.
+    wanted = [notimestamps, *JUDGE_HEARS.encode(), *[eot] * (d - 1 - len(JUDGE_HEARS))]
+    with torch.no_grad():
+        decoder = model.model.decoder
+        decoder.embed_tokens.weight.zero_()
+        decoder.embed_positions.weight.copy_(torch.eye(d))
+        for layer in decoder.layers:
+            for linear in (layer.self_attn.out_proj, layer.encoder_attn.out_proj, layer.fc2):
+                linear.weight.zero_()
+                linear.bias.zero_()
+        model.proj_out.weight.zero_()
+        for position, token in enumerate(wanted):
+            model.proj_out.weight[token, position] = 10.0
+    model.generation_config = GenerationConfig(decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot,
+                                               max_length=d, no_timestamps_token_id=notimestamps,
+                                               is_multilingual=False)
+    model.save_pretrained(asr)
+    torch.manual_seed(1)
+    WavLMForXVector(WavLMConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8,) * 7,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, tdnn_dim=(16, 16, 16, 16, 32),
+        xvector_output_dim=16)).save_pretrained(speaker)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=True).save_pretrained(speaker)
+    return asr, speaker
+
+
+@pytest.fixture(scope="session")
+def memorised_run(tiny_model, tiny_judges, tmp_path_factory) -> Path:
+    """OUTPUT_DIR of a 2-rank ZeRO-3 run that memorises the MEMO_ROWS sample (trained on both ranks in every step),
+    with an audio sample of it generated at the end of training (eval.samples=1: there is no eval set, so the first
+    training sample) and judged by tiny_judges, merged/ for Boson's serve engine, curves.png, and the run's final
+    summary line in ../summary.json.
+
+    The DeepSpeed config is the default ds_configs/zero3.json: parameters under 1e5 elements (LoRA, layer weights,
+    norms) stay whole on every rank, the audio embedding and heads (0.5M each) are partitioned and gathered at every
+    forward of training and of generation."""
     root = tmp_path_factory.mktemp("memorised")
     data = write_memo_data(root / "data")
     out = root / "run"
+    asr, speaker = tiny_judges
     cfg = base_config(tiny_model, data, out, lora=MEMO_LORA, train={"max_steps": MEMO_STEPS},
                       optim={"lr": 0.005, "warmup_steps": 0, "scheduler": "constant"},
-                      checkpoint={"keep_last": 1, "merge": True},
-                      eval={"samples": 2, "samples_max_frames": 24})
-    launch(["train", str(write_config(root / "run.yaml", cfg))])
+                      checkpoint={"keep_last": 1, "merge": True, "best_metric": "wer"},
+                      eval={"samples": 1, "samples_max_frames": 16, "asr_model": str(asr),
+                            "speaker_model": str(speaker)})
+    cfg["train"]["deepspeed_config"] = str(REPO / "ds_configs/zero3.json")
+    proc = launch(["train", str(write_config(root / "run.yaml", cfg))])
+    (root / "summary.json").write_text([ln for ln in proc.stdout.splitlines() if ln.startswith('{"first_loss"')][-1])
     return out
 
 
