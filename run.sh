@@ -164,7 +164,8 @@ demo() {
   local t0=$SECONDS
   rm -rf "$demo_dir/out"
   [[ -f "$demo_dir/tiny-model/config.json" ]] || "$VENV/bin/ds-train" make-tiny "$demo_dir/tiny-model"
-  [[ -f "$demo_dir/data/train.jsonl" ]] || "$VENV/bin/ds-train" make-demo-data "$demo_dir/data" --n 24 --n-eval 4
+  [[ -f "$demo_dir/voice/train.jsonl" ]] || "$VENV/bin/ds-train" make-demo-data "$demo_dir/voice" --n 24 --n-eval 4 \
+    --voice held
   ( launch prepare configs/demo.yaml )
   ( launch train configs/demo.yaml )
   "$PY" -m ds_train.demo.summary "$demo_dir/out" "$(( SECONDS - t0 ))"

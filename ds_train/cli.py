@@ -26,7 +26,7 @@ USAGE = """ds-train <command> ...
                                              speak with base + adapter (or a merged dir): WAV + JSON per prompt
   plot OUTPUT_DIR                            OUTPUT_DIR/curves.png from its metrics.jsonl (losses, quality, lr, tokens/s)
   make-tiny OUT_DIR                          tiny real-format Higgs Audio checkpoint (tests, demo)
-  make-demo-data OUT_DIR [--n N]             small synthetic voice-cloning data set (TTS manifest)
+  make-demo-data OUT_DIR [--n N] [--voice held]   small synthetic voice-cloning data set (TTS manifest)
   make-arch ARCH.json OUT_DIR [--layers N --hidden H --intermediate I --heads A --kv-heads K]
                                              weightless model dir (config + real-id tokenizer) for model.init=random
   plan CONFIG.yaml [key=value ...] [--hostfile F] [--gpu-memory GB]   predicted memory per device, fits or not
@@ -216,10 +216,12 @@ def cmd_make_demo_data(words):
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--n-eval", type=int, default=4)
     p.add_argument("--skewed", action="store_true", help="length-skewed clips (for bench-data)")
+    p.add_argument("--voice", choices=["chars", "held"], default="chars",
+                   help="chars: a tone per character; held: a held tone per word, a voice the tiny model can learn")
     a = p.parse_args(words)
     from ds_train.demo.data import make_demo_data
 
-    print(make_demo_data(a.out_dir, a.n, a.n_eval, skewed=a.skewed))
+    print(make_demo_data(a.out_dir, a.n, a.n_eval, skewed=a.skewed, voice=a.voice))
 
 
 def cmd_make_arch(words):
