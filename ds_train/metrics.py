@@ -192,4 +192,8 @@ def final_summary(summary: dict) -> str:
     lines = [f"done: {summary['steps']} steps, {loss}", f"adapter: {summary['adapter']}"]
     if summary.get("merged"):
         lines.append(f"merged:  {summary['merged']}")
+    if summary.get("best_checkpoint"):
+        lines.append(f"best:    {summary['best_checkpoint']} ({summary['best_metric']} {summary['best_value']:.4f})")
+    if summary.get("curves"):
+        lines.append(f"curves:  {summary['curves']}")
     return "\n".join(lines)

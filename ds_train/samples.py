@@ -29,6 +29,9 @@ from ds_train.generate import Prompt, Sampling, Spoken, prompts_from_manifest, r
     write_spoken
 
 SAMPLES_DIR = "samples"
+SHOWN = (("samples_eos_fraction", "stopped by EOS {:.0%}"), ("samples_length_ratio", "length {:.2f}x the target"),
+         ("samples_code_match", "codebook 0 {:.0%} as the target"), ("samples_wer", "WER {:.3f}"),
+         ("samples_cer", "CER {:.3f}"), ("samples_speaker_sim", "speaker similarity {:.3f}"))
 
 
 def step_dir(out_dir: Path, step: int) -> Path:
@@ -79,7 +82,8 @@ class TrainingSamples:
             folder = step_dir(self.out_dir, step)
             for prompt, clip, info in zip(self.prompts, spoken, per_clip):
                 write_spoken(folder, prompt, clip, {"step": step, **info})
-            dist.print0(f"step {step}: {len(spoken)} audio samples in {folder} ({seconds:.1f}s)")
+            shown = [fmt.format(metrics[key]) for key, fmt in SHOWN if key in metrics]
+            dist.print0(f"step {step}: {len(spoken)} audio samples in {folder} ({seconds:.1f}s) | " + ", ".join(shown))
         logger.log(metrics)
         logger.audio(step, [(p.name, s.wav, s.sampling_rate, p.text) for p, s in zip(self.prompts, spoken)])
         return metrics

@@ -161,9 +161,10 @@ def memorised_run(tiny_model, tiny_judges, tmp_path_factory) -> Path:
     training sample) and judged by tiny_judges, merged/ for Boson's serve engine, curves.png, and the run's final
     summary line in ../summary.json.
 
-    The DeepSpeed config is the default ds_configs/zero3.json: parameters under 1e5 elements (LoRA, layer weights,
-    norms) stay whole on every rank, the audio embedding and heads (0.5M each) are partitioned and gathered at every
-    forward of training and of generation."""
+    The DeepSpeed config is ds_configs/zero3.json with the persistence threshold at 1e5 elements (it ships 1e6, which
+    keeps every tensor of the tiny model whole): LoRA, layer weights and norms stay whole on every rank, so decoding
+    does not re-gather them at every step, while the audio embedding and heads (0.5M each) are partitioned and
+    gathered at every forward of training and of generation."""
     root = tmp_path_factory.mktemp("memorised")
     data = write_memo_data(root / "data")
     out = root / "run"
@@ -173,7 +174,10 @@ def memorised_run(tiny_model, tiny_judges, tmp_path_factory) -> Path:
                       checkpoint={"keep_last": 1, "merge": True, "best_metric": "wer"},
                       eval={"samples": 1, "samples_max_frames": 16, "asr_model": str(asr),
                             "speaker_model": str(speaker)})
-    cfg["train"]["deepspeed_config"] = str(REPO / "ds_configs/zero3.json")
+    ds_config = json.loads((REPO / "ds_configs/zero3.json").read_text())
+    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 100_000
+    (root / "zero3.json").write_text(json.dumps(ds_config))
+    cfg["train"]["deepspeed_config"] = str(root / "zero3.json")
     proc = launch(["train", str(write_config(root / "run.yaml", cfg))])
     (root / "summary.json").write_text([ln for ln in proc.stdout.splitlines() if ln.startswith('{"first_loss"')][-1])
     return out

@@ -173,6 +173,23 @@ def test_prune_keeps_last_and_best_and_drops_incomplete(tmp_path):
                                                        "step-000009"]
 
 
+def test_prune_and_best_by_a_sample_metric(tmp_path):
+    """checkpoint.best_metric=speaker_sim (higher is better): META's metrics rank the checkpoints; one without the
+    metric (saved between sample rounds) is never the best; ties go to the earlier step."""
+    from ds_train.checkpoint import best
+
+    root = tmp_path / "checkpoints"
+    for step, sim in [(2, 0.5), (4, None), (6, 0.8), (8, 0.8), (10, 0.1)]:
+        d = fake_checkpoint(root, step)
+        metrics = {"eval_loss": 1.0 / step, **({"samples_speaker_sim": sim} if sim is not None else {})}
+        (d / META).write_text(json.dumps({"step": step, "eval_loss": 1.0 / step, "metrics": metrics, "world_size": 2}))
+    assert best(tmp_path, "samples_speaker_sim", "max") == (root / "step-000006", 0.8)
+    assert best(tmp_path, "eval_loss", "min") == (root / "step-000010", 0.1)
+    assert best(tmp_path, "samples_wer", "min") is None
+    _prune(root, "step-000010", keep_last=1, keep_best=2, metric="samples_speaker_sim", mode="max")
+    assert sorted(p.name for p in root.iterdir()) == ["step-000006", "step-000008", "step-000010"]
+
+
 def resume_config(tmp_path: Path, resume: str, **optim):
     cfg = base_config(Path("/nonexistent/model"), Path("/nonexistent/data"), tmp_path / "out",
                       train={"resume": resume}, optim={"lr": 0.005, **optim})

@@ -56,10 +56,30 @@ def test_defaults_and_overrides(tmp_path):
     ("train.epochs=-1", "train.epochs must be >= 0"),
     ("train.max_consecutive_skips=0", "train.max_consecutive_skips must be > 0"),
     ("lora.target_modules=[]", "lora.target_modules is empty"),
+    # Issue 10: the samples' judges and the metric that picks the best checkpoint.
+    ("eval.asr_model=/asr", "eval.asr_model judges the generated samples: it needs eval.samples"),
+    ("checkpoint.best_metric=bleu", "checkpoint.best_metric must be one of eval_loss,"),
+    ("checkpoint.best_mode=up", "checkpoint.best_mode must be one of auto, min, max"),
+    ("checkpoint.best_metric=eval_audio_acc", "checkpoint.best_metric=eval_audio_acc needs data.eval_file"),
+    ("checkpoint.best_metric=speaker_sim", "checkpoint.best_metric=samples_speaker_sim needs eval.samples"),
 ])
 def test_bad_settings_fail_at_start(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         cfg_with(override)
+
+
+def test_best_metric_names_and_directions():
+    with pytest.raises(ConfigError, match="best_metric=samples_wer needs eval.asr_model"):
+        cfg_with("eval.samples=2", "checkpoint.best_metric=wer")
+    judged = ["eval.samples=2", "eval.asr_model=/asr", "eval.speaker_model=/spk"]
+    for metric, name, direction in [("wer", "samples_wer", "min"), ("speaker_sim", "samples_speaker_sim", "max"),
+                                    ("samples_code_match", "samples_code_match", "max")]:
+        ck = cfg_with(*judged, f"checkpoint.best_metric={metric}").checkpoint
+        assert (ck.best_metric, ck.best_direction()) == (name, direction)
+    ck = cfg_with("data.eval_file=/d/eval.jsonl", "checkpoint.best_metric=eval_audio_acc", "checkpoint.keep_best=2",
+                  "checkpoint.best_mode=min").checkpoint
+    assert (ck.best_metric, ck.best_direction()) == ("eval_audio_acc", "min")  # an explicit mode wins
+    assert cfg_with().checkpoint.best_direction() == "min"  # the default, eval_loss, needs no eval set unless ranking
 
 
 def test_full_audio_mlp_and_lora_on_audio_mlp_contradict():

@@ -132,3 +132,7 @@ def test_final_summary_reads_as_text():
 
     assert final_summary({"first_loss": 12.5, "last_loss": 11.25, "steps": 24, "adapter": "/o/adapter"}) == (
         "done: 24 steps, loss 12.5000 -> 11.2500\nadapter: /o/adapter")
+    assert final_summary({"first_loss": 12.5, "last_loss": 11.25, "steps": 24, "adapter": "/o/adapter",
+                          "best_metric": "samples_wer", "best_checkpoint": "/o/checkpoints/step-000020",
+                          "best_value": 0.125, "curves": "/o/curves.png"}).splitlines()[2:] == [
+        "best:    /o/checkpoints/step-000020 (samples_wer 0.1250)", "curves:  /o/curves.png"]

@@ -65,3 +65,16 @@ def test_speaker_similarity_and_the_xvector_receptive_field(tiny_judges, tmp_pat
                                                               ("y", None, a, 16000)])  # no reference: no score
     assert clips[0]["speaker_sim"] == pytest.approx(sim, abs=1e-6) and clips[1] == {}
     assert metrics == {"samples_speaker_sim": clips[0]["speaker_sim"]}
+
+
+def test_judges_must_be_local_model_dirs(tiny_judges, tmp_path):
+    from ds_train.config import load_config
+    from ds_train.errors import ConfigError
+    from ds_train.preflight import check_judges
+
+    asr, speaker = tiny_judges
+    base = ["model.path=/m", "model.audio_tokenizer_path=/t", "data.train_file=/d.jsonl", "train.output_dir=/o",
+            "eval.samples=1"]
+    check_judges(load_config(None, [*base, f"eval.asr_model={asr}", f"eval.speaker_model={speaker}"]))
+    with pytest.raises(ConfigError, match="eval.speaker_model=openai/whisper-tiny is not a local model dir"):
+        check_judges(load_config(None, [*base, f"eval.asr_model={asr}", "eval.speaker_model=openai/whisper-tiny"]))
