@@ -62,7 +62,7 @@ hostfile_hosts() { grep -v '^\s*\(#\|$\)' "$1" | awk '{print $1}'; }
 # launch SUBCOMMAND ARGS...: run `ds-train SUBCOMMAND` on every rank through the deepspeed launcher.
 launch() {
   local sub="$1"; shift
-  local hostfile="" port="${MASTER_PORT:-29500}" args=()
+  local hostfile="" port="${MASTER_PORT:-}" args=()
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --hostfile) hostfile="${2:?--hostfile needs a file}"; shift 2 ;;
@@ -75,6 +75,13 @@ launch() {
   if [[ -z "$hostfile" && -n "${SLURM_JOB_NODELIST:-}" && "${SLURM_JOB_NUM_NODES:-1}" -gt 1 ]]; then
     hostfile="$ROOT/hostfiles/slurm-${SLURM_JOB_ID:-job}"
     slurm_hostfile "$hostfile"
+  fi
+  if [[ -z "$port" ]]; then
+    # Several nodes: the conventional 29500, the same on every host. One node: a free port, so two jobs (or two
+    # users) on one machine never collide on the rendezvous port.
+    if [[ -n "$hostfile" && $(hostfile_hosts "$hostfile" 2>/dev/null | wc -l) -gt 1 ]]; then port=29500
+    else port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    fi
   fi
   # --log_level warning: the launchers' per-launch INFO lines (world info, spawned pids) are noise in a run's log.
   local launcher=("$VENV/bin/deepspeed" --master_port "$port" --no_local_rank --log_level warning)
