@@ -282,7 +282,9 @@ class Config:
         metric, ck = self.checkpoint.best_metric, self.checkpoint
         if ck.keep_best == 0 and metric == "eval_loss":
             return
-        source = f"checkpoint.best_metric={metric}" + (f" (checkpoint.keep_best={ck.keep_best})" if ck.keep_best else "")
+        source = f"checkpoint.best_metric={metric}"
+        if ck.keep_best:
+            source += f" (checkpoint.keep_best={ck.keep_best})"
         if metric.startswith("eval_") and not self.data.eval_file:
             raise ConfigError(f"{source} needs data.eval_file")
         if metric.startswith("samples_") and self.eval.samples is None:

@@ -29,6 +29,7 @@ from ds_train.generate import Prompt, Sampling, Spoken, prompts_from_manifest, r
     write_spoken
 
 SAMPLES_DIR = "samples"
+# The console line of a round of samples: metric -> format.
 SHOWN = (("samples_eos_fraction", "stopped by EOS {:.0%}"), ("samples_length_ratio", "length {:.2f}x the target"),
          ("samples_code_match", "codebook 0 {:.0%} as the target"), ("samples_wer", "WER {:.3f}"),
          ("samples_cer", "CER {:.3f}"), ("samples_speaker_sim", "speaker similarity {:.3f}"))
@@ -85,7 +86,9 @@ class TrainingSamples:
             shown = [fmt.format(metrics[key]) for key, fmt in SHOWN if key in metrics]
             dist.print0(f"step {step}: {len(spoken)} audio samples in {folder} ({seconds:.1f}s) | " + ", ".join(shown))
         logger.log(metrics)
-        logger.audio(step, [(p.name, s.wav, s.sampling_rate, p.text) for p, s in zip(self.prompts, spoken)])
+        # A zero-frame clip is on disk (its JSON says so) but is no audio for a dashboard.
+        logger.audio(step, [(p.name, s.wav, s.sampling_rate, p.text) for p, s in zip(self.prompts, spoken)
+                            if len(s.wav)])
         return metrics
 
     def _build(self, module) -> None:

@@ -1,4 +1,4 @@
-"""ds_train/demo: the held voice is one a tiny model can learn (its codes recur), and the summary says whether it did."""
+"""ds_train/demo: the held voice is one a tiny model can learn (its codes recur); the summary says whether it did."""
 
 from __future__ import annotations
 

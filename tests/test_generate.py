@@ -155,7 +155,8 @@ def test_training_writes_judges_and_logs_audio_samples(memorised_run, tiny_model
     clip = tokenizer.decode(target_codes(data, tiny_model)[0][None])[0, 0]
     sim = SpeakerEmbedder(str(tiny_judges[1]), "cpu").similarity(
         (clip, 16000), (load_audio(data / "audio" / "ref_alto.wav", 16000), 16000))
-    assert last["samples_speaker_sim"] == pytest.approx(sim, abs=1e-5) and info["speaker_sim"] == last["samples_speaker_sim"]
+    assert last["samples_speaker_sim"] == pytest.approx(sim, abs=1e-5)
+    assert info["speaker_sim"] == last["samples_speaker_sim"]
 
     # checkpoint.best_metric=wer: the checkpoint records it, the summary names the best checkpoint; curves.png.
     step_dir = memorised_run / "checkpoints" / f"step-{MEMO_STEPS:06d}"
