@@ -70,14 +70,19 @@ def trained_text_labels(expanded_labels: torch.Tensor) -> torch.Tensor:
     return shifted[shifted != IGNORE]
 
 
+def _text_pairs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, V), labels (N,)) of the text predictions: position t scores label t+1. With 2-D logits
+    ds_train.text_head already projected only the trained positions, in row-major order."""
+    labels = labels.to(logits.device)
+    if logits.dim() == 2:
+        return logits, trained_text_labels(labels)
+    return logits[:, :-1, :].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+
+
 def loss_sums(outputs, label_audio_ids: torch.Tensor) -> LossSums:
     """Summed text and per-codebook audio cross-entropy of a HiggsAudioModel forward output."""
-    logits, labels = outputs.logits, outputs.expanded_labels
-    if logits.dim() == 2:  # ds_train.text_head projected only the trained text positions
-        text, n_text = _sum_ce(logits, trained_text_labels(labels).to(logits.device))
-    else:
-        text, n_text = _sum_ce(logits[:, :-1, :].reshape(-1, logits.shape[-1]),
-                               labels[:, 1:].reshape(-1).to(logits.device))
+    logits = outputs.logits
+    text, n_text = _sum_ce(*_text_pairs(logits, outputs.expanded_labels))
     audio_logits = outputs.audio_logits
     num_codebooks = audio_logits.shape[1] if audio_logits is not None and audio_logits.dim() == 3 \
         else label_audio_ids.shape[0]
@@ -98,11 +103,8 @@ def loss_sums(outputs, label_audio_ids: torch.Tensor) -> LossSums:
 def top1_correct(outputs, label_audio_ids: torch.Tensor) -> torch.Tensor:
     """(1 + K,) positions whose argmax is the label - text, then each codebook - with the shifts of `loss_sums`
     (so divided by its counts it is the teacher-forced top-1 accuracy)."""
-    logits, labels = outputs.logits, outputs.expanded_labels.to(outputs.logits.device)
-    if logits.dim() == 2:  # only the trained text positions were projected (ds_train.text_head)
-        text = (logits.argmax(-1) == trained_text_labels(labels)).sum().reshape(1)
-    else:
-        text = (logits[:, :-1, :].argmax(-1) == labels[:, 1:]).sum().reshape(1)  # IGNORE never equals an argmax
+    text_logits, text_labels = _text_pairs(outputs.logits, outputs.expanded_labels)
+    text = (text_logits.argmax(-1) == text_labels).sum().reshape(1)  # IGNORE never equals an argmax
     audio_logits = outputs.audio_logits
     k = label_audio_ids.shape[0] if label_audio_ids.dim() == 2 else 0
     if audio_logits is None or audio_logits.dim() != 3 or audio_logits.shape[0] < 2 or not label_audio_ids.numel():

@@ -4,7 +4,7 @@ Boson's forward projects every position to the 128256-word text vocabulary, and 
 at 4k positions a (4096 x 128256) bf16 tensor plus its fp32 copy and gradient, ~6 GB, for a TTS sample that trains
 ~3 text labels. Here the text head inside the forward passes the final hidden states through unchanged, and a
 forward hook on the model then calls the same head on only the positions t whose label t+1 is trained (row-major
-order, see ds_train.loss.text_loss_at_trained). The head is called as a module both times, so ZeRO-3 gathers its
+order, see ds_train.loss.trained_text_labels). The head is called as a module both times, so ZeRO-3 gathers its
 weight and traces it like any other layer. Same loss, same gradients, same parameter names.
 """
 
