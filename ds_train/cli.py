@@ -30,7 +30,7 @@ USAGE = """ds-train <command> ...
   make-arch ARCH.json OUT_DIR [--layers N --hidden H --intermediate I --heads A --kv-heads K]
                                              weightless model dir (config + real-id tokenizer) for model.init=random
   plan CONFIG.yaml [key=value ...] [--hostfile F] [--gpu-memory GB]   predicted memory per device, fits or not
-  bench-train CONFIG.yaml [key=value ...] [--synthetic ...] [--baseline hf]   training step throughput and MFU
+  bench-train CONFIG.yaml [key=value ...] [--synthetic ...] [--baseline hf] [--fp32-matmul]   step throughput, MFU
   bench-data CONFIG.yaml [key=value ...]     cache vs on-the-fly loader throughput, padding efficiency
   show-config CONFIG.yaml [key=value ...]    print the resolved config
 """
@@ -241,11 +241,13 @@ def cmd_make_arch(words):
 
 
 def _split_flags(words, flags: dict) -> tuple[list, dict]:
-    """Pull `--flag value` / `--flag=value` for the given flags (name -> type) out of `words`."""
+    """Pull `--flag value` / `--flag=value` for the given flags (name -> type; bool: a switch) out of `words`."""
     rest, found, i = [], {}, 0
     while i < len(words):
         flag, eq, inline = words[i].partition("=")
-        if flag in flags:
+        if flags.get(flag) is bool and not eq:
+            found[flag.lstrip("-").replace("-", "_")] = True
+        elif flag in flags:
             if not eq:
                 if i + 1 >= len(words):
                     raise ConfigError(f"{flag} needs a value")
@@ -259,7 +261,7 @@ def _split_flags(words, flags: dict) -> tuple[list, dict]:
 
 
 BENCH_FLAGS = {"--warmup": int, "--steps": int, "--synthetic": str, "--audio-fraction": float, "--baseline": str,
-               "--peak-tflops": float}
+               "--peak-tflops": float, "--fp32-matmul": bool}
 
 
 def cmd_bench_train(words):

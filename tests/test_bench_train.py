@@ -62,3 +62,30 @@ def test_bench_train_random_init_small_arch_against_hf_trainer(tmp_path):
     assert len(ours["peak_rss_gb"]) == 2
     for rss in ours["peak_rss_gb"]:
         assert abs(plan.total_gib - rss) / rss < 0.15, (plan.total_gib, rss)
+
+
+def test_fp32_matmul_matches_the_fp32_product_block_by_block(monkeypatch):
+    """bench-train --fp32-matmul (CPUs without AVX512-BF16): bf16 in, bf16 out, products in fp32 over row blocks of
+    the weight; forward and all three gradients equal the fp32 computation up to bf16 rounding of the results."""
+    import torch
+
+    from ds_train.bench import cpu_gemm
+    from ds_train.cli import BENCH_FLAGS, _split_flags
+
+    monkeypatch.setattr(cpu_gemm, "_BLOCK_VALUES", 5 * 16)  # 37 output rows -> 8 blocks of 5 rows (the last 2)
+    assert len(list(cpu_gemm._blocks(torch.zeros(37, 16)))) == 8
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g).bfloat16().requires_grad_() for s in ((3, 5, 16), (37, 16), (37,)))
+    y = cpu_gemm._fp32_linear(x, w, b)
+    grad = torch.randn(y.shape, generator=g).bfloat16()
+    y.backward(grad)
+    xf, wf, bf = (t.detach().float().requires_grad_() for t in (x, w, b))
+    yf = torch.nn.functional.linear(xf, wf, bf)
+    yf.backward(grad.float())
+    assert y.dtype == x.grad.dtype == w.grad.dtype == torch.bfloat16
+    for ours, ref in ((y, yf), (x.grad, xf.grad), (w.grad, wf.grad), (b.grad, bf.grad)):
+        torch.testing.assert_close(ours.float(), ref, rtol=2 ** -8, atol=1e-6)  # half a bf16 ulp
+    # fp32 inputs take torch's own linear untouched.
+    assert torch.equal(cpu_gemm._fp32_linear(xf, wf, bf), yf)
+    assert _split_flags(["c.yaml", "--fp32-matmul", "--steps", "3"], BENCH_FLAGS) == (
+        ["c.yaml"], {"fp32_matmul": True, "steps": 3})

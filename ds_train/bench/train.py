@@ -48,6 +48,7 @@ class BenchOptions:
     audio_fraction: float = 0.85
     baseline: str | None = None  # "hf"
     peak_tflops: float = H100_BF16_TFLOPS
+    fp32_matmul: bool = False  # CPU without AVX512-BF16: bf16 linears multiply in fp32 (ds_train/bench/cpu_gemm.py)
 
 
 def bench_train(cfg: Config, opts: BenchOptions) -> dict:
@@ -69,6 +70,7 @@ def bench_train(cfg: Config, opts: BenchOptions) -> dict:
               "micro_batch_size": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum,
               "activation_checkpointing": cfg.model.activation_checkpointing,
               "full_text_logits": cfg.model.full_text_logits, "attn_implementation": cfg.model.attn_implementation,
+              "fp32_matmul": opts.fp32_matmul,
               "data": f"synthetic {opts.synthetic} positions, audio fraction {opts.audio_fraction}"
               if opts.synthetic else cfg.data.train_file, "warmup_steps": opts.warmup, "timed_steps": opts.steps,
               "peak_tflops": opts.peak_tflops, "mfu_formula": MFU_FORMULA}
@@ -133,6 +135,7 @@ def _run_ours(cfg, ds_config, dtype, model_config, batches, opts, total) -> dict
     t0 = time.perf_counter()
     model = build_model(cfg, ds_config, dtype)
     build_s = time.perf_counter() - t0
+    _maybe_fp32_matmul(opts)
     rss_build = _rss_gb()
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
@@ -214,12 +217,20 @@ def _run_hf(cfg, ds_config, dtype, model_config, batches, opts, total) -> dict:
     t0 = time.perf_counter()
     model = build_model(cfg, ds_config, dtype)  # TrainingArguments(deepspeed=) made ZeRO-3 build under zero.Init
     build_s = time.perf_counter() - t0
+    _maybe_fp32_matmul(opts)
     flops = ModelFlops(model_config, model)
     trainer = BenchTrainer(model=model, args=args, callbacks=[timer])
     trainer.train()
     summary = _summarise(timer.times, timer.step_tokens, timer.step_samples, timer.step_flops, opts)
     summary.update(build_s=_max(build_s), transformers_trainer=True)
     return summary
+
+
+def _maybe_fp32_matmul(opts) -> None:
+    if opts.fp32_matmul:  # after the build: zero.Init installs its own linear while it runs
+        from ds_train.bench.cpu_gemm import multiply_linears_in_fp32
+
+        multiply_linears_in_fp32()
 
 
 def _only(items):
