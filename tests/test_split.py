@@ -48,9 +48,10 @@ def test_held_out_samples_never_enter_a_training_plan(tiny_model, demo_data, nos
 
     from ds_train.data.loader import build_data
     from ds_train.data.manifest import speakers_by_source
+    from ds_train.samples import load_prompts
 
     out = tmp_path / "out"
-    raw = base_config(tiny_model, demo_data, out, train={"epochs": 5},
+    raw = base_config(tiny_model, demo_data, out, train={"epochs": 5}, eval={"samples": 4},
                       data={"train_files": [str(demo_data / "train.jsonl"), str(nospeaker_data)], "eval_split": 0.25})
     del raw["data"]["train_file"]
     cfg = load_config(str(write_config(tmp_path / "split.yaml", raw)))
@@ -81,6 +82,13 @@ def test_held_out_samples_never_enter_a_training_plan(tiny_model, demo_data, nos
     n = len(held[str(demo_data / "train.jsonl")])
     assert (f"data.eval_split=0.25 held out train.jsonl: {n} of 8 samples, 1 speaker(s) ({speaker}); "
             f"plain.jsonl: 2 of 8 samples (by sample)") in said
+    # eval.samples=4 speaks the first 4 held-out samples, file after file, numbered across the files.
+    prompts = load_prompts(cfg, held)
+    wanted = [(m, s) for m, sources in held.items() for s in sorted(sources, key=lambda s: int(s.split(":")[1]))][:4]
+    rows = {m: [json.loads(line) for line in open(m)] for m in held}
+    assert [p.target_audio for p in prompts] == [
+        str(demo_data / rows[m][int(s.split(":")[1]) - 1]["audio"]) for m, s in wanted]
+    assert [p.name[:4] for p in prompts] == ["000-", "001-", "002-", "003-"]
     report = json.loads((out / "data_report.json").read_text())
     assert [(r["manifest"], r["samples"], r["held_out"], r["per_epoch"]) for r in report["train_mix"]] == [
         (str(demo_data / "train.jsonl"), 8 - n, n, 8 - n), (str(nospeaker_data), 6, 2, 6)]

@@ -65,8 +65,8 @@ def build_data(cfg: Config, model_config, text_tokenizer, out: Path) -> Data:
         dist.print0(split.line)
     mix = mix_report(manifests, parts, held_out if cfg.data.eval_split else None)
     if cfg.data.train_files is not None:
-        dist.print0("data mix: " + "; ".join(f"{Path(r['manifest']).name} {r['samples']} samples x weight "
-                                             f"{r['weight']:g} = {r['per_epoch']} per epoch ({r['share']:.1%})"
+        dist.print0("data mix: " + "; ".join(f"{Path(r['manifest']).name} {r['samples']:,} samples x weight "
+                                             f"{r['weight']:g} = {r['per_epoch']:,} per epoch ({r['share']:.1%})"
                                              for r in mix))
     if dist.is_main():
         write_report(out, prepared, mix)

@@ -70,10 +70,10 @@ def split_eval(parts: list[CachedDataset], manifests: list[str], fraction: float
         held_out[manifest] = {part.entries[i]["source"] for i in out.indices}
         if out.speakers:
             shown = ", ".join(out.speakers[:SHOWN_SPEAKERS]) + (" ..." if len(out.speakers) > SHOWN_SPEAKERS else "")
-            said.append(f"{name}: {len(out.indices)} of {len(part)} samples, {len(out.speakers)} speaker(s) "
+            said.append(f"{name}: {len(out.indices):,} of {len(part):,} samples, {len(out.speakers)} speaker(s) "
                         f"({shown})")
         else:
-            said.append(f"{name}: {len(out.indices)} of {len(part)} samples (by sample)")
+            said.append(f"{name}: {len(out.indices):,} of {len(part):,} samples (by sample)")
     eval_set = CachedDataset.concat(held)
     if not len(eval_set):
         raise ConfigError(f"data.eval_split={fraction} holds out no sample ({'; '.join(said)}): give a larger "
