@@ -3,6 +3,7 @@ overrides. The DeepSpeed JSON derived from it is ds_config.py; the old trainer's
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -72,9 +73,14 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train_file: str = MISSING  # Boson ChatML (JSON list / JSONL) or a plain TTS manifest (JSONL)
+    train_file: Optional[str] = MISSING  # Boson ChatML (JSON list / JSONL) or a plain TTS manifest (JSONL)
+    # Instead of train_file: several manifests, each a path or {path: ..., weight: ...}. A weight is a per-sample
+    # rate per epoch (2: every sample twice; 0.5: a different seeded half each epoch); default 1.
+    train_files: Optional[List[Any]] = None
     eval_file: Optional[str] = None
-    cache_dir: Optional[str] = None  # prepared cache; default OUTPUT_DIR/../<manifest stem>.cache next to the manifest
+    eval_split: Optional[float] = None  # without eval_file: hold out this fraction of the training samples (by speaker)
+    # prepared cache; default .ds_train_cache/<manifest stem> next to each manifest (see cache.cache_dirs)
+    cache_dir: Optional[str] = None
     format: str = "auto"  # auto | chatml | tts
     system_prompt: str = "Generate audio following instruction."
     max_audio_seconds: float = 30.0
@@ -90,6 +96,18 @@ class DataConfig:
     shard_size: int = 256  # samples per cache shard
 
     def __post_init__(self):
+        if self.train_files is not None:
+            if self.train_file is not None:
+                raise ConfigError("set one of data.train_file (one manifest) and data.train_files (a list), not both")
+            self.train_files = _train_files(self.train_files)
+        elif self.train_file is None:
+            raise ConfigError("set data.train_file (one manifest) or data.train_files (a list)")
+        if self.eval_split is not None:
+            if not 0 < self.eval_split < 1:
+                raise ConfigError(f"data.eval_split must be in (0, 1), got {self.eval_split}")
+            if self.eval_file:
+                raise ConfigError("data.eval_split holds out part of the training data as the eval set: set it or "
+                                  "data.eval_file, not both")
         _choice("data.format", self.format, ("auto", "chatml", "tts"))
         _choice("data.plausibility", self.plausibility, ("warn", "error", "off"))
         _positive("data.max_audio_seconds", self.max_audio_seconds)
@@ -106,6 +124,39 @@ class DataConfig:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.num_workers == 0 and (self.persistent_workers or self.prefetch_factor is not None):
             raise ConfigError("data.persistent_workers / data.prefetch_factor need data.num_workers > 0")
+
+    def manifests(self) -> list[tuple[str, float]]:
+        """(path, weight) of each training manifest: data.train_files, or data.train_file with weight 1."""
+        if self.train_files is None:
+            return [(self.train_file, 1.0)]
+        return [(f["path"], f["weight"]) for f in self.train_files]
+
+    def has_eval(self) -> bool:
+        return bool(self.eval_file or self.eval_split)
+
+
+def _train_files(items) -> list[dict]:
+    """data.train_files as [{path, weight}]: each item a path, or a mapping with `path` and an optional `weight`."""
+    if not items:
+        raise ConfigError("data.train_files is empty; list manifests, each a path or {path: ..., weight: ...}")
+    out, seen = [], {}
+    for i, item in enumerate(items):
+        name = f"data.train_files[{i}]"
+        if isinstance(item, str):
+            item = {"path": item}
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str) or set(item) - {"path", "weight"}:
+            raise ConfigError(f"{name} must be a path or {{path: ..., weight: ...}}, got {item!r} (YAML flow style "
+                              "needs a space after each ':')")
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            raise ConfigError(f"{name}.weight must be a number > 0, got {weight!r}")
+        path = os.path.abspath(item["path"])
+        if path in seen:
+            raise ConfigError(f"{name} repeats data.train_files[{seen[path]}] ({item['path']}): list a manifest "
+                              "once and give it a weight")
+        seen[path] = i
+        out.append({"path": item["path"], "weight": float(weight)})
+    return out
 
 
 # The transformers.get_scheduler names that need nothing beyond warmup and total steps (reduce_lr_on_plateau needs
@@ -156,7 +207,7 @@ class TrainConfig:
     max_steps: int = 0  # >0 stops after this many optimizer steps (overrides epochs)
     seed: int = 42
     log_every: int = 1
-    eval_every: int = 0  # 0: evaluate only at the end (when data.eval_file is set)
+    eval_every: int = 0  # 0: evaluate only at the end (when there is an eval set)
     eval_on_start: bool = False  # also evaluate the untrained adapter at step 0: the baseline for the curve
     resume: str = "none"  # none | auto | PATH of a step-XXXXXX checkpoint dir
     max_consecutive_skips: int = 5  # non-finite loss/grad steps in a row before the run stops
@@ -271,10 +322,10 @@ class Config:
             raise ConfigError(
                 "model.train_audio_mlp trains audio_mlp fully, so lora.target_modules must not also target audio_mlp.*"
             )
-        if self.train.eval_every > 0 and not self.data.eval_file:
-            raise ConfigError("train.eval_every > 0 needs data.eval_file")
-        if self.train.eval_on_start and not self.data.eval_file:
-            raise ConfigError("train.eval_on_start needs data.eval_file")
+        if self.train.eval_every > 0 and not self.data.has_eval():
+            raise ConfigError("train.eval_every > 0 needs data.eval_file or data.eval_split")
+        if self.train.eval_on_start and not self.data.has_eval():
+            raise ConfigError("train.eval_on_start needs data.eval_file or data.eval_split")
         self._check_best_metric()
 
     def _check_best_metric(self) -> None:
@@ -285,8 +336,8 @@ class Config:
         source = f"checkpoint.best_metric={metric}"
         if ck.keep_best:
             source += f" (checkpoint.keep_best={ck.keep_best})"
-        if metric.startswith("eval_") and not self.data.eval_file:
-            raise ConfigError(f"{source} needs data.eval_file")
+        if metric.startswith("eval_") and not self.data.has_eval():
+            raise ConfigError(f"{source} needs data.eval_file or data.eval_split")
         if metric.startswith("samples_") and self.eval.samples is None:
             raise ConfigError(f"{source} needs eval.samples")
         if metric in ("samples_wer", "samples_cer") and not self.eval.asr_model:
@@ -328,6 +379,9 @@ def load_config(yaml_path: Optional[str] = None, overrides: Optional[List[str]] 
         except OmegaConfBaseException as e:
             raise ConfigError(f"{_first_line(e)} (command-line override {item!r})") from None
     missing = sorted(OmegaConf.missing_keys(merged))
+    if "data.train_file" in missing and merged.data.train_files is not None:  # the list replaces the one manifest
+        missing.remove("data.train_file")
+        merged.data.train_file = None
     if missing:
         raise ConfigError(f"missing required settings: {', '.join(missing)}")
     try:

@@ -203,16 +203,18 @@ def _prompt_problem(row, base: Path) -> Optional[str]:
     return None
 
 
-def prompts_from_manifest(path: str, fmt: str, system_prompt: str, n: int) -> list[Prompt]:
-    """The first `n` usable samples of a training/eval manifest as prompts: every turn before the last assistant
-    audio turn, whose clip becomes the target the generated audio is compared with."""
+def prompts_from_manifest(path: str, fmt: str, system_prompt: str, n: int,
+                          only: Optional[set[str]] = None) -> list[Prompt]:
+    """The first `n` usable samples of a training/eval manifest (of those whose source is in `only`, when given)
+    as prompts: every turn before the last assistant audio turn, whose clip becomes the target the generated audio
+    is compared with."""
     from boson_multimodal.data_types import AudioContent, ChatMLSample
 
     from ds_train.data.manifest import audio_contents, contents, read_manifest, text_of
 
     prompts = []
     for rec in read_manifest(path, fmt, system_prompt):
-        if rec.sample is None:
+        if rec.sample is None or (only is not None and rec.source not in only):
             continue
         messages = rec.sample.messages
         last = max((i for i, m in enumerate(messages) if m.role == "assistant"

@@ -42,9 +42,9 @@ def step_dir(out_dir: Path, step: int) -> Path:
 class TrainingSamples:
     """Built once before the loop; `run` is called after every step and acts only when samples are due."""
 
-    def __init__(self, cfg: Config, out_dir: Path):
+    def __init__(self, cfg: Config, out_dir: Path, held_out: Optional[dict[str, set[str]]] = None):
         self.cfg, self.out_dir = cfg, Path(out_dir)
-        self.prompts = load_prompts(cfg)
+        self.prompts = load_prompts(cfg, held_out)
         self.sampling = Sampling(temperature=0.0, max_new_frames=cfg.eval.samples_max_frames)  # greedy: comparable
         self.engine = None  # built at the first run (the audio tokenizer is loaded then)
         self.judges = None  # ds_train.quality.Judges on rank 0, with eval.asr_model / eval.speaker_model
@@ -110,15 +110,25 @@ class TrainingSamples:
             self.judges = Judges(ev.asr_model, ev.speaker_model, str(dist.device()))
 
 
-def load_prompts(cfg: Config) -> list[Prompt]:
-    """eval.samples: a prompts JSONL, or the first N samples of the eval set (the training set without one)."""
+def load_prompts(cfg: Config, held_out: Optional[dict[str, set[str]]] = None) -> list[Prompt]:
+    """eval.samples: a prompts JSONL, or the first N samples of the eval set: data.eval_file, the samples
+    data.eval_split held out (`held_out`: {manifest: sources}), or else the first training manifest."""
     samples = cfg.eval.samples
     if samples is None:
         return []
-    if isinstance(samples, int):
-        manifest = cfg.data.eval_file or cfg.data.train_file
-        return prompts_from_manifest(manifest, cfg.data.format, cfg.data.system_prompt, samples)
-    return read_prompts(samples, cfg.data.system_prompt)
+    if isinstance(samples, str):
+        return read_prompts(samples, cfg.data.system_prompt)
+    d = cfg.data
+    if d.eval_file or not held_out:
+        return prompts_from_manifest(d.eval_file or d.manifests()[0][0], d.format, d.system_prompt, samples)
+    prompts = []
+    for manifest, sources in held_out.items():
+        prompts += prompts_from_manifest(manifest, d.format, d.system_prompt, samples - len(prompts), only=sources)
+        if len(prompts) == samples:
+            break
+    for k, p in enumerate(prompts):  # numbered across the files, as one manifest's prompts are
+        p.name = f"{k:03d}-{Path(p.target_audio).stem}"
+    return prompts
 
 
 def sample_metrics(prompts: list[Prompt], spoken: list[Spoken], targets: dict[str, torch.Tensor]) -> dict:

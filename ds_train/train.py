@@ -97,8 +97,10 @@ def setup(cfg: Config) -> Run:
         dist.print0(f"resumed from {resume_from} at step {state['step']}")
         truncate_metrics(out, state["step"])
     logger = make_logger(cfg, out, total_steps, state["step"])
-    dist.print0(f"training {total_steps} steps on {dist.world_size()} rank(s); {len(data.train_set)} samples; "
-                f"padding efficiency {data.sampler.padding_efficiency():.3f}")
+    samples, per_epoch = len(data.train_set), len(data.sampler.epoch_samples())  # differ with data.train_files weights
+    dist.print0(f"training {total_steps} steps on {dist.world_size()} rank(s); {samples} samples"
+                + (f" ({per_epoch} per epoch)" if per_epoch != samples else "")
+                + f"; padding efficiency {data.sampler.padding_efficiency():.3f}")
     steps = StepBatches(data, cfg.train.grad_accum, state, logger)
     return Run(cfg, out, engine, model, scheduler, data, steps, total_steps, state, logger, cuda)
 
@@ -109,7 +111,7 @@ def train(cfg: Config) -> dict:
     engine, state, logger = run.engine, run.state, run.logger
     preemption, skips = PreemptionFlag(), SkipCounter(cfg.train.max_consecutive_skips)
     progress = _progress(run.total_steps, state["step"])
-    audio_samples = TrainingSamples(cfg, run.out)
+    audio_samples = TrainingSamples(cfg, run.out, run.data.held_out)
     losses = []
     if run.data.eval is not None and cfg.train.eval_on_start and state["step"] == 0:
         logger.log({"step": 0, "epoch": 0, **evaluate(engine, run.data.eval, cfg).as_record("eval_")})

@@ -46,6 +46,17 @@ def demo_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def nospeaker_data(demo_data, tmp_path_factory) -> Path:
+    """demo_data's 8 training rows without their `speaker` key, as another manifest (absolute audio paths): a
+    data set that can only be split by sample. Its prepared cache is shared by the session."""
+    rows = [json.loads(line) for line in (demo_data / "train.jsonl").read_text().splitlines()]
+    out = tmp_path_factory.mktemp("nospeaker") / "plain.jsonl"
+    out.write_text("".join(json.dumps({k: str(demo_data / v) if k in ("audio", "ref_audio") else v
+                                       for k, v in r.items() if k != "speaker"}) + "\n" for r in rows))
+    return out
+
+
+@pytest.fixture(scope="session")
 def audio_mlp_run(tiny_model, demo_data, tmp_path_factory) -> Path:
     """OUTPUT_DIR of a 3-step 2-rank run: LoRA on attention plus fully trained audio_mlp, checkpoints step-000002
     and step-000003 (= latest), and merged/ (checkpoint.merge=true). Shared by the consolidate and merge tests."""

@@ -62,10 +62,48 @@ def test_defaults_and_overrides(tmp_path):
     ("checkpoint.best_mode=up", "checkpoint.best_mode must be one of auto, min, max"),
     ("checkpoint.best_metric=eval_audio_acc", "checkpoint.best_metric=eval_audio_acc needs data.eval_file"),
     ("checkpoint.best_metric=speaker_sim", "checkpoint.best_metric=samples_speaker_sim needs eval.samples"),
+    # Issue 11 item 10: several training manifests, a held-out eval fraction.
+    ("data.train_files=[/d/a.jsonl]", "set one of data.train_file (one manifest) and data.train_files (a list), "
+                                      "not both"),
+    ("data.eval_split=1", "data.eval_split must be in (0, 1), got 1.0"),
+    ("data.eval_split=0", "data.eval_split must be in (0, 1), got 0.0"),
+    ("data.eval_split=0.1 data.eval_file=/d/e.jsonl", "data.eval_split holds out part of the training data as the eval "
+                                                      "set: set it or data.eval_file, not both"),
 ])
 def test_bad_settings_fail_at_start(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        cfg_with(override)
+        cfg_with(*override.split(" "))
+
+
+ONE_OF = [item for item in REQUIRED if not item.startswith("data.train_file=")]
+
+
+def test_train_files_take_paths_and_weights_in_place_of_train_file(tmp_path):
+    y = tmp_path / "mix.yaml"
+    y.write_text("data:\n  train_files:\n    - /d/en.jsonl\n    - {path: /d/fr.jsonl, weight: 2.5}\n"
+                 "    - {path: /e/en.jsonl, weight: 1}\n  eval_split: 0.1\ntrain:\n  eval_every: 5\n")
+    cfg = load_config(str(y), ONE_OF)
+    assert cfg.data.train_file is None and cfg.data.eval_split == 0.1 and cfg.train.eval_every == 5
+    assert cfg.data.manifests() == [("/d/en.jsonl", 1.0), ("/d/fr.jsonl", 2.5), ("/e/en.jsonl", 1.0)]
+    assert to_dict(cfg)["data"]["train_files"][0] == {"path": "/d/en.jsonl", "weight": 1.0}  # config.yaml's form
+    assert cfg_with().data.manifests() == [("/d/train.jsonl", 1.0)]  # data.train_file: one manifest, weight 1
+    with pytest.raises(ConfigError, match="missing required settings: data.train_file$"):
+        load_config(None, ONE_OF)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[]", "data.train_files is empty"),
+    ("[/d/a.jsonl,{path: /d/b.jsonl, weight: 0}]", r"data.train_files\[1\].weight must be a number > 0, got 0"),
+    ("[{path: /d/b.jsonl, weight: -1}]", r"data.train_files\[0\].weight must be a number > 0, got -1"),
+    ("[{path: /d/b.jsonl, weight: x}]", r"data.train_files\[0\].weight must be a number > 0, got 'x'"),
+    ("[/d/a.jsonl,{path:/d/b.jsonl}]", r"data.train_files\[1\] must be a path or \{path: ..., weight: ...\}, got "
+                                       r"\{'path:/d/b.jsonl': None\} \(YAML flow style needs a space"),
+    ("[{file: /d/b.jsonl}]", r"data.train_files\[0\] must be a path or"),
+    ("[/d/a.jsonl,/d/b.jsonl,/d/../d/a.jsonl]", r"data.train_files\[2\] repeats data.train_files\[0\]"),
+])
+def test_bad_train_files_name_the_item(value, message):
+    with pytest.raises(ConfigError, match=message + r".*\(from the command line: data.train_files="):
+        load_config(None, [*ONE_OF, f"data.train_files={value}"])
 
 
 def test_best_metric_names_and_directions():

@@ -4,13 +4,15 @@ labels that never drift across epochs, lengths that match what the model runs, D
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 
 import pytest
 import torch
 import yaml
 
-from conftest import SETTINGS_MAX_TOKENS, SETTINGS_STEPS, base_config, loss_records, read_metrics, write_config
+from conftest import (SETTINGS_MAX_TOKENS, SETTINGS_STEPS, base_config, launch, loss_records, read_metrics,
+                      write_config)
 from ds_train.config import load_config
 from ds_train.data.cache import CachedDataset
 from ds_train.data.collate import IGNORE, Collate, make_collator, to_dataset_sample
@@ -329,3 +331,42 @@ def test_workers_run_trains_exactly_like_the_main_process(settings_runs):
     evals = [{r["step"]: r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r} for out in runs.values()]
     assert sorted(evals[0]) == list(range(1, SETTINGS_STEPS + 1))
     assert evals[0] == pytest.approx(evals[1], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_two_manifests_with_weights_and_eval_split_train_and_evaluate(tiny_model, demo_data, nospeaker_data, configs,
+                                                                      text_tok, tmp_path):
+    """data.train_files (demo_data at weight 1, nospeaker_data at 0.5) with data.eval_split=0.25 in a real 2-rank
+    run: the data report lists both manifests and the mix, each step trains the weighted plan's micro-batches, and
+    the final evaluation runs on the held-out samples."""
+    from ds_train.data.loader import build_data
+
+    files = [str(demo_data / "train.jsonl"), str(nospeaker_data)]
+    out = tmp_path / "run"
+    raw = base_config(tiny_model, demo_data, out, train={"max_steps": 3, "epochs": 99},
+                      data={"train_files": [files[0], {"path": files[1], "weight": 0.5}], "eval_split": 0.25})
+    del raw["data"]["train_file"]
+    proc = launch(["train", str(write_config(tmp_path / "mix.yaml", raw))])
+
+    report = json.loads((out / "data_report.json").read_text())
+    assert [(m["manifest"], m["samples"]) for m in report["manifests"]] == [(files[0], 8), (files[1], 8)]
+    mix = report["train_mix"]
+    assert [r["manifest"] for r in mix] == files and [r["weight"] for r in mix] == [1.0, 0.5]
+    assert mix[1]["held_out"] == 2 and mix[1]["samples"] == 6 and mix[1]["per_epoch"] == 3  # 0.5 x 6
+    assert mix[0]["per_epoch"] == mix[0]["samples"] == 8 - mix[0]["held_out"]
+    n = mix[0]["per_epoch"] + 3
+    assert (f"data mix: train.jsonl {mix[0]['samples']} samples x weight 1 = {mix[0]['per_epoch']} per epoch "
+            f"({mix[0]['per_epoch'] / n:.1%}); plain.jsonl 6 samples x weight 0.5 = 3 per epoch ({3 / n:.1%})"
+            in proc.stdout)
+
+    # The same plan, rebuilt here from the caches the run prepared: its step k trained micro-batches 2k-2 and 2k-1.
+    cfg = load_config(str(tmp_path / "mix.yaml"))
+    data = build_data(cfg, configs["delay"], text_tok, tmp_path / "here")
+    lengths = data.train_set.lengths
+    plan = MicroBatchSampler(lengths, 0, 2, 1, cfg.train.seed, mix=[(r["samples"], r["weight"]) for r in mix]).plan()
+    steps = loss_records(out)
+    assert sorted(steps) == [1, 2, 3]
+    for k in steps:
+        assert steps[k]["tokens"] == sum(lengths[i] for b in plan[2 * k - 2: 2 * k] for i in b), k
+    evals = [r for r in read_metrics(out) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3] and 0 < evals[0]["eval_loss"] < 20

@@ -122,3 +122,72 @@ def test_token_budget_pads_little_where_random_batches_pad_much():
     # and the batches are not all alike in length: lengths still mix across steps
     longest = [max(lengths[i] for i in b) for b in budget.rank_batches()[:40]]
     assert max(longest) > 2 * min(longest)
+
+
+# ---- a mix of manifests (data.train_files): weights are per-sample rates per epoch --------------------------------
+
+MIX = [(40, 2.5), (25, 1.0), (35, 0.2)]  # (samples, weight) of three files, in the order of `lengths`
+MODES = [{"micro_batch_size": 2}, {"max_tokens": 3000}]
+
+
+def files_of(plan, mix) -> list[list[int]]:
+    """Each file's sample indices in an epoch's plan, repeats included."""
+    ends = [sum(n for n, _ in mix[:k + 1]) for k in range(len(mix))]
+    out = [[] for _ in mix]
+    for i in (i for b in plan for i in b):
+        out[next(k for k, end in enumerate(ends) if i < end)].append(i)
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_weights_give_each_file_round_weight_x_samples_per_epoch(mode):
+    lengths = skewed_lengths(100)
+    s = MicroBatchSampler(lengths, 0, 2, 1, seed=5, mix=MIX, **mode)
+    subsets = []
+    for epoch in range(4):
+        s.set_epoch(epoch)
+        assert s.dropped() == 0
+        twice_and_a_half, once, some = files_of(s.plan(), MIX)
+        assert (len(twice_and_a_half), len(once), len(some)) == (100, 25, 7)  # 2.5 x 40, 1 x 25, 0.2 x 35
+        copies = {i: twice_and_a_half.count(i) for i in range(40)}
+        assert sorted(copies.values()) == [2] * 20 + [3] * 20  # two full copies, half the file a third time
+        assert sorted(once) == list(range(40, 65))
+        assert len(set(some)) == 7 and set(some) <= set(range(65, 100))
+        subsets.append((frozenset(i for i, c in copies.items() if c == 3), frozenset(some)))
+    assert len(set(subsets)) == 4  # another fractional subset in every epoch
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_weighted_plan_is_the_same_on_every_rank_and_resumes(mode):
+    lengths = skewed_lengths(100)
+    ranks = samplers(lengths, 3, grad_accum=2, seed=5, mix=MIX, **mode)
+    for s in ranks:
+        s.set_epoch(3)
+    plan = ranks[0].plan()
+    assert all(s.plan() == plan for s in ranks)
+    shares = [s.rank_batches() for s in ranks]
+    assert len({len(x) for x in shares}) == 1 and len(plan) == 3 * len(shares[0])
+    for b, batch in enumerate(plan):
+        assert shares[b % 3][b // 3] == batch
+    if "micro_batch_size" in mode:  # fixed-size plans: the same number of steps in every epoch
+        steps = set()
+        for epoch in range(5):
+            ranks[0].set_epoch(epoch)
+            steps.add(ranks[0].steps_per_epoch())
+        assert steps == {len(plan) // 6}
+    everything, start = shares[1], len(shares[1]) // 2
+    resumed = MicroBatchSampler(lengths, 1, 3, 2, seed=5, mix=MIX, **mode)  # a fresh process after a restart
+    resumed.set_epoch(3, start=start)
+    assert start >= 2 and list(resumed) == everything[start:]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_all_weights_1_plan_what_one_concatenated_manifest_did(mode):
+    lengths = skewed_lengths(100)
+    for epoch in (0, 1, 6):
+        one = MicroBatchSampler(lengths, 0, 2, 2, seed=9, **mode)
+        mixed = MicroBatchSampler(lengths, 0, 2, 2, seed=9, mix=[(30, 1), (70, 1.0)], **mode)
+        one.set_epoch(epoch)
+        mixed.set_epoch(epoch)
+        assert mixed.plan() == one.plan()
+        assert mixed.padding_efficiency() == one.padding_efficiency() and mixed.dropped() == one.dropped()

@@ -12,6 +12,7 @@ never a silent mix.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -38,14 +39,24 @@ def default_cache_dir(manifest: str) -> Path:
     return p.parent / ".ds_train_cache" / p.stem
 
 
-def cache_dirs(cfg: Config) -> tuple[Path, Optional[Path]]:
-    """(training cache, eval cache or None). With data.cache_dir the eval cache sits beside it as CACHE_DIR-eval;
-    without, each cache sits next to its manifest."""
+def cache_dirs(cfg: Config) -> tuple[list[Path], Optional[Path]]:
+    """(a cache per training manifest, the eval cache or None). Without data.cache_dir each cache sits next to its
+    manifest. With it: one manifest (data.train_file) uses CACHE_DIR, its eval manifest CACHE_DIR-eval; a list
+    (data.train_files) gives every manifest, the eval one too, CACHE_DIR/<stem>-<hash of its absolute path>, so two
+    manifests that share a name never share a cache."""
     d = cfg.data
-    if d.cache_dir:
-        train = Path(d.cache_dir)
-        return train, (train.with_name(train.name + "-eval") if d.eval_file else None)
-    return default_cache_dir(d.train_file), (default_cache_dir(d.eval_file) if d.eval_file else None)
+    train = [m for m, _ in d.manifests()]
+    if not d.cache_dir:
+        return [default_cache_dir(m) for m in train], (default_cache_dir(d.eval_file) if d.eval_file else None)
+    root = Path(d.cache_dir)
+    if d.train_files is None:
+        return [root], (root.with_name(root.name + "-eval") if d.eval_file else None)
+    return [_sub_cache(root, m) for m in train], (_sub_cache(root, d.eval_file) if d.eval_file else None)
+
+
+def _sub_cache(root: Path, manifest: str) -> Path:
+    p = Path(manifest).resolve()
+    return root / f"{p.stem}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
 
 
 def fingerprint(cfg: Config, text_tokenizer, audio_tokenizer_path: str) -> dict:
@@ -185,6 +196,22 @@ class CachedDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def subset(self, indices) -> "CachedDataset":
+        """A dataset of these samples only (a held-out eval set); this one is left as it is."""
+        part = copy.copy(self)
+        part.entries = [self.entries[i] for i in indices]
+        part.lengths = [self.lengths[i] for i in indices]
+        return part
+
+    @staticmethod
+    def concat(parts: list["CachedDataset"]) -> "CachedDataset":
+        """Several manifests' samples as one dataset, in list order (data.train_files)."""
+        whole = copy.copy(parts[0])
+        whole.index = None  # no single index.json describes it
+        whole.entries = [e for p in parts for e in p.entries]
+        whole.lengths = [n for p in parts for n in p.lengths]
+        return whole
 
     def drop(self, indices) -> None:
         """Leave samples out (skipped as bad after preparation, e.g. longer than data.max_tokens)."""

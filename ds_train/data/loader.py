@@ -1,8 +1,9 @@
-"""DataLoaders over this rank's micro-batches of the prepared caches (prepared first when missing)."""
+"""DataLoaders over this rank's micro-batches of the prepared caches (prepared first when missing), the training
+manifests mixed by weight and an eval set from data.eval_file or data.eval_split."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -14,8 +15,9 @@ from ds_train.config import Config
 from ds_train.data.cache import CachedDataset
 from ds_train.data.collate import Batch, Collate, make_collator
 from ds_train.data.prepare import prepare_all, write_report
-from ds_train.data.sampler import MicroBatchSampler
-from ds_train.errors import DataError
+from ds_train.data.sampler import MicroBatchSampler, per_epoch
+from ds_train.data.split import split_eval
+from ds_train.errors import ConfigError, DataError
 
 
 @dataclass
@@ -38,29 +40,68 @@ class Data:
     sampler: MicroBatchSampler
     eval: Optional[EvalData]
     bad_samples_skipped: int
+    held_out: dict[str, set[str]] = field(default_factory=dict)  # data.eval_split: {manifest: sources held out}
 
 
 def build_data(cfg: Config, model_config, text_tokenizer, out: Path) -> Data:
-    """Prepare (or reuse) the caches on all ranks, then loaders over this rank's shard of the micro-batches."""
+    """Prepare (or reuse) the caches on all ranks, then loaders over this rank's shard of the micro-batches: the
+    training manifests as one dataset with their weights (data.train_files), and the eval file or the samples
+    data.eval_split holds out."""
     prepared = prepare_all(cfg, text_tokenizer)
-    if dist.is_main():
-        write_report(out, prepared)
     rank, world, whisper = dist.rank(), dist.world_size(), bool(model_config.encode_whisper_embed)
-    train_set = CachedDataset(prepared[0].cache_dir, model_config, whisper)
-    too_long = fit_max_tokens(train_set, cfg, cfg.data.train_file)
-    collator = make_collator(model_config, cfg.model.whisper_processor_path)
-    loader, sampler = build_loader(train_set, collator, cfg, rank, world)
-    eval_data = None
+    manifests = cfg.data.manifests()
+    parts, too_long = [], 0
+    for (manifest, _), result in zip(manifests, prepared):
+        part = CachedDataset(result.cache_dir, model_config, whisper)
+        too_long += fit_max_tokens(part, cfg, manifest)
+        parts.append(part)
+    eval_set, held_out = None, {}
     if cfg.data.eval_file:
-        eval_set = CachedDataset(prepared[1].cache_dir, model_config, whisper)
+        eval_set = CachedDataset(prepared[-1].cache_dir, model_config, whisper)
         too_long += fit_max_tokens(eval_set, cfg, cfg.data.eval_file)
+    elif cfg.data.eval_split:
+        split = split_eval(parts, [m for m, _ in manifests], cfg.data.eval_split, cfg.train.seed)
+        parts, eval_set, held_out = split.train, split.eval, split.held_out
+        dist.print0(split.line)
+    mix = mix_report(manifests, parts, held_out if cfg.data.eval_split else None)
+    if cfg.data.train_files is not None:
+        dist.print0("data mix: " + "; ".join(f"{Path(r['manifest']).name} {r['samples']:,} samples x weight "
+                                             f"{r['weight']:g} = {r['per_epoch']:,} per epoch ({r['share']:.1%})"
+                                             for r in mix))
+    if dist.is_main():
+        write_report(out, prepared, mix)
+    train_set = CachedDataset.concat(parts) if len(parts) > 1 else parts[0]
+    collator = make_collator(model_config, cfg.model.whisper_processor_path)
+    loader, sampler = build_loader(train_set, collator, cfg, rank, world,
+                                   mix=[(r["samples"], r["weight"]) for r in mix])
+    eval_data = None
+    if eval_set is not None:
         # Evaluation keeps every sample (no dropping, no shuffling); ranks may differ by a micro-batch.
         eval_sampler = MicroBatchSampler(eval_set.lengths, rank, world, 1, cfg.train.seed,
                                          micro_batch_size=cfg.train.micro_batch_size, max_tokens=cfg.data.max_tokens,
                                          shuffle=False, drop_remainder=False)
         eval_loader, _ = build_loader(eval_set, collator, cfg, rank, world, sampler=eval_sampler)
         eval_data = EvalData(eval_loader, eval_sampler, eval_loader.collate_fn)
-    return Data(train_set, loader, sampler, eval_data, sum(len(p.bad) for p in prepared) + too_long)
+    return Data(train_set, loader, sampler, eval_data, sum(len(p.bad) for p in prepared) + too_long, held_out)
+
+
+def mix_report(manifests: list[tuple[str, float]], parts: list[CachedDataset],
+               held_out: Optional[dict[str, set[str]]]) -> list[dict]:
+    """Per training file: its training samples, weight, samples per epoch and share of the epoch (and how many
+    data.eval_split held out). A weight that leaves a file out of every epoch is a config error."""
+    rows = []
+    for i, ((manifest, weight), part) in enumerate(zip(manifests, parts)):
+        n = per_epoch(len(part), weight)
+        if len(part) and not n:
+            raise ConfigError(f"data.train_files[{i}].weight={weight:g} gives {manifest} ({len(part)} samples) no "
+                              "sample per epoch (round(weight x samples) = 0): raise it")
+        rows.append({"manifest": manifest, "samples": len(part), "weight": weight, "per_epoch": n})
+        if held_out is not None:
+            rows[-1]["held_out"] = len(held_out[manifest])
+    total = sum(r["per_epoch"] for r in rows)
+    for r in rows:
+        r["share"] = r["per_epoch"] / total if total else 0.0
+    return rows
 
 
 def fit_max_tokens(dataset: CachedDataset, cfg: Config, manifest: str) -> int:
@@ -85,11 +126,14 @@ def fit_max_tokens(dataset: CachedDataset, cfg: Config, manifest: str) -> int:
 
 
 def build_loader(dataset: CachedDataset, collator, cfg, rank: int, world: int,
-                 sampler: Optional[MicroBatchSampler] = None) -> tuple[DataLoader, MicroBatchSampler]:
+                 sampler: Optional[MicroBatchSampler] = None,
+                 mix: Optional[list[tuple[int, float]]] = None) -> tuple[DataLoader, MicroBatchSampler]:
+    """A loader over `sampler`, by default the training plan of `dataset` (with `mix`: its files' (samples,
+    weight), see sampler.py)."""
     d = cfg.data
     if sampler is None:  # not `sampler or ...`: a sampler with no batch for this rank has len() 0 and is falsy
         sampler = MicroBatchSampler(dataset.lengths, rank, world, cfg.train.grad_accum, cfg.train.seed,
-                                    micro_batch_size=cfg.train.micro_batch_size, max_tokens=d.max_tokens)
+                                    micro_batch_size=cfg.train.micro_batch_size, max_tokens=d.max_tokens, mix=mix)
     kwargs = {}
     if d.num_workers > 0:
         kwargs = {"persistent_workers": d.persistent_workers, "prefetch_factor": d.prefetch_factor}

@@ -59,6 +59,13 @@ def read_manifest(path: str, fmt: str = "auto", system_prompt: str = "",
     return out
 
 
+def speakers_by_source(path: str) -> dict[str, Optional[str]]:
+    """{source: speaker or None} of every record: the `speaker` key of a TTS row or a ChatML sample, read without
+    converting the records or digesting their audio (the prepared cache keeps no speakers)."""
+    return {source: raw.get("speaker") if isinstance(raw.get("speaker"), str) and raw["speaker"] else None
+            for source, raw, error in raw_records(path) if error is None}
+
+
 def _hash(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 

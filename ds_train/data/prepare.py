@@ -116,23 +116,31 @@ def prepare(cfg: Config, manifest: str, text_tokenizer, cache_dir: Optional[str]
 
 
 def prepare_all(cfg: Config, text_tokenizer) -> list[PrepareResult]:
-    """The training manifest's cache, then the eval manifest's (when there is one), where cache_dirs() puts them."""
-    train_cache, eval_cache = cache_dirs(cfg)
-    results = [prepare(cfg, cfg.data.train_file, text_tokenizer, train_cache)]
+    """Each training manifest's cache (data.train_file, or each of data.train_files in order), then the eval
+    manifest's (when there is one), where cache_dirs() puts them."""
+    train_caches, eval_cache = cache_dirs(cfg)
+    results = [prepare(cfg, manifest, text_tokenizer, cache)
+               for (manifest, _), cache in zip(cfg.data.manifests(), train_caches)]
     if cfg.data.eval_file:
         results.append(prepare(cfg, cfg.data.eval_file, text_tokenizer, eval_cache))
     return results
 
 
-def write_report(out_dir: Path, results: list[PrepareResult]) -> dict:
-    """OUTPUT_DIR/data_report.json: every skipped sample with its reason, and the counts the logs show."""
+def write_report(out_dir: Path, results: list[PrepareResult], mix: Optional[list[dict]] = None) -> dict:
+    """OUTPUT_DIR/data_report.json: every manifest with its cache and counts, every skipped sample with its
+    reason, the counts the logs show, and the training mix (loader.py: each file's weight, samples per epoch and
+    the samples data.eval_split held out) when given."""
     report = {
+        "manifests": [{"manifest": r.manifest, "cache_dir": str(r.cache_dir), "samples": r.num_samples,
+                       "skipped": len(r.bad)} for r in results],
         "skipped": sum(len(r.bad) for r in results),
         "samples": {str(r.cache_dir): r.num_samples for r in results},
         "bad": [{"manifest": r.manifest, **b} for r in results for b in r.bad],
         "no_trainable_audio": [s for r in results for s in r.no_trainable_audio],
         "warnings": [{"manifest": r.manifest, **w} for r in results for w in r.warnings],
     }
+    if mix is not None:
+        report["train_mix"] = mix
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "data_report.json").write_text(json.dumps(report, indent=1))
     if report["skipped"]:

@@ -6,12 +6,18 @@ Two ways to cut an epoch into micro-batches:
   padding low when lengths are skewed.
 Either way the micro-batches are dealt round-robin over the global ranks, and their number is made a multiple of
 world_size x grad_accum so every rank runs the same number of forwards per step (ZeRO-3 hangs otherwise).
+
+A mix of manifests (data.train_files) is one list of samples, file after file, with a weight per file: a file of n
+samples contributes round(weight x n) to each epoch, floor(weight) copies of every sample plus a seeded subset for
+the fraction, another subset each epoch. The epoch's samples (repeats included) are then shuffled and batched as
+above: all weights 1 plan exactly what one concatenated manifest would.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 LENGTH_GROUP_FACTOR = 64  # sort by length within windows of this many micro-batches' worth of samples
 
@@ -20,7 +26,8 @@ class MicroBatchSampler:
     """A batch_sampler for DataLoader yielding this rank's micro-batches of one epoch, from `start` on."""
 
     def __init__(self, lengths: Sequence[int], rank: int, world: int, grad_accum: int, seed: int,
-                 micro_batch_size: int = 1, max_tokens: int = 0, shuffle: bool = True, drop_remainder: bool = True):
+                 micro_batch_size: int = 1, max_tokens: int = 0, shuffle: bool = True, drop_remainder: bool = True,
+                 mix: Optional[Sequence[tuple[int, float]]] = None):
         if max_tokens and max(lengths) > max_tokens:
             longest = max(range(len(lengths)), key=lambda i: lengths[i])
             raise ValueError(f"sample {longest} has {lengths[longest]} tokens, more than data.max_tokens={max_tokens}")
@@ -28,6 +35,10 @@ class MicroBatchSampler:
         self.seed, self.mbs, self.max_tokens, self.shuffle = seed, micro_batch_size, max_tokens, shuffle
         # False (evaluation): keep every sample; ranks may then differ by one micro-batch, which the caller pads.
         self.drop_remainder = drop_remainder
+        # (samples, weight) of each file, in the order of `lengths`; None: every sample once per epoch.
+        if mix is not None and sum(n for n, _ in mix) != len(self.lengths):
+            raise ValueError(f"mix covers {sum(n for n, _ in mix)} samples, lengths {len(self.lengths)}")
+        self.mix = None if mix is None else [(int(n), float(w)) for n, w in mix]
         self.epoch, self.start = 0, 0
         self._plan_cache = None
 
@@ -40,14 +51,28 @@ class MicroBatchSampler:
         if self._plan_cache and self._plan_cache[0] == self.epoch:
             return self._plan_cache[1]
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        order = list(range(len(self.lengths)))
+        order = self.epoch_samples()
         if self.shuffle:
             rng.shuffle(order)
         batches = self._by_tokens(order, rng) if self.max_tokens else self._by_count(order)
         if self.drop_remainder:
             batches = _fit_multiple(batches, self.world * self.accum)
-        self._plan_cache = (self.epoch, batches)
+        self._plan_cache = (self.epoch, batches, len(order))
         return batches
+
+    def epoch_samples(self) -> list[int]:
+        """The epoch's sample indices before shuffling, file after file: each file's samples floor(weight) times
+        plus a subset of round(weight x n) - floor(weight) x n of them, drawn for (seed, epoch, file) alone."""
+        if self.mix is None:
+            return list(range(len(self.lengths)))
+        out, start = [], 0
+        for i, (n, weight) in enumerate(self.mix):
+            block, whole = list(range(start, start + n)), math.floor(weight)
+            # Its own generator: the epoch's shuffle draws the same numbers whatever the weights.
+            extra = random.Random(f"mix:{self.seed}:{self.epoch}:{i}").sample(block, per_epoch(n, weight) - whole * n)
+            out += block * whole + sorted(extra)
+            start += n
+        return out
 
     def _by_count(self, order: list[int]) -> list[list[int]]:
         return [order[i:i + self.mbs] for i in range(0, len(order), self.mbs)]
@@ -94,7 +119,14 @@ class MicroBatchSampler:
         return real / padded if padded else 1.0
 
     def dropped(self) -> int:
-        return len(self.lengths) - sum(len(b) for b in self.plan())
+        """The epoch's samples that fit no step (fixed-size micro-batches of single samples only)."""
+        planned = self.plan()
+        return self._plan_cache[2] - sum(len(b) for b in planned)
+
+
+def per_epoch(n: int, weight: float) -> int:
+    """Samples a file of n samples contributes to each epoch at `weight`: round(weight x n), halves up."""
+    return math.floor(weight * n + 0.5)
 
 
 def _fit_multiple(batches: list[list[int]], multiple: int) -> list[list[int]]:
