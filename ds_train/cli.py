@@ -264,6 +264,10 @@ BENCH_FLAGS = {"--warmup": int, "--steps": int, "--synthetic": str, "--audio-fra
                "--peak-tflops": float, "--fp32-matmul": bool}
 
 
+# Synthetic batches need neither a manifest nor an audio tokenizer (whichever data keys the YAML sets).
+SYNTHETIC_DATA = ["data.train_file=synthetic", "data.train_files=null", "model.audio_tokenizer_path=unused"]
+
+
 def cmd_bench_train(words):
     from ds_train.bench.train import BenchOptions, bench_train
 
@@ -272,8 +276,7 @@ def cmd_bench_train(words):
         raise ConfigError(f"--baseline must be hf, got {flags['baseline']!r}")
     yaml_path, dotlist = translate_args(words)
     if flags.get("synthetic"):
-        # Synthetic batches need neither a manifest nor an audio tokenizer; the user's settings still win.
-        dotlist = ["data.train_file=synthetic", "model.audio_tokenizer_path=unused", *dotlist]
+        dotlist = [*SYNTHETIC_DATA, *dotlist]  # the user's overrides still win
     bench_train(load_config(yaml_path, dotlist), BenchOptions(**flags))
 
 

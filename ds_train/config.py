@@ -383,7 +383,8 @@ def load_config(yaml_path: Optional[str] = None, overrides: Optional[List[str]] 
         missing.remove("data.train_file")
         merged.data.train_file = None
     if missing:
-        raise ConfigError(f"missing required settings: {', '.join(missing)}")
+        named = [m + (" (or data.train_files)" if m == "data.train_file" else "") for m in missing]
+        raise ConfigError(f"missing required settings: {', '.join(named)}")
     try:
         return OmegaConf.to_object(merged)
     except (ConfigError, OmegaConfBaseException) as e:

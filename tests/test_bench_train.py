@@ -89,3 +89,13 @@ def test_fp32_matmul_matches_the_fp32_product_block_by_block(monkeypatch):
     assert torch.equal(cpu_gemm._fp32_linear(xf, wf, bf), yf)
     assert _split_flags(["c.yaml", "--fp32-matmul", "--steps", "3"], BENCH_FLAGS) == (
         ["c.yaml"], {"fp32_matmul": True, "steps": 3})
+
+
+def test_synthetic_bench_needs_no_data_whichever_data_keys_the_yaml_sets(tmp_path):
+    from ds_train.cli import SYNTHETIC_DATA
+    from ds_train.config import load_config
+
+    y = write_config(tmp_path / "c.yaml", {"model": {"path": "/m"}, "train": {"output_dir": str(tmp_path)},
+                                           "data": {"train_files": ["/d/a.jsonl", {"path": "/d/b.jsonl", "weight": 2}]}})
+    cfg = load_config(str(y), SYNTHETIC_DATA)
+    assert cfg.data.train_file == "synthetic" and cfg.data.train_files is None

@@ -87,7 +87,7 @@ def test_train_files_take_paths_and_weights_in_place_of_train_file(tmp_path):
     assert cfg.data.manifests() == [("/d/en.jsonl", 1.0), ("/d/fr.jsonl", 2.5), ("/e/en.jsonl", 1.0)]
     assert to_dict(cfg)["data"]["train_files"][0] == {"path": "/d/en.jsonl", "weight": 1.0}  # config.yaml's form
     assert cfg_with().data.manifests() == [("/d/train.jsonl", 1.0)]  # data.train_file: one manifest, weight 1
-    with pytest.raises(ConfigError, match="missing required settings: data.train_file$"):
+    with pytest.raises(ConfigError, match=r"missing required settings: data.train_file \(or data.train_files\)$"):
         load_config(None, ONE_OF)
 
 
@@ -128,7 +128,7 @@ def test_full_audio_mlp_and_lora_on_audio_mlp_contradict():
 
 
 def test_missing_required_are_listed():
-    with pytest.raises(ConfigError, match="missing required settings: data.train_file, model.audio_tokenizer_path"):
+    with pytest.raises(ConfigError, match=r"missing required settings: data.train_file \(or data.train_files\), model.audio_tokenizer_path"):
         load_config(None, ["model.path=/m"])
 
 

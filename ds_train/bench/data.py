@@ -28,6 +28,7 @@ from ds_train.data.manifest import read_manifest
 from ds_train.data.prepare import encode_clip, encode_record, prepare
 from ds_train.data.sampler import MicroBatchSampler
 from ds_train.data.validate import clip_problem
+from ds_train.errors import ConfigError
 
 CACHE_MIN_SECONDS = 3.0  # repeat cache epochs until at least this long, so the rate is not a startup artefact
 
@@ -56,6 +57,8 @@ def bench_data(cfg: Config, on_the_fly_seconds: float = 60.0) -> dict:
     from ds_train.data.audio import load_audio_tokenizer
     from ds_train.preflight import preflight
 
+    if cfg.data.train_files is not None:
+        raise ConfigError("bench-data measures one manifest: set data.train_file, not data.train_files")
     pre = preflight(cfg, for_prepare=True)
     model_config, text_tokenizer, out = pre.model_config, pre.text_tokenizer, pre.out_dir
     audio_tokenizer = load_audio_tokenizer(cfg.model.audio_tokenizer_path, device=str(dist.device()),
