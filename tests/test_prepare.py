@@ -502,9 +502,9 @@ def test_a_dead_runs_lock_is_taken_over_and_its_pieces_reused(tiny_model, text_t
     prepare(cfg, str(manifest), text_tok, str(ref), audio_tokenizer=audio_tok)
     cache.mkdir()
     lock = lock_path(cache, 0)
-    subprocess.run([sys.executable, "-c", f"import os; from filelock import SoftFileLease; "
-                    f"lease = SoftFileLease({str(lock)!r}, lease_duration={LOCK_LEASE_S}); lease.acquire(); os._exit(0)"],
-                   check=True)  # os._exit: no release, as when a run is killed
+    hold_and_die = (f"import os; from filelock import SoftFileLease; lease = SoftFileLease({str(lock)!r}, "
+                    f"lease_duration={LOCK_LEASE_S}); lease.acquire(); os._exit(0)")  # no release: as if killed
+    subprocess.run([sys.executable, "-c", hold_and_die], check=True)
     dead = shard_lease(cache, 0).owner
     assert dead.pid != os.getpid() and lock.is_file()
     first = read_manifest(str(manifest), cfg.data.format, cfg.data.system_prompt)[0]
@@ -517,3 +517,18 @@ def test_a_dead_runs_lock_is_taken_over_and_its_pieces_reused(tiny_model, text_t
     assert capsys.readouterr().out.count(f"prepare: took over the lock {lock} of pid {dead.pid} on "
                                          f"{dead.hostname} (gone, or silent for 300s)\n") == 1
     assert_same_cache(ref, cache)  # the lock and the piece are gone
+
+
+def test_a_crash_while_encoding_leaves_no_lock_and_no_shard(tiny_model, text_tok, tmp_path):
+    manifest, _ = short_set(tmp_path / "set", 2)
+    cache = tmp_path / "cache"
+    try:
+        prepare(make_cfg(tiny_model, tmp_path / "out"), str(manifest), text_tok, str(cache),
+                audio_tokenizer="not an audio tokenizer")  # the encoder fails on its first clip
+        raise AssertionError("prepare did not fail")
+    except AttributeError as crash:
+        # Looked at while the failed call's frames (and lock objects) live, as in a multi-rank job, which leaves by
+        # os._exit: only prepare's own clean-up releases the lock. (pytest.raises would drop the frames first.)
+        assert "sampling_rate" in str(crash)
+        left = sorted(p.name for p in cache.iterdir())
+    assert left == ["fingerprint.json"]  # no lock, no piece, no half-written shard

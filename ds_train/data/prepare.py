@@ -225,6 +225,7 @@ class _Rounds:
                         failed += [(k, b) for b in assemble_shard(self.cache, k, self.shards[k], self.fp, found[k])]
                         self.leases[k].release()
                 written += held
+                waiting_since = None if held else waiting_since
                 if held and time.time() - last_print > PROGRESS_EVERY_S:
                     dist.print0(f"prepare: {len(written)}/{len(todo)} shard(s) written ({time.time() - t0:.0f}s)")
                     last_print = time.time()
