@@ -120,6 +120,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order ([obj] without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _comm_device() -> torch.device:
     # NCCL only moves CUDA tensors; gloo only CPU ones.
     return device() if dist.get_backend() == "nccl" else torch.device("cpu")

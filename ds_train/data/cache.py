@@ -4,10 +4,12 @@ cache_dir/
   fingerprint.json    what produces the codes (tokenizers, settings); written before any shard
   index.json          fingerprint, shard count, sample count, bad-sample report; written last
   shard-00000.pt ...  records [k*S, (k+1)*S) of the manifest: token ids, labels, audio codes, provenance
+  shard-00000.lock    only while a `prepare` run encodes shard 0 (see prepare.py)
+  piece-00000-00013-00026.pt   only while shard 0 is encoded: the records of it one rank encoded (here 13-25)
 
 Shard k always holds the same records whatever the number of ranks, so a cache made by 8 processes equals one made
-by 1. A shard is current when its record keys and fingerprint match; a cache made with other settings is an error,
-never a silent mix.
+by 1: it is assembled from its pieces in record order, however many ranks encoded them. A shard is current when its
+record keys and fingerprint match; a cache made with other settings is an error, never a silent mix.
 """
 
 from __future__ import annotations
@@ -123,6 +125,61 @@ def write_shard(cache: Path, k: int, records: list[Record], fp: dict, entries: l
                     "bad": bad}, tmp)
 
 
+def lock_path(cache: Path, k: int) -> Path:
+    return cache / f"shard-{k:05d}.lock"
+
+
+def write_piece(cache: Path, k: int, fp: dict, done: list[tuple]) -> None:
+    """Records of shard k that one rank encoded: `done` holds (index in the shard, record key, cache entry or None,
+    bad-sample dict or None), in index order."""
+    path = cache / f"piece-{k:05d}-{done[0][0]:05d}-{done[-1][0] + 1:05d}.pt"
+    with replacing(path) as tmp:  # a crash leaves whole pieces or none: a re-run reuses them
+        torch.save({"fingerprint": _fingerprint_hash(fp), "done": done}, tmp)
+
+
+def read_pieces(cache: Path, k: int, records: list[Record], fp: dict) -> dict[int, tuple]:
+    """{index: (entry or None, bad or None)} of the records of shard k some piece holds for their current key."""
+    out = {}
+    for path in sorted(cache.glob(f"piece-{k:05d}-*.pt")):
+        piece = torch.load(path, weights_only=False)
+        if piece["fingerprint"] != _fingerprint_hash(fp):
+            continue
+        for i, key, entry, bad in piece["done"]:
+            if i < len(records) and records[i].key == key:
+                out[i] = (entry, bad)
+    return out
+
+
+def assemble_shard(cache: Path, k: int, records: list[Record], fp: dict, found: dict[int, dict]) -> list[dict]:
+    """Write shard k from its pieces and remove them: entries in record order, `found` ({index: bad}, the records
+    the check pass rejected) and those that failed to encode as its bad samples. Returns the latter."""
+    done = read_pieces(cache, k, records, fp)
+    missing = [r.source for i, r in enumerate(records) if i not in found and i not in done]
+    if missing:
+        raise RuntimeError(f"{cache}: no piece file holds {', '.join(missing[:5])} of shard {k} "
+                           f"({len(missing)} record(s)); were piece files removed during the run?")
+    entries, bad, failed = [], [], []
+    for i in range(len(records)):
+        if i in found:
+            bad.append(found[i])
+            continue
+        entry, problem = done[i]
+        if entry is None:
+            bad.append(problem)
+            failed.append(problem)
+        else:
+            entries.append(entry)
+    write_shard(cache, k, records, fp, entries, bad)
+    remove_pieces(cache, k)
+    return failed
+
+
+def remove_pieces(cache: Path, k: Optional[int] = None) -> None:
+    """Piece files of shard k (of every shard when k is None)."""
+    for path in cache.glob("piece-*.pt" if k is None else f"piece-{k:05d}-*.pt"):
+        path.unlink(missing_ok=True)
+
+
 def claim_cache(cache: Path, fp: dict) -> None:
     """Refuse a cache made with other settings; mark a new one as ours before any shard is written, so even an
     interrupted run cannot leave shards a later run with other settings would mix in."""
@@ -162,6 +219,7 @@ def write_index(cache: Path, fp: dict, manifest: str, num_shards: int, limits) -
     for old in cache.glob("shard-*.pt"):  # the manifest shrank: shards past its end are not part of it
         if int(old.stem.split("-")[1]) >= num_shards:
             old.unlink()
+    remove_pieces(cache)  # every shard is current now: pieces are leftovers of a run stopped after assembling
     index = {"fingerprint": fp, "manifest": str(Path(manifest).resolve()), "num_shards": num_shards,
              "audio_seconds": list(limits),  # the duration limits CachedDataset applies
              "num_samples": count, "bad": bad, "no_trainable_audio": no_audio}

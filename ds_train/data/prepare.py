@@ -1,14 +1,22 @@
 """`ds-train prepare`: check every sample, encode each audio once, write the sharded cache (data/cache.py) that
-training reads. Every rank of the job takes every world_size-th shard; a re-run skips shards that are current.
+training reads. A re-run skips shards that are current.
 
 Two passes. Pass 1 checks every record of every shard still to encode (schema, files, headers, a full decode for
 corrupt/silent clips, text, tokenization) and fails with one report before any encoding starts; the decode is
 read again in pass 2, a cost small next to encoding (see benchmarks/README.md). Pass 2 encodes.
+
+Sharing the work: both passes give each rank an even, contiguous part of the records still to do, whatever the shard
+boundaries (26 samples in one shard on 2 ranks: 13 each). Pass 2 goes in rounds. In each, every rank locks one shard
+still to encode (shard-K.lock); all ranks encode their part of the locked shards' records into piece files; then each
+lock holder assembles its shard from the pieces (the shard one process would write) and releases the lock. A shard
+locked by another run on the same cache (a second `prepare` or `train` job) is skipped and, once the rest is done,
+waited for: it is never encoded twice. Pieces left by an interrupted run are reused.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import time
@@ -18,18 +26,23 @@ from typing import Optional
 
 import numpy as np
 import torch
+from filelock import SoftFileLease, Timeout
 
 from ds_train import dist
 from ds_train.config import Config
 from ds_train.data.audio import AudioError, audio_info, encode, load_audio, load_audio_tokenizer
-from ds_train.data.cache import (cache_dirs, claim_cache, default_cache_dir, fingerprint, stored_bad, write_index,
-                                 write_shard)
+from ds_train.data.cache import (assemble_shard, cache_dirs, claim_cache, default_cache_dir, fingerprint, lock_path,
+                                 read_pieces, stored_bad, write_index, write_piece)
 from ds_train.data.manifest import Record, audio_contents, read_manifest, tokenize
 from ds_train.data.plausibility import plausibility_warnings
 from ds_train.data.validate import check_record, clip_problem
 from ds_train.errors import DataError
 PROGRESS_EVERY_S = 30.0
 CLIP_MEMO = 1024  # clips whose check / codes are remembered: a speaker's reference is shared by many records
+# A shard lock whose holder stopped refreshing it (a thread does, every third of this) for this long is taken over;
+# one whose holder process is gone (same host) at once. Generous: NFS may show a refresh a minute late.
+LOCK_LEASE_S = 300.0
+WAIT_POLL_S = 2.0  # how often a run waiting for another run's shard looks again
 
 
 @dataclass
@@ -40,13 +53,14 @@ class PrepareResult:
     bad: list[dict] = field(default_factory=list)
     no_trainable_audio: list[str] = field(default_factory=list)
     warnings: list[dict] = field(default_factory=list)  # plausible-but-odd rows (plausibility.py)
-    encoded_shards: int = 0
+    encoded_shards: int = 0  # shards this run wrote (not those another run wrote meanwhile)
+    encoded_samples: list[int] = field(default_factory=list)  # records each rank of this run encoded
     seconds: float = 0.0
 
 
 def prepare(cfg: Config, manifest: str, text_tokenizer, cache_dir: Optional[str] = None,
             audio_tokenizer=None) -> PrepareResult:
-    """Prepare `manifest` into its cache. Every rank of the job takes every world_size-th shard."""
+    """Prepare `manifest` into its cache, the work shared by all ranks of the job (see the module docstring)."""
     t0 = time.time()
     cache = Path(cache_dir) if cache_dir else default_cache_dir(manifest)
     fp = fingerprint(cfg, text_tokenizer, cfg.model.audio_tokenizer_path)
@@ -59,50 +73,47 @@ def prepare(cfg: Config, manifest: str, text_tokenizer, cache_dir: Optional[str]
         raise DataError(warnings, f"{manifest} (implausible rows; data.plausibility=warn reports them and goes on)")
     size = cfg.data.shard_size
     shards = [records[i:i + size] for i in range(0, len(records), size)]
-    mine = [k for k in range(len(shards)) if k % dist.world_size() == dist.rank()]
     limits = (cfg.data.min_audio_seconds, cfg.data.max_audio_seconds)
-    stored = {k: stored_bad(cache, k, shards[k], fp, limits) for k in mine}  # None: missing or stale, to encode
-    todo = [k for k in mine if stored[k] is None]
+    looked = {k: stored_bad(cache, k, shards[k], fp, limits)  # None: missing or stale, to encode
+              for k in range(dist.rank(), len(shards), dist.world_size())}
+    stored = {k: v for part in dist.all_gather_object(looked) for k, v in part.items()}
+    todo = [k for k in range(len(shards)) if stored[k] is None]
 
     # Pass 1: hours of encoding never start on a manifest that would fail.
     problem_of = functools.lru_cache(CLIP_MEMO)(functools.partial(clip_problem, cfg=cfg))
-    found = {k: [b for b in (check_record(r, text_tokenizer, problem_of) for r in shards[k]) if b] for k in todo}
-    bad = _gather_by_shard({**{k: stored[k] for k in mine if k not in found}, **found})
-    n_todo = len(_gather_by_shard({k: [k] for k in todo}))
+    mine = _my_part([(k, i) for k in todo for i in range(len(shards[k]))])
+    checked = [(k, i, b) for k, i in mine if (b := check_record(shards[k][i], text_tokenizer, problem_of))]
+    found = {k: {} for k in todo}  # {shard: {index: bad}} of the records pass 1 rejected
+    for k, i, b in sorted(itertools.chain(*dist.all_gather_object(checked)), key=lambda x: x[:2]):
+        found[k][i] = b
+    bad = [b for k in range(len(shards)) for b in (stored[k] if k not in found else found[k].values())]
     dist.print0(f"prepare {manifest}: {len(records)} records, {len(bad)} bad; "
-                f"{n_todo} of {len(shards)} shard(s) to encode")
+                f"{len(todo)} of {len(shards)} shard(s) to encode")
     if bad and not cfg.data.skip_bad:
         raise DataError(bad, manifest)
 
     # Pass 2: decode, resample, encode, write the shards that are missing or stale.
-    encode_bad = {}
+    written, encoded, failed = [], 0, []
     if todo:
         tok = audio_tokenizer or load_audio_tokenizer(cfg.model.audio_tokenizer_path, device=str(dist.device()),
                                                       semantic_model_path=cfg.model.semantic_model_path)
-        cache.mkdir(parents=True, exist_ok=True)
         codes_of = functools.lru_cache(CLIP_MEMO)(
             functools.partial(encode_clip, audio_tokenizer=tok, loudness_normalize=cfg.data.loudness_normalize))
-        last_print = time.time()
-        for n, k in enumerate(todo, start=1):
-            skip = {b["source"] for b in found[k]}
-            entries, encode_bad[k] = [], []
-            for rec in shards[k]:
-                if rec.source in skip:
-                    continue
-                try:
-                    entries.append(encode_record(rec, text_tokenizer, codes_of))
-                except AudioError as e:  # changed since pass 1: reported with the rest, not a crash mid-run
-                    encode_bad[k].append({"source": rec.source, "reason": str(e)})
-            write_shard(cache, k, shards[k], fp, entries, found[k] + encode_bad[k])
-            if time.time() - last_print > PROGRESS_EVERY_S:
-                dist.print0(f"prepare: rank 0 encoded {n}/{len(todo)} of its shards ({time.time() - t0:.0f}s)")
-                last_print = time.time()
-    late_bad = _gather_by_shard(encode_bad)
+        encode_one = functools.partial(encode_record, text_tokenizer=text_tokenizer, codes_of=codes_of)
+        written, encoded, failed = _Rounds(cache, shards, fp, limits, encode_one).run(todo, found, t0)
+    counts = dist.all_gather_object(encoded)
+    if todo:
+        by_others = len(todo) - len(written)
+        dist.print0(f"prepare: encoded {sum(counts)} sample(s) into {len(written)} shard(s) in "
+                    f"{time.time() - t0:.1f}s; per rank: {', '.join(map(str, counts))}"
+                    + (f"; {by_others} shard(s) written by another run" if by_others else ""))
+    late_bad = [b for k, b in sorted(itertools.chain(*dist.all_gather_object(failed)), key=lambda x: x[0])]
     if late_bad and not cfg.data.skip_bad:
         raise DataError(late_bad, manifest)
 
     dist.barrier()
-    result = PrepareResult(cache, 0, str(manifest), encoded_shards=n_todo, seconds=time.time() - t0)
+    result = PrepareResult(cache, 0, str(manifest), encoded_shards=len(written), encoded_samples=counts,
+                           seconds=time.time() - t0)
     if dist.is_main():
         index = write_index(cache, fp, manifest, len(shards), limits)
         result.bad, result.num_samples = index["bad"], index["num_samples"]
@@ -182,13 +193,106 @@ def encode_clip(path: str, audio_tokenizer, loudness_normalize: bool) -> torch.T
     return encode(audio_tokenizer, wav, loudness_normalize).to(torch.int16)
 
 
-def _gather_by_shard(per_shard: dict[int, list]) -> list:
-    """Every rank's {shard: items}, concatenated in shard order (= manifest order) on every rank."""
-    import torch.distributed as tdist
+def _my_part(work: list) -> list:
+    """This rank's contiguous, even part of `work` (parts differ by one item at most)."""
+    rank, world = dist.rank(), dist.world_size()
+    return work[rank * len(work) // world:(rank + 1) * len(work) // world]
 
-    parts = [per_shard]
-    if tdist.is_initialized():
-        parts = [None] * tdist.get_world_size()
-        tdist.all_gather_object(parts, per_shard)
-    merged = {k: v for part in parts for k, v in part.items()}
-    return [x for k in sorted(merged) for x in merged[k]]
+
+def shard_lease(cache: Path, k: int) -> SoftFileLease:
+    """The lock on encoding shard k. filelock's lease: created with O_CREAT|O_EXCL (safe on network file systems,
+    where flock may not be), naming its holder's pid and host, refreshed by a thread while held."""
+    return SoftFileLease(str(lock_path(cache, k)), lease_duration=LOCK_LEASE_S)
+
+
+class _Rounds:
+    """Pass 2: rounds of lock, encode, assemble, until every shard to do is written, by this run or another."""
+
+    def __init__(self, cache: Path, shards: list[list[Record]], fp: dict, limits, encode_one):
+        self.cache, self.shards, self.fp, self.limits, self.encode_one = cache, shards, fp, limits, encode_one
+        self.leases: dict[int, SoftFileLease] = {}  # kept across rounds: a lease times a silent holder
+
+    def run(self, todo: list[int], found: dict[int, dict], t0: float) -> tuple[list[int], int, list[tuple]]:
+        """(shards this run wrote, records this rank encoded, (shard, bad) of the records that failed to encode)."""
+        written, encoded, failed = [], 0, []
+        pending, last_print, last_wait, waiting_since = list(todo), time.time(), 0.0, None
+        try:
+            while pending:
+                seen = {k: v for part in dist.all_gather_object(self.lock_round(pending)) for k, v in part.items()}
+                held = sorted(k for k, v in seen.items() if v[0] == "held")
+                pending = [k for k in pending if seen.get(k, ("busy",))[0] == "busy"]
+                for k in held:
+                    if seen[k][2]:
+                        dist.print0(seen[k][2])
+                work = [(k, i) for k in held for i in range(len(self.shards[k]))
+                        if i not in found[k] and i not in seen[k][1]]
+                encoded += self.encode_part(_my_part(work))
+                dist.barrier()  # every piece of the round is written
+                for k in held:
+                    if k % dist.world_size() == dist.rank():  # the lock holder
+                        failed += [(k, b) for b in assemble_shard(self.cache, k, self.shards[k], self.fp, found[k])]
+                        self.leases[k].release()
+                written += held
+                waiting_since = None if held else waiting_since
+                if held and time.time() - last_print > PROGRESS_EVERY_S:
+                    dist.print0(f"prepare: {len(written)}/{len(todo)} shard(s) written ({time.time() - t0:.0f}s)")
+                    last_print = time.time()
+                if pending and not held:  # what is left is another run's: wait for it, saying so now and then
+                    waiting_since = waiting_since or time.time()
+                    if time.time() - last_wait > PROGRESS_EVERY_S:
+                        dist.print0(self.waiting_line(seen, pending, time.time() - waiting_since))
+                        last_wait = time.time()
+                    time.sleep(WAIT_POLL_S)
+        finally:  # also on an error: never leave a lock of a live process behind
+            for lease in self.leases.values():
+                if lease.is_locked:
+                    lease.release()
+        return written, encoded, failed
+
+    def lock_round(self, pending: list[int]) -> dict[int, tuple]:
+        """This rank's look at the pending shards it owns (every world_size-th), until it locks one: ("done",) for a
+        shard another run wrote since, ("busy", holder) for one another run holds, ("held", indices already in
+        pieces, takeover note) for the one it locked."""
+        seen = {}
+        for k in pending:
+            if k % dist.world_size() != dist.rank():
+                continue
+            lease = self.leases.setdefault(k, shard_lease(self.cache, k))
+            before = lease.owner
+            try:
+                lease.acquire(timeout=0)
+            except Timeout:
+                seen[k] = ("busy", _holder(lease.owner or before))
+                continue
+            if stored_bad(self.cache, k, self.shards[k], self.fp, self.limits) is not None:  # the holder wrote it
+                lease.release()
+                seen[k] = ("done",)
+                continue
+            note = (f"prepare: took over the lock {lock_path(self.cache, k)} of {_holder(before)} (gone, or silent "
+                    f"for {LOCK_LEASE_S:.0f}s)") if before else ""
+            seen[k] = ("held", set(read_pieces(self.cache, k, self.shards[k], self.fp)), note)
+            break
+        return seen
+
+    def encode_part(self, part: list[tuple[int, int]]) -> int:
+        """Encode this rank's (shard, index) records of a round into one piece file per shard; returns their count."""
+        for k, items in itertools.groupby(part, key=lambda x: x[0]):
+            done = []
+            for _, i in items:
+                rec = self.shards[k][i]
+                try:
+                    done.append((i, rec.key, self.encode_one(rec), None))
+                except AudioError as e:  # changed since pass 1: reported with the rest, not a crash mid-run
+                    done.append((i, rec.key, None, {"source": rec.source, "reason": str(e)}))
+            write_piece(self.cache, k, self.fp, done)
+        return len(part)
+
+    def waiting_line(self, seen: dict[int, tuple], pending: list[int], seconds: float) -> str:
+        k = pending[0]  # every pending shard is busy in a round that locked none
+        more = f" and {len(pending) - 1} more" if len(pending) > 1 else ""
+        return (f"prepare: waiting for shard {k}{more}, which another run is encoding ({seen[k][1]}; lock "
+                f"{lock_path(self.cache, k)}; {seconds:.0f}s so far)")
+
+
+def _holder(owner) -> str:
+    return f"pid {owner.pid} on {owner.hostname}" if owner else "an unknown holder"
