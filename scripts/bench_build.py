@@ -27,5 +27,5 @@ seconds = time.perf_counter() - t0
 local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 print(json.dumps({"rank": dist.rank(), "mode": mode, "params": count_parameters(model)[1], "local_params": local,
-                  "build_s": round(seconds, 1), "peak_rss_gb": round(rss, 2)}), flush=True)
+                  "build_s": round(seconds, 1), "peak_rss_gib": round(rss, 2)}), flush=True)
 dist.leave(0)

@@ -59,8 +59,8 @@ def test_bench_train_random_init_small_arch_against_hf_trainer(tmp_path):
     run_cfg = load_config(str(tmp_path / "bench.yaml"), ["data.train_file=x", "model.audio_tokenizer_path=x"])
     plan = plan_memory(run_cfg, load_model_config(str(model_dir)), deepspeed_config(run_cfg, 2, cuda=False), 2,
                        positions=2 * 128, capacity_gib=8.0, device="cpu")
-    assert len(ours["peak_rss_gb"]) == 2
-    for rss in ours["peak_rss_gb"]:
+    assert len(ours["peak_rss_gib"]) == 2
+    for rss in ours["peak_rss_gib"]:
         assert abs(plan.total_gib - rss) / rss < 0.15, (plan.total_gib, rss)
 
 

@@ -136,7 +136,7 @@ def _run_ours(cfg, ds_config, dtype, model_config, batches, opts, total) -> dict
     model = build_model(cfg, ds_config, dtype)
     build_s = time.perf_counter() - t0
     _maybe_fp32_matmul(opts)
-    rss_build = _rss_gb()
+    rss_build = _rss_gib()
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     flops = ModelFlops(model_config, model)
@@ -163,7 +163,7 @@ def _run_ours(cfg, ds_config, dtype, model_config, batches, opts, total) -> dict
         step_flops.append(f)
         losses.append(loss.total.item())
     summary = _summarise(times, tokens, samples, step_flops, opts)
-    summary.update(build_s=_max(build_s), rss_after_build_gb=_per_rank(rss_build), loss_last=losses[-1],
+    summary.update(build_s=_max(build_s), rss_after_build_gib=_per_rank(rss_build), loss_last=losses[-1],
                    params_total=count_parameters(model)[1], params_trainable=count_parameters(model)[0])
     del engine, model
     return summary
@@ -306,7 +306,7 @@ def _summarise(times, tokens, samples, flops, opts) -> dict:
         "tokens_per_s": tot[1] / seconds, "tokens_per_s_per_device": tot[1] / seconds / world,
         "samples_per_s": tot[2] / seconds, "tflops_per_s_per_device": tot[3] / seconds / world / 1e12,
         "mfu": tot[3] / seconds / world / (opts.peak_tflops * 1e12),
-        "peak_device_mem_gb": _per_rank(peak) if peak is not None else None, "peak_rss_gb": _per_rank(_rss_gb()),
+        "peak_device_mem_gib": _per_rank(peak) if peak is not None else None, "peak_rss_gib": _per_rank(_rss_gib()),
     }
 
 
@@ -320,7 +320,7 @@ def _max(value: float) -> float:
     return dist.all_reduce([value], op="max")[0]
 
 
-def _rss_gb() -> float:
+def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
@@ -347,8 +347,8 @@ def _print(r: dict) -> None:
         print(f"  {name:4s} step {s['step_time_s']:.3f}s  {s['tokens_per_s']:.1f} tokens/s "
               f"({s['tokens_per_s_per_device']:.1f}/device)  {s['samples_per_s']:.2f} samples/s  "
               f"{s['tflops_per_s_per_device']:.4f} TFLOP/s/device  MFU {100 * s['mfu']:.3f}% of "
-              f"{r['peak_tflops']:.0f} TFLOP/s  peak RSS/rank {s['peak_rss_gb']} GB"
-              + (f"  peak device mem {s['peak_device_mem_gb']} GB" if s["peak_device_mem_gb"] else "")
+              f"{r['peak_tflops']:.0f} TFLOP/s  peak RSS/rank {s['peak_rss_gib']} GiB"
+              + (f"  peak device mem {s['peak_device_mem_gib']} GiB" if s["peak_device_mem_gib"] else "")
               + (f"  build {s['build_s']:.1f}s" if "build_s" in s else ""))
     if "ours_over_hf_tokens_per_s" in r:
         print(f"  ours / HF Trainer tokens/s: {r['ours_over_hf_tokens_per_s']:.3f}")
