@@ -362,7 +362,7 @@ def main(argv=None) -> int:
             # let that be the rank that failed, not this one's generic 1.
             time.sleep(PEER_EXIT_DELAY_S)
         else:
-            traceback.print_exc()
+            _traceback_once(cmd)
         dist.abort(EXIT_ERROR)
     # Success, or a stop every rank agreed on: the ranks leave the process group together. (After any other
     # failure the peers may never reach the barrier.)
@@ -378,6 +378,29 @@ def _report(cmd: str, message: str, e: Exception) -> None:
         print(f"ds-train {cmd} (rank {dist.rank()}): {message}", file=sys.stderr, flush=True)
     elif dist.is_main():
         print(f"ds-train {cmd}: {message}", file=sys.stderr, flush=True)
+
+
+def _traceback_once(cmd: str) -> None:
+    """An unexpected error: its traceback once per node, however many of the node's ranks hit it; the others say
+    which rank they are in one line. The ranks of a node share the launcher process (their parent): the first to
+    create the marker named by (launcher, traceback) prints."""
+    import hashlib
+    import tempfile
+
+    from ds_train import dist
+
+    text = traceback.format_exc()
+    digest = hashlib.sha1(text.encode()).hexdigest()[:16]
+    marker = os.path.join(tempfile.gettempdir(), f"ds_train-error-{os.getppid()}-{digest}")
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        print(f"ds-train {cmd} (rank {dist.rank()}): failed with the same error (traceback above)", file=sys.stderr,
+              flush=True)
+        return
+    print(f"ds-train {cmd} (rank {dist.rank()}): unexpected error", file=sys.stderr, flush=True)
+    sys.stderr.write(text)
+    sys.stderr.flush()
 
 
 def _lost_a_peer(e: Exception) -> bool:

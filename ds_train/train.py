@@ -183,6 +183,7 @@ def train_step(run: Run, batches: list[Batch]) -> StepResult:
     sums = torch.zeros(counts.shape, dtype=torch.float64, device=device)
     poisoned = False
     engine.train()
+    faults.raise_if("error", run.state["step"] + 1)
     for batch in batches:
         batch = batch.to(device)
         parts = loss_sums(engine(**batch.inputs), batch.label_audio_ids)

@@ -184,6 +184,21 @@ def test_run_sh_train_help_prints_without_launching(tmp_path):
 
 
 @pytest.mark.slow
+def test_an_unexpected_error_on_every_rank_prints_one_traceback(tiny_model, demo_data, tmp_path):
+    # A bug every rank hits (DS_TRAIN_FAULT=error:1 raises a RuntimeError in the first step): one traceback per node,
+    # the other rank says so in one line; the exit code is the generic error, 1.
+    from conftest import launch
+
+    cfg = base_config(tiny_model, demo_data, tmp_path / "out", train={"max_steps": 2})
+    proc = launch(["train", str(write_config(tmp_path / "c.yaml", cfg))], env={"DS_TRAIN_FAULT": "error:1"},
+                  check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("Traceback (most recent call last)") == 1, proc.stderr[-6000:]
+    assert proc.stderr.count("InjectedError: error injected at step 1 (DS_TRAIN_FAULT)") == 1, proc.stderr[-6000:]
+    assert proc.stderr.count("): unexpected error") == 1
+    assert proc.stderr.count("): failed with the same error (traceback above)") == 1
+
+
 def test_config_and_data_errors_are_reported_once_and_explained(tiny_model, demo_data, tmp_path):
     # Both ranks find the same problem; rank 0 alone reports it, the exit code passes through run.sh, which explains
     # it, and no rank ends in gloo's "terminate called without an active exception" (rc 250, seen 1 in 4 before).
