@@ -63,6 +63,10 @@ def load_resharded(engine, path: Path, old_world: int, shard_files) -> dict:
     saved = torch.load(files[0][0], map_location="cpu", weights_only=False)
     if engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        # That restores the schedule's position, not the optimizer's lr (DeepSpeed's own load restores the optimizer's
+        # param_groups): without this the first step after the resume runs at the fresh schedule's lr (0 in warmup).
+        for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
     engine.global_steps, engine.global_samples = saved["global_steps"], saved["global_samples"]
     engine.skipped_steps = saved["skipped_steps"]
     return saved["ds_train"]

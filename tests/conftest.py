@@ -223,6 +223,61 @@ def reference_run(tiny_model, demo_data, tmp_path_factory) -> Path:
     return out
 
 
+# A plain run shared by tests of test_recovery.py and test_train.py that each need an uninterrupted 2-rank run of it:
+# no LoRA dropout (so 1 process x grad_accum 2 and activation checkpointing reproduce it exactly), a linear schedule
+# with warmup (the learning rate differs at every step), 6 steps of 4 per epoch (step 5 starts epoch 2), a
+# checkpoint every 2 steps (step-000002, -4, -6 = latest), and an evaluation of EVAL3 (3 samples: on 2 ranks, rank 1
+# has one micro-batch fewer) at step 0 and at the end.
+PLAIN_STEPS = 6
+
+
+@pytest.fixture(scope="session")
+def eval3(demo_data, tmp_path_factory) -> Path:
+    """EVAL3: a 3-sample eval manifest, the demo's 2 eval rows and its first training row."""
+    root = tmp_path_factory.mktemp("eval3")
+    (root / "audio").symlink_to(demo_data / "audio")  # the rows' relative audio paths resolve from here
+    rows = (demo_data / "eval.jsonl").read_text().splitlines()
+    rows += (demo_data / "train.jsonl").read_text().splitlines()[:1]
+    (root / "eval3.jsonl").write_text("\n".join(rows) + "\n")
+    return root / "eval3.jsonl"
+
+
+def plain_config(tiny_model: Path, demo_data: Path, eval_file: Path, out: Path, **sections) -> Path:
+    """The plain run's config file for OUTPUT_DIR `out` (written beside it); `sections` update it."""
+    cfg = base_config(tiny_model, demo_data, out,
+                      data={"train_file": str(demo_data / "train.jsonl"), "eval_file": str(eval_file)},
+                      train={"max_steps": PLAIN_STEPS, "epochs": 9, "eval_on_start": True},
+                      optim={"lr": 0.01, "scheduler": "linear", "warmup_steps": 2},
+                      checkpoint={"every_steps": 2, "keep_last": 10})
+    for section, values in sections.items():
+        cfg[section].update(values)
+    return write_config(out.parent / f"{out.name}.yaml", cfg)
+
+
+@pytest.fixture(scope="session")
+def plain_run(tiny_model, demo_data, eval3, tmp_path_factory) -> Path:
+    """OUTPUT_DIR of the plain run on 2 ranks. Read it, never write into it (copy it first)."""
+    out = tmp_path_factory.mktemp("plain") / "run"
+    launch(["train", str(plain_config(tiny_model, demo_data, eval3, out))])
+    return out
+
+
+# Non-finite steps on the reference config (test_resilience.py, and the learning-rate check of test_train.py).
+NON_FINITE_FAULTS = "nan_loss:3:1,nan_loss:5,nan_loss:6,nan_loss:7"
+
+
+@pytest.fixture(scope="session")
+def non_finite_run(tiny_model, demo_data, tmp_path_factory):
+    """The reference config with a checkpoint after every step and train.max_consecutive_skips=3. Rank 1 alone gets
+    a NaN loss at step 3; both ranks at steps 5, 6 and 7, the third in a row, so the run stops after step 7.
+    Returns (OUTPUT_DIR, the launcher's CompletedProcess)."""
+    out = tmp_path_factory.mktemp("non_finite") / "run"
+    config = reference_config(tiny_model, demo_data, out, train={"max_consecutive_skips": 3},
+                              checkpoint={"every_steps": 1, "keep_last": 100})
+    proc = launch(["train", str(config)], env={"DS_TRAIN_FAULT": NON_FINITE_FAULTS}, check=False)
+    return out, proc
+
+
 def assert_same_run(out: Path, reference: Path) -> None:
     """Every step logged once, the reference's losses and learning rates, a bit-equal final adapter."""
     got, want = loss_records(out), loss_records(reference)

@@ -1,7 +1,8 @@
 """ds_train/checkpoint.py recovery: resume past a damaged checkpoint, and a save on a full disk, on real 2-rank ZeRO-3 runs.
 
 Faults are injected the way a user meets them: a deleted or truncated shard file, a filesystem that fills up (a
-small tmpfs; the test needs root to mount it and says so when it skips)."""
+small tmpfs; the test needs root to mount it and says so when it skips). The damaged checkpoints are copies of
+conftest's plain_run (checkpoints step-000002, -4 and -6 = latest), and the resumed runs must reproduce it."""
 
 from __future__ import annotations
 
@@ -13,28 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import base_config, launch, read_metrics, write_config
+from conftest import PLAIN_STEPS, base_config, launch, plain_config, read_metrics, write_config
 from ds_train.checkpoint import checkpoint_problems, find_resume
 from ds_train.errors import CheckpointError
 from ds_train.adapter import ADAPTER_WEIGHTS
 from ds_train.config import load_config
 from ds_train.errors import ConfigError
 
-STEPS = 4
+LAST = f"step-{PLAIN_STEPS:06d}"  # plain_run's latest checkpoint; the one before it is step-000004
 
 
-def run_config(tiny_model, demo_data, out: Path, **train) -> Path:
-    cfg = base_config(tiny_model, demo_data, out, train={"max_steps": STEPS, "epochs": 9, **train},
+def disk_config(tiny_model, demo_data, out: Path, **train) -> Path:
+    """The full-disk runs: checkpoints of ~460 KB every 2 steps."""
+    cfg = base_config(tiny_model, demo_data, out, train={"epochs": 9, **train},
                       checkpoint={"every_steps": 2, "keep_last": 10})
     return write_config(out.parent / f"{out.name}.yaml", cfg)
-
-
-@pytest.fixture(scope="module")
-def four_steps(tiny_model, demo_data, tmp_path_factory) -> Path:
-    """A 2-rank run with checkpoints step-000002 and step-000004 (= latest)."""
-    out = tmp_path_factory.mktemp("recovery") / "run"
-    launch(["train", str(run_config(tiny_model, demo_data, out))])
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -76,43 +70,45 @@ def resume_cfg(out: Path, resume="auto"):
                                            ("deleted model shard", "zero_pp_rank_0_mp_rank_00_model_states.pt: missing"),
                                            ("truncated shard", "zero_pp_rank_1_mp_rank_00_optim_states.pt: unreadable"),
                                            ("deleted rng", "rng-rank00001.pt: missing")])
-def test_auto_resume_skips_a_damaged_latest(four_steps, tmp_path, monkeypatch, capsys, damage, named):
+def test_auto_resume_skips_a_damaged_latest(plain_run, tmp_path, monkeypatch, capsys, damage, named):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    out = damaged_copy(four_steps, tmp_path / "run", 4, damage)
-    assert find_resume(resume_cfg(out), out) == out / "checkpoints" / "step-000002"
+    out = damaged_copy(plain_run, tmp_path / "run", PLAIN_STEPS, damage)
+    assert find_resume(resume_cfg(out), out) == out / "checkpoints" / "step-000004"
     line = capsys.readouterr().out
-    assert "step-000004 (named by `latest`) is damaged" in line and named in line
-    assert "Resuming from step-000002, the newest intact checkpoint" in line
+    assert f"{LAST} (named by `latest`) is damaged" in line and named in line
+    assert "Resuming from step-000004, the newest intact checkpoint" in line
     # Asked for by path, the damaged checkpoint is an error naming the file.
     with pytest.raises(CheckpointError, match=named.replace("(", r"\(")):
-        find_resume(resume_cfg(out, str(out / "checkpoints" / "step-000004")), out)
+        find_resume(resume_cfg(out, str(out / "checkpoints" / LAST)), out)
 
 
 @pytest.mark.slow
-def test_no_intact_checkpoint_is_one_error_listing_each(four_steps, tmp_path, monkeypatch):
+def test_no_intact_checkpoint_is_one_error_listing_each(plain_run, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    out = damaged_copy(four_steps, tmp_path / "run", 4, "truncated shard")
-    (out / "checkpoints" / "step-000002" / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()
+    out = damaged_copy(plain_run, tmp_path / "run", PLAIN_STEPS, "truncated shard")
+    (out / "checkpoints" / "step-000004" / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()
+    (out / "checkpoints" / "step-000002" / "rng-rank00001.pt").unlink()
     with pytest.raises(CheckpointError) as e:
         find_resume(resume_cfg(out), out)
     msg = str(e.value)
     assert "no intact checkpoint to resume" in msg
-    assert "step-000004: zero_pp_rank_1_mp_rank_00_optim_states.pt: unreadable" in msg
-    assert "step-000002: zero_pp_rank_0_mp_rank_00_model_states.pt: missing" in msg
+    assert f"{LAST}: zero_pp_rank_1_mp_rank_00_optim_states.pt: unreadable" in msg
+    assert "step-000004: zero_pp_rank_0_mp_rank_00_model_states.pt: missing" in msg
+    assert "step-000002: rng-rank00001.pt: missing" in msg
 
 
 @pytest.mark.slow
-def test_resume_from_the_intact_checkpoint_continues_the_run(four_steps, tiny_model, demo_data, tmp_path):
-    out = damaged_copy(four_steps, tmp_path / "run", 4, "truncated shard")
-    proc = launch(["train", str(run_config(tiny_model, demo_data, out, resume="auto"))])
-    assert "Resuming from step-000002" in proc.stdout
+def test_resume_from_the_intact_checkpoint_continues_the_run(plain_run, tiny_model, demo_data, eval3, tmp_path):
+    out = damaged_copy(plain_run, tmp_path / "run", PLAIN_STEPS, "truncated shard")
+    proc = launch(["train", str(plain_config(tiny_model, demo_data, eval3, out, train={"resume": "auto"}))])
+    assert "Resuming from step-000004" in proc.stdout
     assert proc.stdout.count("is damaged") == 1  # rank 0 says it once
-    want = {r["step"]: r["loss"] for r in read_metrics(four_steps) if "loss" in r}
+    want = {r["step"]: r["loss"] for r in read_metrics(plain_run) if "loss" in r}
     got = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
-    assert sorted(got) == [1, 2, 3, 4]
+    assert sorted(got) == list(range(1, PLAIN_STEPS + 1))
     assert got == pytest.approx(want, rel=1e-5)
-    # The damaged step-000004 was replaced by a good one.
-    assert checkpoint_problems(out / "checkpoints" / "step-000004") == []
+    # The damaged latest checkpoint was replaced by a good one.
+    assert checkpoint_problems(out / "checkpoints" / LAST) == []
 
 
 @pytest.fixture
@@ -145,7 +141,7 @@ def assert_no_partial_dirs(out: Path, complete: list[str]) -> None:
 def test_full_disk_is_refused_before_writing(tiny_model, demo_data, small_disk):
     # Each checkpoint of this run takes ~460 KB: 1200 KB hold two, and the third is refused up front.
     out = small_disk(1200) / "run"
-    proc = launch(["train", str(run_config(tiny_model, demo_data, out, max_steps=6))], check=False)
+    proc = launch(["train", str(disk_config(tiny_model, demo_data, out, max_steps=6))], check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     err = proc.stderr
     assert f"no space left on {out / 'checkpoints'}: the checkpoint needs ~0.5 MB, 0.2 MB free" in err \
@@ -159,45 +155,47 @@ def test_full_disk_is_refused_before_writing(tiny_model, demo_data, small_disk):
 def test_full_disk_at_the_first_save_leaves_no_partial_dir(tiny_model, demo_data, small_disk):
     # Nothing to measure before the first save: it fails while writing, and the half-written dir is removed.
     out = small_disk(300) / "run"
-    proc = launch(["train", str(run_config(tiny_model, demo_data, out, max_steps=2))], check=False)
+    proc = launch(["train", str(disk_config(tiny_model, demo_data, out, max_steps=2))], check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert f"no space left on {out / 'checkpoints'}: a checkpoint write failed" in proc.stderr, proc.stderr[-3000:]
     assert_no_partial_dirs(out, [])
 
 
 @pytest.mark.slow
-def test_resume_on_one_rank_continues_a_two_rank_run(four_steps, tiny_model, demo_data, tmp_path):
+def test_resume_on_one_rank_continues_a_two_rank_run(plain_run, tiny_model, demo_data, eval3, tmp_path):
     # A requeued job gets fewer ranks: 2 ranks x grad_accum 1 -> 1 rank x grad_accum 2, the same global batch.
     out = tmp_path / "run"
-    shutil.copytree(four_steps, out)
-    shutil.rmtree(out / "checkpoints" / "step-000004")
+    shutil.copytree(plain_run, out)
+    for step in (4, PLAIN_STEPS):
+        shutil.rmtree(out / "checkpoints" / f"step-{step:06d}")
     (out / "checkpoints" / "latest").write_text("step-000002")
-    proc = launch(["train", str(run_config(tiny_model, demo_data, out, resume="auto", grad_accum=2))], nprocs=1)
+    config = plain_config(tiny_model, demo_data, eval3, out, train={"resume": "auto", "grad_accum": 2})
+    proc = launch(["train", str(config)], nprocs=1)
     assert "step-000002 was written by 2 ranks; re-partitioning its weights and optimizer state over 1" in proc.stdout
     assert "warning" not in proc.stdout  # grad_accum changed to keep the global batch: the run continues exactly
-    want = {r["step"]: r for r in read_metrics(four_steps) if "loss" in r}
+    want = {r["step"]: r for r in read_metrics(plain_run) if "loss" in r}
     got = {r["step"]: r for r in read_metrics(out) if "loss" in r}
-    assert sorted(got) == [1, 2, 3, 4]
-    for step in (3, 4):  # step 4 shows the Adam moments and step count were restored, not only the weights
+    assert sorted(got) == list(range(1, PLAIN_STEPS + 1))
+    for step in range(3, PLAIN_STEPS + 1):  # steps 4-6 show the Adam moments and step count were restored too
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
         assert got[step]["lr"] == want[step]["lr"]
-    assert json.loads((out / "checkpoints" / "step-000004" / "ds_train_meta.json").read_text())["world_size"] == 1
+    assert json.loads((out / "checkpoints" / LAST / "ds_train_meta.json").read_text())["world_size"] == 1
 
 
 @pytest.mark.slow
-def test_init_from_adapter_starts_from_its_weights(four_steps, tiny_model, demo_data, tmp_path):
+def test_init_from_adapter_starts_from_its_weights(plain_run, tiny_model, demo_data, tmp_path):
     # lr 1e-30: Adam's first update is ~1e-30 per weight, below fp32 resolution, so the exported adapter after one
     # step is the initial one bit for bit: the run started from the given adapter, not from a fresh LoRA init.
     out = tmp_path / "continued"
     cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 1, "epochs": 9},
                       optim={"lr": 1e-30, "scheduler": "constant"})
-    cfg["lora"]["init_from"] = str(four_steps / "adapter")
+    cfg["lora"]["init_from"] = str(plain_run / "adapter")
     proc = launch(["train", str(write_config(tmp_path / "c.yaml", cfg))])
-    assert proc.stdout.count(f"lora.init_from: 36 LoRA tensors from {four_steps / 'adapter'}") == 1
+    assert proc.stdout.count(f"lora.init_from: 36 LoRA tensors from {plain_run / 'adapter'}") == 1
     from safetensors.torch import load_file
-    start, end = load_file(four_steps / "adapter" / ADAPTER_WEIGHTS), load_file(out / "adapter" / ADAPTER_WEIGHTS)
+    start, end = load_file(plain_run / "adapter" / ADAPTER_WEIGHTS), load_file(out / "adapter" / ADAPTER_WEIGHTS)
     assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)
-    fresh_first = [r["loss"] for r in read_metrics(four_steps) if "loss" in r][0]
+    fresh_first = [r["loss"] for r in read_metrics(plain_run) if "loss" in r][0]
     assert [r["loss"] for r in read_metrics(out) if "loss" in r][0] < fresh_first - 0.01  # trained adapter: lower
 
 

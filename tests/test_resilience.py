@@ -122,21 +122,7 @@ def test_crash_resume_chaos_sigkill_one_rank(tiny_model, demo_data, tmp_path, re
     assert_same_run(out, reference_run)
 
 
-# ---- non-finite steps: one run serves both tests ------------------------------------------------------------------
-
-NON_FINITE_FAULTS = "nan_loss:3:1,nan_loss:5,nan_loss:6,nan_loss:7"
-
-
-@pytest.fixture(scope="module")
-def non_finite_run(tiny_model, demo_data, tmp_path_factory):
-    """The reference config with a checkpoint after every step and train.max_consecutive_skips=3. Rank 1 alone gets
-    a NaN loss at step 3; both ranks at steps 5, 6 and 7, the third in a row, so the run stops after step 7.
-    Returns (OUTPUT_DIR, the launcher's CompletedProcess)."""
-    out = tmp_path_factory.mktemp("non_finite") / "run"
-    config = reference_config(tiny_model, demo_data, out, train={"max_consecutive_skips": 3},
-                              checkpoint={"every_steps": 1, "keep_last": 100})
-    proc = launch(["train", str(config)], env={"DS_TRAIN_FAULT": NON_FINITE_FAULTS}, check=False)
-    return out, proc
+# ---- non-finite steps: conftest's non_finite_run serves both tests (and test_train.py's learning-rate check) ------
 
 
 def trainable_state(step_dir: Path) -> dict:

@@ -4,13 +4,15 @@ partitioned (stage3_param_persistence_threshold 0), real peft, real boson classe
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import base_config, ds_train, launch, losses, read_metrics, write_config
+from conftest import (PLAIN_STEPS, REF_STEPS, base_config, ds_train, launch, losses, plain_config, read_metrics,
+                      write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -66,32 +68,37 @@ def test_zero3_two_ranks_loss_falls_and_outputs(tiny_model, demo_data, tmp_path)
     assert (out / "checkpoints" / "latest").read_text() == "step-000016"
 
 
-def test_data_parallel_equivalence(tiny_model, demo_data, tmp_path):
-    """2 ranks x 1 sample and 1 process x 2 accumulated samples see the same global batch: the same token-weighted
-    losses and the same gradients (DeepSpeed's averaging over ranks and accumulation steps is undone exactly)."""
+@pytest.fixture(scope="module")
+def one_process_run(tiny_model, demo_data, eval3, tmp_path_factory) -> Path:
+    """conftest's plain run on 1 process with grad_accum 2: the same global batch of 2 samples per step."""
+    out = tmp_path_factory.mktemp("one_process") / "run"
+    launch(["train", str(plain_config(tiny_model, demo_data, eval3, out, train={"grad_accum": 2}))], nprocs=1)
+    return out
+
+
+def test_data_parallel_equivalence(plain_run, one_process_run):
+    """2 ranks x 1 sample (conftest's plain_run) and 1 process x 2 accumulated samples see the same global batch,
+    epoch 2 included (step 5): the same token-weighted losses and the same gradients (DeepSpeed's averaging over
+    ranks and accumulation steps is undone exactly)."""
     runs, grad_norms = {}, {}
-    for name, nprocs, accum in (("two_ranks", 2, 1), ("one_process", 1, 2)):
-        out = tmp_path / name
-        cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 5, "grad_accum": accum, "epochs": 3},
-                          optim={"lr": 0.01, "scheduler": "linear", "warmup_steps": 2})
-        launch(["train", str(write_config(tmp_path / f"{name}.yaml", cfg))], nprocs=nprocs)
+    for name, out in (("two_ranks", plain_run), ("one_process", one_process_run)):
         runs[name] = losses(out)
         grad_norms[name] = [r["grad_norm"] for r in read_metrics(out) if "loss" in r]
-    assert len(runs["two_ranks"]) == 5
+    assert len(runs["two_ranks"]) == PLAIN_STEPS
     assert runs["two_ranks"] == pytest.approx(runs["one_process"], rel=1e-5)
     assert grad_norms["two_ranks"] == pytest.approx(grad_norms["one_process"], rel=1e-5)  # the same gradient
     assert runs["two_ranks"][-1] != runs["two_ranks"][0]  # training moved the weights
 
 
-def test_activation_checkpointing_same_losses_under_zero3(tiny_model, demo_data, tmp_path):
+def test_activation_checkpointing_same_losses_under_zero3(plain_run, tiny_model, demo_data, eval3, tmp_path):
+    """conftest's plain run again with model.activation_checkpointing=true: the same losses and gradients."""
+    out = tmp_path / "ckpt_True"
+    launch(["train", str(plain_config(tiny_model, demo_data, eval3, out, model={"activation_checkpointing": True}))])
     runs = {}
-    for flag in (False, True):
-        out = tmp_path / f"ckpt_{flag}"
-        cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 3},
-                          model={"path": str(tiny_model), "audio_tokenizer_path": str(tiny_model / "audio_tokenizer"),
-                                 "activation_checkpointing": flag})
-        launch(["train", str(write_config(tmp_path / f"{flag}.yaml", cfg))])
-        runs[flag] = [v for r in read_metrics(out) if "loss" in r for v in (r["loss"], r["grad_norm"])]
+    for flag, run in ((False, plain_run), (True, out)):
+        assert yaml.safe_load((run / "config.yaml").read_text())["model"]["activation_checkpointing"] is flag
+        runs[flag] = [v for r in read_metrics(run) if "loss" in r for v in (r["loss"], r["grad_norm"])]
+    assert len(runs[False]) == 2 * PLAIN_STEPS
     assert runs[True] == pytest.approx(runs[False], rel=1e-5)
 
 
@@ -113,25 +120,28 @@ def step_tokens(demo_data, tiny_model, tmp_path) -> set:
     return {sum(c) for c in itertools.combinations(ds.lengths, 4)}
 
 
-def test_eval_loss_is_the_same_on_one_and_two_ranks(tiny_model, demo_data, tmp_path):
-    """A 3-sample eval set: 1 rank runs 3 micro-batches; on 2 ranks rank 1 has one fewer and forwards a filler with
-    weight 0. Before: a rank whose eval share was empty got a shuffled *training* sampler over the eval set (a
-    sample evaluated twice), and a 1-sample eval set on 2 ranks raised at the final eval, losing the run."""
-    rows = (demo_data / "eval.jsonl").read_text().splitlines() + (demo_data / "train.jsonl").read_text().splitlines()[:1]
-    three, one = tmp_path / "eval3.jsonl", tmp_path / "eval1.jsonl"
+def test_eval_loss_is_the_same_on_one_and_two_ranks(plain_run, one_process_run, eval3, tiny_model, demo_data,
+                                                    tmp_path):
+    """A 3-sample eval set (conftest's EVAL3, evaluated at step 0 by the plain run on 2 ranks and by its 1-process
+    run): 1 rank runs 3 micro-batches; on 2 ranks rank 1 has one fewer and forwards a filler with weight 0. Before: a
+    rank whose eval share was empty got a shuffled *training* sampler over the eval set (a sample evaluated twice),
+    and a 1-sample eval set on 2 ranks (launched here) raised at the final eval, losing the run."""
+    one = tmp_path / "eval1.jsonl"
     (tmp_path / "audio").symlink_to(demo_data / "audio")  # the rows' relative audio paths resolve from here
-    three.write_text("\n".join(rows) + "\n")
-    one.write_text(rows[0] + "\n")
+    one.write_text(eval3.read_text().splitlines()[0] + "\n")
+    out = tmp_path / "one_sample"
+    cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 1, "eval_on_start": True},
+                      data={"train_file": str(demo_data / "train.jsonl"), "eval_file": str(one),
+                            "cache_dir": str(tmp_path / "cache_one_sample")})
+    launch(["train", str(write_config(tmp_path / "one_sample.yaml", cfg))])
+    assert (tmp_path / "cache_one_sample-eval" / "index.json").is_file()  # the eval cache follows data.cache_dir
+
     evals = {}
-    for name, nprocs, eval_file in (("one_rank", 1, three), ("two_ranks", 2, three), ("one_sample", 2, one)):
-        out = tmp_path / name
-        cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 1, "eval_on_start": True},
-                          data={"train_file": str(demo_data / "train.jsonl"), "eval_file": str(eval_file),
-                                "cache_dir": str(tmp_path / f"cache_{name}")})
-        launch(["train", str(write_config(tmp_path / f"{name}.yaml", cfg))], nprocs=nprocs)
-        evals[name] = [r for r in read_metrics(out) if "eval_loss" in r]
-        assert (out / "adapter" / "adapter_model.safetensors").is_file()
-        assert (tmp_path / f"cache_{name}-eval" / "index.json").is_file()  # the eval cache follows data.cache_dir
+    for name, run in (("one_rank", one_process_run), ("two_ranks", plain_run), ("one_sample", out)):
+        evals[name] = [r for r in read_metrics(run) if "eval_loss" in r]
+        assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert yaml.safe_load((one_process_run / "config.yaml").read_text())["data"]["eval_file"] == str(eval3)
+    assert [r["step"] for r in evals["two_ranks"]] == [r["step"] for r in evals["one_rank"]] == [0, PLAIN_STEPS]
     for key in ("eval_loss", "eval_text_loss", "eval_audio_loss"):
         assert evals["two_ranks"][0][key] == pytest.approx(evals["one_rank"][0][key], rel=1e-9), key
     assert evals["two_ranks"][0]["eval_codebook_losses"] == pytest.approx(evals["one_rank"][0]["eval_codebook_losses"],
@@ -150,15 +160,18 @@ def test_a_set_without_a_full_step_is_refused_at_start_also_with_max_steps(tiny_
     assert "StopIteration" not in proc.stderr
 
 
-def test_lr_follows_the_step_across_a_skipped_update(tiny_model, demo_data, tmp_path):
+def test_lr_follows_the_step_across_a_skipped_update(non_finite_run):
     """DeepSpeed does not advance the LR schedule on a skipped (non-finite) update while our step counter does.
     ds_train advances it too, so the logged lr is the schedule's value at the logged step and the schedule ends where
-    the run ends. (Rank 1 computes a NaN loss at step 2: every rank skips that update.)"""
-    out = tmp_path / "run"
-    cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 4},
-                      optim={"lr": 0.01, "scheduler": "linear", "warmup_steps": 0})
-    launch(["train", str(write_config(tmp_path / "c.yaml", cfg))], env={"DS_TRAIN_FAULT": "nan_loss:2:1"})
+    the run ends. (conftest's non_finite_run: the reference schedule, cosine over 12 steps after 2 warmup steps;
+    rank 1 alone computes a NaN loss at step 3, both ranks at steps 5-7: every rank skips those updates.)"""
+    out, _ = non_finite_run
     records = {r["step"]: r for r in read_metrics(out) if "loss" in r}
-    assert [records[s]["skipped"] for s in (1, 2, 3, 4)] == [False, True, False, False]
-    assert [records[s]["lr"] for s in (1, 2, 3, 4)] == pytest.approx([0.01 * (1 - s / 4) for s in (1, 2, 3, 4)],
-                                                                    rel=1e-9)
+    assert [records[s]["skipped"] for s in range(1, 8)] == [False, False, True, False, True, True, True]
+
+    def schedule(step: int) -> float:  # transformers' cosine schedule with warmup, written out
+        if step < 2:
+            return 0.005 * step / 2
+        return 0.005 * 0.5 * (1 + math.cos(math.pi * (step - 2) / (REF_STEPS - 2)))
+
+    assert [records[s]["lr"] for s in range(1, 8)] == pytest.approx([schedule(s) for s in range(1, 8)], rel=1e-9)
