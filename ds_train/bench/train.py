@@ -104,17 +104,16 @@ def _batch_source(cfg: Config, opts: BenchOptions, model_config):
                                  opts.audio_fraction, cfg.train.seed)
         return synth.batch
     from ds_train.data.collate import Collate, make_collator
-    from ds_train.data.loader import build_data
-    from ds_train.data.sampler import MicroBatchSampler
+    from ds_train.data.loader import build_data, train_sampler
     from ds_train.preflight import preflight
 
     pre = preflight(cfg)
-    dataset = build_data(cfg, model_config, pre.text_tokenizer, pre.out_dir).train_set  # prepares when missing
+    data = build_data(cfg, model_config, pre.text_tokenizer, pre.out_dir)  # prepares when missing
+    dataset = data.train_set
     collate = Collate(make_collator(model_config, cfg.model.whisper_processor_path))
     plans = []
     for rank in range(dist.world_size()):  # every rank's micro-batches: the HF baseline reads them interleaved
-        sampler = MicroBatchSampler(dataset.lengths, rank, dist.world_size(), cfg.train.grad_accum, cfg.train.seed,
-                                    micro_batch_size=cfg.train.micro_batch_size, max_tokens=cfg.data.max_tokens)
+        sampler = train_sampler(dataset, cfg, rank, dist.world_size(), data.sampler.mix)
         sampler.set_epoch(0)
         plans.append(list(sampler))
 

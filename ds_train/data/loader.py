@@ -125,6 +125,13 @@ def fit_max_tokens(dataset: CachedDataset, cfg: Config, manifest: str) -> int:
     return len(long)
 
 
+def train_sampler(dataset: CachedDataset, cfg: Config, rank: int, world: int,
+                  mix: Optional[list[tuple[int, float]]] = None) -> MicroBatchSampler:
+    """The training plan of `dataset` for `rank` of `world` (with `mix`: its files' (samples, weight))."""
+    return MicroBatchSampler(dataset.lengths, rank, world, cfg.train.grad_accum, cfg.train.seed,
+                             micro_batch_size=cfg.train.micro_batch_size, max_tokens=cfg.data.max_tokens, mix=mix)
+
+
 def build_loader(dataset: CachedDataset, collator, cfg, rank: int, world: int,
                  sampler: Optional[MicroBatchSampler] = None,
                  mix: Optional[list[tuple[int, float]]] = None) -> tuple[DataLoader, MicroBatchSampler]:
@@ -132,8 +139,7 @@ def build_loader(dataset: CachedDataset, collator, cfg, rank: int, world: int,
     weight), see sampler.py)."""
     d = cfg.data
     if sampler is None:  # not `sampler or ...`: a sampler with no batch for this rank has len() 0 and is falsy
-        sampler = MicroBatchSampler(dataset.lengths, rank, world, cfg.train.grad_accum, cfg.train.seed,
-                                    micro_batch_size=cfg.train.micro_batch_size, max_tokens=d.max_tokens, mix=mix)
+        sampler = train_sampler(dataset, cfg, rank, world, mix)
     kwargs = {}
     if d.num_workers > 0:
         kwargs = {"persistent_workers": d.persistent_workers, "prefetch_factor": d.prefetch_factor}
