@@ -97,7 +97,7 @@ def setup(cfg: Config) -> Run:
         dist.print0(f"resumed from {resume_from} at step {state['step']}")
         truncate_metrics(out, state["step"])
     logger = make_logger(cfg, out, total_steps, state["step"])
-    samples, per_epoch = len(data.train_set), len(data.sampler.epoch_samples())  # differ with data.train_files weights
+    samples, per_epoch = len(data.train_set), data.sampler.epoch_size()  # differ with data.train_files weights
     dist.print0(f"training {total_steps} steps on {dist.world_size()} rank(s); {samples} samples"
                 + (f" ({per_epoch} per epoch)" if per_epoch != samples else "")
                 + f"; padding efficiency {data.sampler.padding_efficiency():.3f}")

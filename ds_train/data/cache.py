@@ -101,22 +101,24 @@ def rejudge(shard: dict, limits) -> list[dict]:
     limit is still outside it: stored_bad checked) plus encoded samples with a clip outside the limits now."""
     bad = list(shard["bad"])
     for e in shard["entries"]:
-        for path, s, why in _outside(e, limits):
+        outside = _outside(e, limits)
+        if outside:
+            path, s, why = outside
             bad.append({"source": e["source"], "reason": f"{why}: {path}", "clip": path, "seconds": s})
     return sorted(bad, key=lambda b: int(b["source"].rsplit(":", 1)[1]))
 
 
-def _outside(entry: dict, limits) -> list[tuple[str, float, str]]:
-    """(path, seconds, reason) of the first clip of an encoded sample outside the duration limits, if any."""
+def _outside(entry: dict, limits) -> Optional[tuple[str, float, str]]:
+    """(path, seconds, reason) of the first clip of an encoded sample outside the duration limits; None if none."""
     for path, s in zip(entry["audio_paths"], entry["clip_seconds"]):
         why = duration_problem(s, *limits)
         if why:
-            return [(path, s, why)]
-    return []
+            return path, s, why
+    return None
 
 
 def within_limits(entry: dict, limits) -> bool:
-    return not _outside(entry, limits)
+    return _outside(entry, limits) is None
 
 
 def write_shard(cache: Path, k: int, records: list[Record], fp: dict, entries: list[dict], bad: list[dict]) -> None:

@@ -57,8 +57,14 @@ class MicroBatchSampler:
         batches = self._by_tokens(order, rng) if self.max_tokens else self._by_count(order)
         if self.drop_remainder:
             batches = _fit_multiple(batches, self.world * self.accum)
-        self._plan_cache = (self.epoch, batches, len(order))
+        self._plan_cache = (self.epoch, batches)
         return batches
+
+    def epoch_size(self) -> int:
+        """Samples per epoch, repeats included: len(epoch_samples()) without drawing them."""
+        if self.mix is None:
+            return len(self.lengths)
+        return sum(per_epoch(n, weight) for n, weight in self.mix)
 
     def epoch_samples(self) -> list[int]:
         """The epoch's sample indices before shuffling, file after file: each file's samples floor(weight) times
@@ -120,8 +126,7 @@ class MicroBatchSampler:
 
     def dropped(self) -> int:
         """The epoch's samples that fit no step (fixed-size micro-batches of single samples only)."""
-        planned = self.plan()
-        return self._plan_cache[2] - sum(len(b) for b in planned)
+        return self.epoch_size() - sum(len(b) for b in self.plan())
 
 
 def per_epoch(n: int, weight: float) -> int:
