@@ -54,6 +54,10 @@ def merge(base_model_dir, adapter_dir, out_dir, dtype: str = "bf16", max_shard_s
         raise CheckpointError(f"{adapter_dir} holds neither a LoRA adapter ({ADAPTER_CONFIG}) nor {BASE_TRAINABLE}")
 
     skeleton = model_skeleton(base_dir)
+    tied = len(list(skeleton.named_parameters(remove_duplicate=False))) - len(list(skeleton.named_parameters()))
+    if tied:  # HiggsAudioModel ties none (no get_output_embeddings); save_pretrained would drop the copies
+        raise CheckpointError(f"{base_dir}: the model ties {tied} weight(s) to others; `ds-train merge` writes "
+                              "models without tied weights only")
     shapes = {n: t.to(DTYPES[dtype]) if t.is_floating_point() else t for n, t in skeleton.state_dict().items()}
     trained = check_base_trainable(load_file(str(adapter_dir / BASE_TRAINABLE)), shapes,
                                    adapter_dir / BASE_TRAINABLE) if has_base else {}
