@@ -21,7 +21,8 @@ USAGE = """ds-train <command> ...
   train CONFIG.yaml [key=value ...] [--old_trainer_flag value ...]   fine-tune (run under `deepspeed`)
   prepare CONFIG.yaml [key=value ...]        check the data and encode audio once into the cache
   consolidate CHECKPOINT_DIR OUT_DIR [--tag TAG]   ZeRO shards -> PEFT adapter, offline, no GPU
-  merge BASE_MODEL_DIR ADAPTER_DIR OUT_DIR [--dtype bf16|fp32] [--max-shard-size 5GB]   adapter -> drop-in HiggsAudioModel dir
+  merge BASE_MODEL_DIR ADAPTER_DIR OUT_DIR [--dtype bf16|fp32] [--max-shard-size 5GB]
+                                             adapter -> drop-in HiggsAudioModel dir, one shard in memory
   generate MODEL_DIR [--adapter DIR] (--text TEXT [--ref-audio WAV --ref-text TEXT] | --prompts JSONL) --out DIR
                                              speak with base + adapter (or a merged dir): WAV + JSON per prompt
   plot OUTPUT_DIR                            OUTPUT_DIR/curves.png from its metrics.jsonl (losses, quality, lr, tokens/s)

@@ -224,7 +224,7 @@ def test_streamed_merge_is_byte_for_byte_peft_merge(run, tiny_model, sharded_tin
         (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
     out = merge(tiny_model, adapter, tmp_path / "merged", dtype, max_shard_size=max_shard_size)
     reference = reference_merge(tiny_model, adapter, tmp_path / "reference", dtype, max_shard_size)
-    assert len(list(out.glob("*.safetensors"))) == (7 if max_shard_size == "1MB" else 1)
+    assert (len(list(out.glob("*.safetensors"))) > 1) == (max_shard_size == "1MB")
     assert_same_files(out, reference)
     if rslora:  # the scaling matters: alpha / r would give other bytes
         plain = reference_merge(tiny_model, run / "adapter", tmp_path / "plain", dtype, max_shard_size)
@@ -273,7 +273,8 @@ def test_merge_memory_is_one_shard_not_the_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     growth = int(proc.stdout.split()[-1])
     assert growth < base_bytes, f"merge grew {growth / 1e6:.0f} MB for a {base_bytes / 1e6:.0f} MB base"
-    assert len(list((tmp_path / "merged").glob("model-*.safetensors"))) >= 7
+    # the 65 MB embedding and text head each alone (over 20MB), the other weights in one shard
+    assert len(list((tmp_path / "merged").glob("model-*.safetensors"))) == 3
 
 
 PEER_PROBE = """
