@@ -71,8 +71,9 @@ def leave_peers() -> None:
     """End the process group before work that rank 0 does alone (the end-of-run merge): wait for the peers,
     destroy the group; every rank but 0 exits with 0 here, and rank 0 returns to finish by itself.
 
-    Peers left waiting in a collective while one rank works for minutes are stopped by NCCL's watchdog (its
-    timeout defaults to 10 minutes) or at least hold their GPUs for nothing. Without a process group this returns.
+    Peers left waiting in a collective while one rank works for minutes are stopped by NCCL's watchdog at the
+    process group's timeout (DeepSpeed's default: 10 minutes, DEEPSPEED_TIMEOUT) or at least hold their GPUs for
+    nothing. Without a process group this returns.
     """
     global _alone
     if not dist.is_initialized():
