@@ -9,6 +9,9 @@ For benchmarks and scale tests of the released architecture (configs/arch/higgs-
 - `make_arch_dir` writes a weightless model dir: config.json (optionally a scaled-down copy: fewer layers, smaller
   widths, same layer types and vocabulary) and a text tokenizer with the Higgs special tokens at the config's ids
   (a byte-level tokenizer padded to the full 128256 vocabulary, Llama-3's special block at 128000-128255).
+- `write_random_weights` (`make-arch --weights`) adds random bf16 weights to such a dir, sharded as save_pretrained
+  shards (5 GB files + model.safetensors.index.json, like Boson's release), one shard in memory at a time: a base
+  for measuring `ds-train merge` at real size. `write_random_adapter` writes a LoRA adapter dir for it.
 """
 
 from __future__ import annotations
@@ -140,6 +143,70 @@ def make_arch_dir(arch_file: str, out_dir: str, scale: dict | None = None) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(arch, indent=2) + "\n")
     build_text_tokenizer(HiggsAudioConfig.from_pretrained(str(out))).save_pretrained(out)
+    return out
+
+
+def write_random_weights(model_dir, seed: int = 0, max_shard_size: str = "5GB") -> Path:
+    """Random bf16 weights for MODEL_DIR/config.json, written shard by shard: N(0, initializer_range) in Linear and
+    Embedding weights (one block of values repeated from a random offset per tensor, as fill_random), ones in the
+    norms, zeros in biases. Peak memory is one shard, never the model."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    from ds_train.merge import model_skeleton
+
+    out = Path(model_dir)
+    skeleton = model_skeleton(out)
+    shapes = {n: t.to(torch.bfloat16) for n, t in skeleton.state_dict().items()}
+    split = split_torch_state_dict_into_shards(shapes, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    gen = torch.Generator().manual_seed(seed)
+    block = torch.empty(2 * FILL_BLOCK).normal_(0.0, skeleton.config.text_config.initializer_range, generator=gen)
+    for filename, names in split.filename_to_tensors.items():
+        shard = {}
+        for name in names:
+            module_name, _, kind = name.rpartition(".")
+            module = skeleton.get_submodule(module_name)
+            t = torch.empty(shapes[name].shape, dtype=torch.bfloat16)
+            if kind == "weight" and isinstance(module, (nn.Linear, nn.Embedding)):
+                _tile(t.view(-1), block, int(torch.randint(FILL_BLOCK, (1,), generator=gen)), zero=False)
+            else:
+                t.fill_(1.0 if kind == "weight" else 0.0)  # norm scales; biases
+            shard[name] = t
+        save_file(shard, str(out / filename), metadata={"format": "pt"})
+        del shard
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def write_random_adapter(model_dir, out_dir, targets: list[str], r: int = 16, alpha: int = 32, seed: int = 0) -> Path:
+    """A PEFT adapter dir (as ds_train writes it) for the model of MODEL_DIR/config.json: LoRA on `targets` (module
+    suffixes, as lora.target_modules), A and B random fp32 (B non-zero, so merging it changes the weights)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from safetensors.torch import save_file
+
+    from ds_train.adapter import ADAPTER_WEIGHTS
+    from ds_train.merge import PEFT_PREFIX, model_skeleton
+    from ds_train.model import lora_target_regex
+
+    out = Path(out_dir)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=lora_target_regex(targets),
+                        base_model_name_or_path=str(model_dir))
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in model_skeleton(Path(model_dir)).named_modules():
+        if check_target_module_exists(config, name):
+            out_f, in_f = module.weight.shape
+            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = torch.randn(r, in_f, generator=gen) / in_f ** 0.5
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = torch.randn(out_f, r, generator=gen) * 0.01
+    if not tensors:
+        raise ConfigError(f"lora targets {targets} match no module of {model_dir}")
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return out
 
 

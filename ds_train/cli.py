@@ -21,14 +21,16 @@ USAGE = """ds-train <command> ...
   train CONFIG.yaml [key=value ...] [--old_trainer_flag value ...]   fine-tune (run under `deepspeed`)
   prepare CONFIG.yaml [key=value ...]        check the data and encode audio once into the cache
   consolidate CHECKPOINT_DIR OUT_DIR [--tag TAG]   ZeRO shards -> PEFT adapter, offline, no GPU
-  merge BASE_MODEL_DIR ADAPTER_DIR OUT_DIR [--dtype bf16|fp32]   adapter -> drop-in HiggsAudioModel dir
+  merge BASE_MODEL_DIR ADAPTER_DIR OUT_DIR [--dtype bf16|fp32] [--max-shard-size 5GB]
+                                             adapter -> drop-in HiggsAudioModel dir, one shard in memory
   generate MODEL_DIR [--adapter DIR] (--text TEXT [--ref-audio WAV --ref-text TEXT] | --prompts JSONL) --out DIR
                                              speak with base + adapter (or a merged dir): WAV + JSON per prompt
   plot OUTPUT_DIR                            OUTPUT_DIR/curves.png from its metrics.jsonl (losses, quality, lr, tokens/s)
   make-tiny OUT_DIR                          tiny real-format Higgs Audio checkpoint (tests, demo)
   make-demo-data OUT_DIR [--n N] [--voice held]   small synthetic voice-cloning data set (TTS manifest)
-  make-arch ARCH.json OUT_DIR [--layers N --hidden H --intermediate I --heads A --kv-heads K]
-                                             weightless model dir (config + real-id tokenizer) for model.init=random
+  make-arch ARCH.json OUT_DIR [--layers N --hidden H --intermediate I --heads A --kv-heads K] [--weights]
+                                             model dir (config + real-id tokenizer) for model.init=random;
+                                             --weights: with random bf16 weights on disk (sharded safetensors)
   plan CONFIG.yaml [key=value ...] [--hostfile F] [--gpu-memory GB]   predicted memory per device, fits or not
   bench-train CONFIG.yaml [key=value ...] [--synthetic ...] [--baseline hf] [--fp32-matmul]   step throughput, MFU
   bench-data CONFIG.yaml [key=value ...]     cache vs on-the-fly loader throughput, padding efficiency
@@ -138,10 +140,12 @@ def cmd_merge(words):
     p.add_argument("adapter_dir")
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest weight file written (peak memory is about one); save_pretrained's default")
     a = p.parse_args(words)
-    from ds_train.export import merge
+    from ds_train.merge import merge
 
-    print(merge(a.base_model_dir, a.adapter_dir, a.out_dir, a.dtype))
+    print(merge(a.base_model_dir, a.adapter_dir, a.out_dir, a.dtype, a.max_shard_size))
 
 
 def cmd_generate(words):
@@ -230,14 +234,19 @@ def cmd_make_arch(words):
     p.add_argument("out_dir")
     for flag in ("--layers", "--hidden", "--intermediate", "--heads", "--kv-heads"):
         p.add_argument(flag, type=int, default=None)
+    p.add_argument("--weights", action="store_true",
+                   help="also write random bf16 weights (sharded safetensors), e.g. to measure `merge` at real size")
     a = p.parse_args(words)
     scale = {"layers": a.layers, "hidden": a.hidden, "intermediate": a.intermediate, "heads": a.heads,
              "kv_heads": a.kv_heads}
     if any(v is not None for v in scale.values()) and not all(v is not None for v in scale.values()):
         raise ConfigError("make-arch: give all of --layers --hidden --intermediate --heads --kv-heads, or none")
-    from ds_train.arch import make_arch_dir
+    from ds_train.arch import make_arch_dir, write_random_weights
 
-    print(make_arch_dir(a.arch_file, a.out_dir, scale if a.layers is not None else None))
+    out = make_arch_dir(a.arch_file, a.out_dir, scale if a.layers is not None else None)
+    if a.weights:
+        write_random_weights(out)
+    print(out)
 
 
 def _split_flags(words, flags: dict) -> tuple[list, dict]:

@@ -47,33 +47,60 @@ def init_distributed() -> None:
     deepspeed.init_distributed()
 
 
+_alone = False  # rank 0 after leave_peers(): out of the process group, finishing by itself
+
+
 def leave(code: int) -> None:
     """A rank's end in a process group: wait for the peers, destroy the group, and exit with `code` at once.
 
     Both halves stop gloo from aborting finished runs with "terminate called without an active exception" (rc -6):
     a rank exiting while its peers still held live pairs to it (3 of 6 CPU launches of prepare), and gloo threads
     dying in the interpreter's teardown, since DeepSpeed keeps process groups in module globals (1 train launch in
-    a suite run). Everything is written and closed by now. Without a process group this returns.
+    a suite run). Everything is written and closed by now. Without a process group this returns (rank 0 after
+    leave_peers exits at once too: its group's threads may still be alive).
     """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    elif not _alone:
+        return
+    _exit(code)
+
+
+def leave_peers() -> None:
+    """End the process group before work that rank 0 does alone (the end-of-run merge): wait for the peers,
+    destroy the group; every rank but 0 exits with 0 here, and rank 0 returns to finish by itself.
+
+    Peers left waiting in a collective while one rank works for minutes are stopped by NCCL's watchdog at the
+    process group's timeout (DeepSpeed's default: 10 minutes, DEEPSPEED_TIMEOUT) or at least hold their GPUs for
+    nothing. Without a process group this returns.
+    """
+    global _alone
     if not dist.is_initialized():
         return
+    main = is_main()  # the rank comes from the group until it is destroyed
     dist.barrier()
     dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    if not main:
+        _exit(0)
+    _alone = True
 
 
 def in_process_group() -> bool:
-    return dist.is_initialized()
+    """In a process group, or rank 0 finishing alone after leave_peers (it still exits through leave / abort)."""
+    return dist.is_initialized() or _alone
 
 
 def abort(code: int) -> None:
     """Exit a rank that failed on its own, at once: no barrier (the peers may never reach it) and no interpreter
     teardown, where gloo's threads die with "terminate called without an active exception" (rc 250, 1 in 4 CPU
     launches). The launcher then stops the other ranks. Without a process group this returns."""
-    if not dist.is_initialized():
+    if not in_process_group():
         return
+    _exit(code)
+
+
+def _exit(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -13,19 +13,13 @@ OUT_DIR/
   adapter_model.safetensors    LoRA tensors, fp32
   base_trainable.safetensors   fully trained base weights (model.train_audio_mlp), when there are any
 
-`ds-train merge`: base HiggsAudioModel + adapter dir -> a model dir that replaces the base path anywhere.
-
-The merge runs in fp32 (LoRA deltas are small next to the weights; adding them in bf16 would round most away),
-then the result is cast to the output dtype. OUT_DIR gets sharded safetensors + config.json from save_pretrained,
-and every non-weight file of the base dir (text tokenizer, generation_config.json, audio_tokenizer/, ...), so
-HiggsAudioModel.from_pretrained, AutoTokenizer and boson's HiggsAudioServeEngine load it as they load the base.
+The adapter files are loaded onto a base model here too (load_base_trainable, load_lora) for `ds-train generate`;
+`ds-train merge` is ds_train/merge.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -93,55 +87,7 @@ def write_adapter_config(step_dir: Path, saved_config: dict, out: Path) -> None:
                base_model_name_or_path=saved_config.get("model", {}).get("path")).save_pretrained(str(out))
 
 
-# ---- merge ----
-
-MERGE_INFO = "ds_train_merge.json"  # provenance; also marks the dir as ours to replace on a re-run
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def merge(base_model_dir, adapter_dir, out_dir, dtype: str = "bf16", max_shard_size: str = "5GB") -> Path:
-    """Merge the LoRA adapter (and base_trainable.safetensors, if any) of `adapter_dir` into the base model;
-    write a drop-in model dir at `out_dir` (atomically). Returns `out_dir`."""
-    from boson_multimodal.model.higgs_audio import HiggsAudioModel
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    base_dir, adapter_dir, out_dir = local_model_dir(str(base_model_dir)), Path(adapter_dir), Path(out_dir)
-    has_lora = (adapter_dir / ADAPTER_CONFIG).is_file()
-    has_base = (adapter_dir / BASE_TRAINABLE).is_file()
-    if has_lora and not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise CheckpointError(f"{adapter_dir} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
-    if not has_lora and not has_base:
-        raise CheckpointError(f"{adapter_dir} holds neither a LoRA adapter ({ADAPTER_CONFIG}) nor {BASE_TRAINABLE}")
-
-    model = HiggsAudioModel.from_pretrained(str(base_dir), torch_dtype=torch.float32)
-    if has_base:
-        load_base_trainable(model, adapter_dir / BASE_TRAINABLE)
-    if has_lora:
-        model = merge_lora(model, adapter_dir)
-    model = model.to(DTYPES[dtype])
-
-    with staged_dir(out_dir, replace=lambda d: (d / MERGE_INFO).is_file()) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
-        copy_non_weight_files(base_dir, tmp)
-        (tmp / MERGE_INFO).write_text(json.dumps({"base_model": str(base_dir), "adapter": str(adapter_dir.resolve()),
-                                                  "dtype": dtype}, indent=1) + "\n")
-    return out_dir
-
-
-def local_model_dir(path: str) -> Path:
-    """A local model dir; a hub id resolves to its snapshot (from the local cache when offline)."""
-    if os.path.isdir(path):
-        return Path(path)
-    from ds_train.preflight import is_hub_id
-
-    if not is_hub_id(path):
-        raise FileNotFoundError(f"base model dir {path} does not exist")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(path))
-
+# ---- loading an adapter onto a base model (ds-train generate) ----
 
 def load_base_trainable(model, path: Path) -> None:
     """Load fully trained base weights (names as in HiggsAudioModel) over the base model's."""
@@ -161,11 +107,6 @@ def load_base_trainable(model, path: Path) -> None:
             params[name].copy_(value)
 
 
-def merge_lora(model, adapter_dir: Path):
-    """PeftModel.from_pretrained + merge_and_unload, after checking every adapter tensor actually loaded."""
-    return load_lora(model, adapter_dir).merge_and_unload(safe_merge=True)
-
-
 def load_lora(model, adapter_dir: Path):
     """PeftModel.from_pretrained, checked: every tensor of the adapter file is loaded, as saved."""
     from peft import PeftModel
@@ -182,16 +123,3 @@ def load_lora(model, adapter_dir: Path):
         raise CheckpointError(f"adapter {adapter_dir} does not fit the base model: keys in only one of adapter "
                               f"file / model: {missing[:5]}; tensors not loaded as saved: {wrong[:5]}")
     return peft_model
-
-
-def copy_non_weight_files(base_dir: Path, out: Path) -> None:
-    """Everything of the base dir except its top-level weights, and files save_pretrained already wrote."""
-    for entry in base_dir.iterdir():
-        name = entry.name
-        is_weights = entry.is_file() and (name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"))
-        if name.startswith(".") or is_weights or (out / name).exists():
-            continue
-        if entry.is_dir():
-            shutil.copytree(entry, out / name)
-        else:
-            shutil.copy2(entry, out / name)

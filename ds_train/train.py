@@ -25,7 +25,7 @@ from ds_train.data.sampler import MicroBatchSampler
 from ds_train.ds_config import deepspeed_config, resolve_dtype
 from ds_train.errors import ConfigError
 from ds_train.evaluate import evaluate
-from ds_train.export import merge
+from ds_train.merge import merge
 from ds_train.loss import LossReport, loss_sums, objective, report
 from ds_train.metrics import make_logger, peak_memory_gb, truncate_metrics
 from ds_train.model import build_model, torch_dtype
@@ -204,18 +204,17 @@ def train_step(run: Run, batches: list[Batch]) -> StepResult:
 
 
 def finish(run: Run, losses: list[float]) -> dict:
-    """The final adapter, a merged model when asked; rank 0 names the best checkpoint (checkpoint.best_metric) and
-    draws OUTPUT_DIR/curves.png."""
+    """The final adapter; rank 0 names the best checkpoint (checkpoint.best_metric), draws OUTPUT_DIR/curves.png
+    and, with checkpoint.merge, merges the adapter into the base alone after the other ranks have left."""
     cfg, out = run.cfg, run.out
     export_adapter(run.model, out / "adapter")
     dist.barrier()
     summary = {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "steps": run.state["step"], "adapter": str(out / "adapter")}
-    if cfg.checkpoint.merge and dist.is_main():
-        merge(cfg.model.path, out / "adapter", out / "merged", "bf16" if run.cuda else "fp32")
-    dist.barrier()
     if cfg.checkpoint.merge:
-        summary["merged"] = str(out / "merged")
+        # Minutes at real size, on CPU: no rank waits for it in a collective. The peers exit here.
+        dist.leave_peers()
+        summary["merged"] = str(merge(cfg.model.path, out / "adapter", out / "merged", "bf16" if run.cuda else "fp32"))
     if dist.is_main():
         metric = cfg.checkpoint.best_metric
         best = checkpoint.best(out, metric, cfg.checkpoint.best_direction())
