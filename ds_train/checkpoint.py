@@ -75,7 +75,9 @@ def save(engine, model, cfg: Config, out_dir: Path, state: dict, metrics: Option
     with _guarded_writes(engine, Path(out_dir), state["step"], failed):
         engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False,
                                exclude_frozen_parameters=True)
-    _write_or_record(failed, lambda: torch.save(_rng_state(), root / tag / f"rng-rank{dist.rank():05d}.pt"))
+    rng = root / tag / f"rng-rank{dist.rank():05d}.pt"
+    _write_or_record(failed, lambda: (faults.before_write(state["step"], rng), torch.save(_rng_state(), rng),
+                                      faults.after_write(state["step"], Path(out_dir), rng)))
     _write_or_record(failed, lambda: export_adapter(model, root / tag / "adapter"), always=True)  # collective
     _write_or_record(failed, lambda: _fsync_rank_files(root / tag, dist.rank()))
     faults.crash_if("after_shards", state["step"])
@@ -114,7 +116,7 @@ def _guarded_writes(engine, out_dir: Path, step: int, failed: list):
     def save(state_dict, path):
         if not failed:
             _write_or_record(failed, lambda: (faults.before_write(step, path), write_state(state_dict, path),
-                                              faults.after_write(out_dir, path)))
+                                              faults.after_write(step, out_dir, path)))
 
     def copy(save_path):
         if not failed:

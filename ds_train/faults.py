@@ -5,7 +5,7 @@ DS_TRAIN_FAULT is a comma-separated list of NAME:STEP[:RANK] entries, e.g.
   after_shards:4     the process exits (CRASH_EXIT) mid-save at step 4: shards written, `latest` not yet
   error:2            a RuntimeError (a bug, as far as the rest of ds_train knows) at step 2, on every rank
   enospc:4:1         rank 1's first checkpoint write of step 4 fails with OSError(ENOSPC), as on a full disk
-  slow_write:4:0     rank 0 waits SLOW_WRITE_S before each checkpoint write of step 4 (a peer's failure then
+  slow_write:4:0     each checkpoint write of rank 0 at step 4 takes SLOW_WRITE_S longer (a peer's failure then
                      happens while it is still writing)
   local_output_dir:0:1   rank 1 sees train.output_dir as a private dir of its own (OUTPUT_DIR.rank1-local), as a
                      rank on a node-local disk would (STEP is 0: the check runs at start)
@@ -55,9 +55,7 @@ def crash_if(name: str, step: int) -> None:
 
 
 def before_write(step: int, path: str) -> None:
-    """Called before each checkpoint write of this rank: `slow_write` waits, `enospc` fails the write."""
-    if active("slow_write", step):
-        time.sleep(SLOW_WRITE_S)
+    """Called before each checkpoint write of this rank: `enospc` fails it."""
     if active("enospc", step):
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by DS_TRAIN_FAULT enospc:{step})", path)
 
@@ -77,8 +75,11 @@ def free_bytes(out_dir: Path, real_free: int) -> int:
     return real_free if size is None else max(0, min(real_free, size - _used(out_dir)))
 
 
-def after_write(out_dir: Path, path: str) -> None:
-    """Called after each checkpoint write: under `disk_kib`, a write that overfilled the small disk fails."""
+def after_write(step: int, out_dir: Path, path: str) -> None:
+    """Called after each checkpoint write of this rank: `slow_write` waits; under `disk_kib`, a write that overfilled
+    the small disk fails."""
+    if active("slow_write", step):
+        time.sleep(SLOW_WRITE_S)
     size = _disk_bytes()
     if size is not None and _used(out_dir) > size:
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (DS_TRAIN_FAULT disk_kib:{size // 1024})", path)

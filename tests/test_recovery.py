@@ -157,13 +157,13 @@ def watch_dir(path: Path, stop: threading.Event, seen: list) -> None:
         if names != last:
             seen.append(names)
             last = names
-        time.sleep(0.02)
+        time.sleep(0.01)
 
 
 @pytest.mark.slow
 def test_a_rank_out_of_space_never_deletes_what_its_peers_write(tiny_model, demo_data, tmp_path):
-    # Rank 1's first write of step 4's save fails (ENOSPC) while rank 0 is still writing (it waits 2 s before each
-    # write). Rank 0's files must be written in full before anything is removed: the ranks agree first, then rank 0
+    # Rank 1's first write of step 4's save fails (ENOSPC) while rank 0 is still writing (each of its writes takes
+    # 2 s longer). Rank 0's files must be written in full before anything is removed: the ranks agree first, then rank 0
     # removes the incomplete step dir. A rank that removed the dir on its own would do it while rank 0 waits, and
     # the launcher would then stop rank 0 before it wrote anything.
     out = tmp_path / "run"
@@ -187,7 +187,7 @@ def test_a_rank_out_of_space_never_deletes_what_its_peers_write(tiny_model, demo
     assert "Every rank stopped writing; then rank 0 removed the incomplete step-000004." in err
     assert "Traceback" not in err and err.count("no space left on") == 1  # one report, by rank 0
     # Rank 0 wrote its shards and then its RNG file before the dir was removed. (Its adapter, renamed into place last,
-    # lives only milliseconds before the removal: too short for the 20 ms poll to be sure to see it.)
+    # lives only milliseconds before the removal: too short for the poll to be sure to see it.)
     rank0 = {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
              "rng-rank00000.pt"}
     assert any(rank0 <= names for names in seen), seen
