@@ -93,7 +93,21 @@ def dir_size(path: Path) -> int:
 
 def is_no_space(e: BaseException) -> bool:
     """A write that failed because the disk is full (torch's zip writer says only 'iostream error')."""
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return is_no_space_text(str(e))
+
+
+def is_no_space_text(text: str) -> bool:
+    """is_no_space for an error already turned into text (the message of another rank's failure)."""
+    return "No space left" in text or "Disk quota exceeded" in text or "basic_ios::clear" in text \
+        or "unexpected pos" in text
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """A write the filesystem refused (full, quota, I/O error, permissions, a vanished dir), as opposed to a bug:
+    OSError, or the RuntimeError torch's zip writer raises for any of them."""
+    if isinstance(e, OSError) or is_no_space(e):
         return True
     text = str(e)
-    return "No space left" in text or "basic_ios::clear" in text or "unexpected pos" in text
+    return isinstance(e, RuntimeError) and ("PytorchStreamWriter failed" in text or "file write failed" in text)

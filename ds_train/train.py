@@ -62,14 +62,16 @@ def setup(cfg: Config) -> Run:
     import deepspeed
     from transformers import get_scheduler
 
-    # Everything that can be wrong with the config or inputs fails here, before the process group.
+    # Everything that can be wrong with the config or inputs fails here, before the process group (what needs the
+    # ranks together, whether they share the output dir and which checkpoint is intact, is checked right after it).
     pre = preflight(cfg)
     out, cuda = pre.out_dir, torch.cuda.is_available()
     ds_config = deepspeed_config(cfg, dist.world_size(), cuda)  # world size from the launcher's environment
-    resume_from = checkpoint.find_resume(cfg, out)
     dist.init_distributed()
     if cuda:
         torch.cuda.set_device(dist.local_rank())
+    checkpoint.check_shared_dir(out)  # before anything reads `latest` or rank 0 writes there
+    resume_from = checkpoint.find_resume(cfg, out)  # collective: each rank validates its own shards
     seed_everything(cfg.train.seed)
     if dist.is_main():
         (out / "config.yaml").write_text(to_yaml(cfg))

@@ -17,8 +17,9 @@
 #
 # Exit status:
 #   CMD's status   for `run` once the hosts were up
-#   77             the machine cannot host the harness (not root, no netns /
-#                  veth / bridge support, tools missing and apt-get failed).
+#   77             the machine cannot host the harness (a tool missing: the
+#                  script installs nothing, .ci/run does; not root; no netns /
+#                  veth / bridge support).
 #                  A line starting with "MULTIHOST_SKIP:" on stderr gives the
 #                  reason; a test should skip only when it sees that line.
 #   70             the harness itself failed (sshd did not come up, teardown
@@ -78,52 +79,22 @@ find_tool() {
     PATH="$PATH:/usr/sbin:/sbin" command -v "$1" 2>/dev/null || true
 }
 
-install_missing_tools() {
+check_tools() {
+    # Installs nothing: CI installs these as root (.ci/run); elsewhere, install them or skip.
     local tool missing=() pkgs=()
     for tool in "${!TOOL_PKG[@]}"; do
         [[ -n "$(find_tool "$tool")" ]] || { missing+=("$tool"); pkgs+=("${TOOL_PKG[$tool]}"); }
     done
     ((${#missing[@]} == 0)) && return 0
-
-    command -v apt-get >/dev/null || skip "missing tools (${missing[*]}) and no apt-get to install them"
-    # Sorted unique package list.
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort)
     mapfile -t pkgs < <(printf '%s\n' "${pkgs[@]}" | sort -u)
-    log "installing ${pkgs[*]} (missing: ${missing[*]})"
-
-    # openssh-server's postinst starts a system-wide sshd on 0.0.0.0:22 unless
-    # a policy-rc.d forbids it. We do not want that daemon, so if the machine
-    # has no policy in place, put a clearly-marked one there for the duration
-    # of the install only.
-    local policy=/usr/sbin/policy-rc.d placed_policy=0
-    if [[ ! -e $policy ]]; then
-        printf '#!/bin/sh\n# temporary, placed by ds_train scripts/multihost.sh\nexit 101\n' >"$policy"
-        chmod 755 "$policy"
-        placed_policy=1
-    fi
-
-    local rc=0 out
-    export DEBIAN_FRONTEND=noninteractive
-    local apt_install=(apt-get install -y -qq --no-install-recommends -o Dpkg::Use-Pty=0 "${pkgs[@]}")
-    if ! out=$("${apt_install[@]}" 2>&1); then
-        # Package lists may be missing or stale: refresh once, then retry.
-        if ! out=$(apt-get update -qq 2>&1 && "${apt_install[@]}" 2>&1); then
-            rc=1
-        fi
-    fi
-    ((placed_policy)) && rm -f "$policy"
-    if ((rc)); then
-        printf '%s\n' "$out" | tail -n 5 >&2
-        skip "apt-get could not install ${pkgs[*]}"
-    fi
-    for tool in "${missing[@]}"; do
-        [[ -n "$(find_tool "$tool")" ]] || skip "installed ${pkgs[*]} but '$tool' is still missing"
-    done
+    skip "missing tool(s): ${missing[*]} (Debian: apt-get install --no-install-recommends ${pkgs[*]}; .ci/run installs them)"
 }
 
 check_prereqs() {
     [[ $(uname -s) == Linux ]] || skip "needs Linux network namespaces (this is $(uname -s))"
+    check_tools
     [[ $EUID -eq 0 ]] || skip "needs root to create network namespaces (running as uid $EUID)"
-    install_missing_tools
     SSHD_BIN=$(find_tool sshd)
     SSH_BIN=$(find_tool ssh)
 }

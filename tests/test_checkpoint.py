@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -235,6 +236,22 @@ def test_find_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ConfigError, match=r"this run has 1 ranks .* set train.grad_accum=2"):
         find_resume(resume_config(tmp_path, "auto"), out)
+
+
+@pytest.mark.slow
+def test_ranks_that_do_not_share_the_output_dir_stop_at_start(tiny_model, demo_data, tmp_path):
+    # Simulated through DS_TRAIN_FAULT (ds_train/faults.py `local_output_dir`): rank 1 looks for OUTPUT_DIR's files
+    # in a private dir of its own, as a rank whose train.output_dir is on a node-local disk would.
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", base_config(tiny_model, demo_data, out, train={"max_steps": 2}))
+    proc = train(config, env={"DS_TRAIN_FAULT": "local_output_dir:0:1"}, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    host = socket.gethostname()
+    assert (f"ds-train train: config error: train.output_dir={out} is not one directory shared by every rank: rank 1 "
+            f"on host {host} cannot see the file rank 0 (host {host}) wrote there.") in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("is not one directory shared") == 1  # reported once, by rank 0
+    assert sorted(p.name for p in out.iterdir()) == []  # stopped before anything was written there
+    assert "steps on 2 rank(s)" not in proc.stdout  # the loop never started
 
 
 def test_staged_dir_is_all_or_nothing(tmp_path):

@@ -1,10 +1,12 @@
 """Two hosts on this machine (network namespaces + veth + sshd each, see scripts/MULTIHOST.md) and the real
 `./run.sh train ... --hostfile FILE` path: deepspeed --hostfile over ssh (pdsh), 2 nodes x 1 process, ZeRO-3, gloo.
-Nothing is mocked; the test skips only when the machine cannot make namespaces (the harness says why)."""
+Nothing is mocked; the test skips only when the machine cannot host the harness (the harness says why: a missing
+tool, which it never installs itself (.ci/run does, as root), no root, no namespaces)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -51,3 +53,24 @@ def test_two_hosts_hostfile_launch(tiny_model, demo_data, tmp_path):
     assert sorted(p.name for p in step.glob("rng-rank*.pt")) == ["rng-rank00000.pt", "rng-rank00001.pt"]
     leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "dst" not in leftovers
+
+
+def test_harness_installs_nothing_and_names_the_missing_tool(tmp_path):
+    # A PATH without pdsh (every other command of the machine's PATH is linked in) and with an apt-get that records
+    # its calls: the harness must skip naming pdsh, and never call apt-get.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for d in os.environ["PATH"].split(os.pathsep):
+        if os.path.isdir(d):
+            for f in os.listdir(d):
+                if f not in ("pdsh", "apt-get") and not (bin_dir / f).exists() and shutil.which(f, path=d):
+                    (bin_dir / f).symlink_to(os.path.join(d, f))
+    (bin_dir / "apt-get").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'apt-calls'}\n")
+    (bin_dir / "apt-get").chmod(0o755)
+    proc = subprocess.run([str(HARNESS), "run", "--", "true"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": str(bin_dir)})
+    assert proc.returncode == 77, proc.stderr
+    reason = proc.stderr.split("MULTIHOST_SKIP:", 1)[1].strip().splitlines()[0]
+    assert "pdsh" in reason.removeprefix("missing tool(s): ").split(" (")[0].split(), reason
+    assert "apt-get install --no-install-recommends" in reason and ".ci/run installs them" in reason
+    assert not (tmp_path / "apt-calls").exists()

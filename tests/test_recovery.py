@@ -1,20 +1,25 @@
 """ds_train/checkpoint.py recovery: resume past a damaged checkpoint, and a save on a full disk, on real 2-rank ZeRO-3 runs.
 
-Faults are injected the way a user meets them: a deleted or truncated shard file, a filesystem that fills up (a
-small tmpfs; the test needs root to mount it and says so when it skips). The damaged checkpoints are copies of
-conftest's plain_run (checkpoints step-000002, -4 and -6 = latest), and the resumed runs must reproduce it."""
+Faults are injected the way a user meets them: a deleted or truncated shard file. A filesystem that fills up is
+simulated through DS_TRAIN_FAULT (ds_train/faults.py: `disk_kib` a small disk, `enospc` one rank's failing write), so
+the tests need no root to mount a small disk and run on any machine: what is simulated is the free space a save
+sees and the OSError(ENOSPC) of the write, nothing else. The damaged checkpoints are copies of conftest's plain_run
+(checkpoints step-000002, -4 and -6 = latest), and the resumed runs must reproduce it."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import PLAIN_STEPS, base_config, launch, plain_config, read_metrics, write_config
+from conftest import PLAIN_STEPS, REPO, base_config, launch, plain_config, read_metrics, write_config
 from ds_train.checkpoint import checkpoint_problems, find_resume
 from ds_train.errors import CheckpointError
 from ds_train.adapter import ADAPTER_WEIGHTS
@@ -111,26 +116,6 @@ def test_resume_from_the_intact_checkpoint_continues_the_run(plain_run, tiny_mod
     assert checkpoint_problems(out / "checkpoints" / LAST) == []
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of a given size (KiB) at tmp_path/disk: a disk that fills up. Needs root (mount)."""
-    mounts = []
-
-    def make(kib: int) -> Path:
-        d = tmp_path / f"disk{len(mounts)}"
-        d.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(d)], capture_output=True,
-                              text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
-        mounts.append(d)
-        return d
-
-    yield make
-    for d in mounts:
-        subprocess.run(["umount", "-l", str(d)], check=False)
-
-
 def assert_no_partial_dirs(out: Path, complete: list[str]) -> None:
     root = out / "checkpoints"
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == complete
@@ -138,10 +123,12 @@ def assert_no_partial_dirs(out: Path, complete: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_full_disk_is_refused_before_writing(tiny_model, demo_data, small_disk):
-    # Each checkpoint of this run takes ~460 KB: 1200 KB hold two, and the third is refused up front.
-    out = small_disk(1200) / "run"
-    proc = launch(["train", str(disk_config(tiny_model, demo_data, out, max_steps=6))], check=False)
+def test_full_disk_is_refused_before_writing(tiny_model, demo_data, tmp_path):
+    # Each checkpoint of this run takes ~450 KB (+ 40 KB of DeepSpeed's scripts): 1120 KiB hold two, and the third
+    # is refused up front. (A 1200 KiB tmpfs did the same: its page-rounded sizes took ~100 KiB more.)
+    out = tmp_path / "run"
+    proc = launch(["train", str(disk_config(tiny_model, demo_data, out, max_steps=6))],
+                  env={"DS_TRAIN_FAULT": "disk_kib:1120"}, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     err = proc.stderr
     assert f"no space left on {out / 'checkpoints'}: the checkpoint needs ~0.5 MB, 0.2 MB free" in err \
@@ -152,13 +139,105 @@ def test_full_disk_is_refused_before_writing(tiny_model, demo_data, small_disk):
 
 
 @pytest.mark.slow
-def test_full_disk_at_the_first_save_leaves_no_partial_dir(tiny_model, demo_data, small_disk):
+def test_full_disk_at_the_first_save_leaves_no_partial_dir(tiny_model, demo_data, tmp_path):
     # Nothing to measure before the first save: it fails while writing, and the half-written dir is removed.
-    out = small_disk(300) / "run"
-    proc = launch(["train", str(disk_config(tiny_model, demo_data, out, max_steps=2))], check=False)
+    out = tmp_path / "run"
+    proc = launch(["train", str(disk_config(tiny_model, demo_data, out, max_steps=2))],
+                  env={"DS_TRAIN_FAULT": "disk_kib:300"}, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert f"no space left on {out / 'checkpoints'}: a checkpoint write failed" in proc.stderr, proc.stderr[-3000:]
     assert_no_partial_dirs(out, [])
+
+
+def watch_dir(path: Path, stop: threading.Event, seen: list) -> None:
+    """Record every distinct set of file names under `path` (a step dir being written) until `stop`."""
+    last = None
+    while not stop.is_set():
+        names = frozenset(p.name for p in path.iterdir()) if path.is_dir() else frozenset()
+        if names != last:
+            seen.append(names)
+            last = names
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_a_rank_out_of_space_never_deletes_what_its_peers_write(tiny_model, demo_data, tmp_path):
+    # Rank 1's first write of step 4's save fails (ENOSPC) while rank 0 is still writing (each of its writes takes
+    # 2 s longer). Rank 0's files must be written in full before anything is removed: the ranks agree first, then rank 0
+    # removes the incomplete step dir. A rank that removed the dir on its own would do it while rank 0 waits, and
+    # the launcher would then stop rank 0 before it wrote anything.
+    out = tmp_path / "run"
+    step4 = out / "checkpoints" / "step-000004"
+    stop, seen = threading.Event(), []
+    watcher = threading.Thread(target=watch_dir, args=(step4, stop, seen), daemon=True)
+    watcher.start()
+    try:
+        proc = launch(["train", str(disk_config(tiny_model, demo_data, out, max_steps=6))],
+                      env={"DS_TRAIN_FAULT": "enospc:4:1,slow_write:4:0"}, check=False)
+    finally:
+        stop.set()
+        watcher.join()
+    err = proc.stderr
+    assert proc.returncode == 3, err[-3000:]
+    assert f"ds-train train: no space left on {out / 'checkpoints'}: a checkpoint write failed" in err, err[-3000:]
+    failures = [ln.strip() for ln in err.splitlines() if ln.strip().startswith("rank ")]
+    assert len(failures) == 1 and failures[0].startswith(
+        "rank 1: OSError: [Errno 28] No space left on device (injected by DS_TRAIN_FAULT enospc:4)"), failures
+    assert str(step4 / "zero_pp_rank_1_mp_rank_00_model_states.pt") in failures[0]
+    assert "Every rank stopped writing; then rank 0 removed the incomplete step-000004." in err
+    assert "Traceback" not in err and err.count("no space left on") == 1  # one report, by rank 0
+    # Rank 0 wrote its shards and then its RNG file before the dir was removed. (Its adapter, renamed into place last,
+    # lives only milliseconds before the removal: too short for the poll to be sure to see it.)
+    rank0 = {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             "rng-rank00000.pt"}
+    assert any(rank0 <= names for names in seen), seen
+    assert not any(n.startswith(("zero_pp_rank_1", "rng-rank00001")) for names in seen for n in names)
+    assert seen[-1] == frozenset() and not step4.exists()
+    assert (out / "checkpoints" / "latest").read_text() == "step-000002"
+    assert checkpoint_problems(out / "checkpoints" / "step-000002") == []
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4]
+
+
+# Run by each of 2 processes of a gloo process group (no DeepSpeed launcher): find_resume on a checkpoint dir,
+# counting the files each process opens with torch.load.
+VALIDATE = r"""
+import json, os, sys
+import torch, torch.distributed
+torch.distributed.init_process_group("gloo", init_method=sys.argv[1], rank=int(sys.argv[2]), world_size=2)
+opened, real_load = [], torch.load
+def counting_load(f, *args, **kwargs):
+    opened.append(os.path.relpath(f, sys.argv[3]))
+    return real_load(f, *args, **kwargs)
+torch.load = counting_load
+from ds_train.checkpoint import find_resume
+from ds_train.config import load_config
+cfg = load_config(None, ["model.path=/m", "model.audio_tokenizer_path=/t", "data.train_file=/d",
+                         f"train.output_dir={sys.argv[3]}", "train.resume=auto"])
+path = find_resume(cfg, __import__("pathlib").Path(sys.argv[3]))
+print(json.dumps({"path": str(path), "opened": sorted(opened)}))
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_each_rank_validates_its_own_shards(plain_run, tmp_path):
+    # 2 ranks resume past a damaged latest: each opens only its own rank's shard files (2 per checkpoint, not 2 per
+    # checkpoint and rank), and both learn from one all-gather that rank 1's file of step-000006 is truncated.
+    out = damaged_copy(plain_run, tmp_path / "run", PLAIN_STEPS, "truncated shard")
+    init = f"file://{tmp_path / 'store'}"
+    procs = [subprocess.Popen([sys.executable, "-c", VALIDATE, init, str(r), str(out)], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, stderr[-3000:]
+    got = [json.loads(stdout.splitlines()[-1]) for stdout, _ in results]
+    assert [g["path"] for g in got] == [str(out / "checkpoints" / "step-000004")] * 2
+    for rank, g in enumerate(got):
+        assert g["opened"] == sorted(f"checkpoints/{step}/zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt"
+                                     for step in (LAST, "step-000004") for kind in ("model", "optim")), g["opened"]
+    said = results[0][0]  # rank 0 prints; rank 1 never opened the damaged file itself but rank 0 names it
+    assert f"{LAST} (named by `latest`) is damaged: zero_pp_rank_1_mp_rank_00_optim_states.pt: unreadable" in said
+    assert "is damaged" not in results[1][0]
 
 
 @pytest.mark.slow
