@@ -45,6 +45,7 @@ export PYTHONUNBUFFERED=1
 STAGES="$WORK/stages.jsonl"
 : >"$STAGES"
 START=$SECONDS
+BROKEN=""
 BUDGET="${GPU_CHECK_BUDGET_S:-$([[ $DRY == 1 ]] && echo 900 || echo 460)}"
 
 log() { printf '[gpu_check] %s\n' "$*" >&2; }
@@ -69,6 +70,11 @@ stage() {
   local meta=()
   while [[ "$1" != "--" ]]; do meta+=("$1"); shift; done
   shift
+  if [[ -n "$BROKEN" ]]; then
+    log "$name: skipped ($BROKEN)"
+    record "$name" skipped 0 "$kind" "${meta[@]}" "note=$BROKEN"
+    return 0
+  fi
   local left=$(( BUDGET - (SECONDS - START) ))
   local limit=$(( cap < left ? cap : left ))
   if (( limit < 20 )); then
@@ -85,6 +91,8 @@ stage() {
   log "$name: $status in $(( SECONDS - t0 ))s"
   [[ $status == ok ]] || tail -n 25 "$WORK/logs/$name.log" | sed "s/^/[gpu_check] $name | /" >&2
   record "$name" "$status" $(( SECONDS - t0 )) "$kind" "${meta[@]}" "log=logs/$name.log"
+  # Without a working .venv nothing else can run (and run.sh would try to install from the network).
+  if [[ $name == install && $status != ok ]]; then BROKEN="install $status"; fi
 }
 
 install_venv() {
@@ -99,7 +107,9 @@ install_venv() {
     local site
     site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     python3 -c 'import site; print("\n".join(site.getsitepackages()))' >"$site/_gpu_check_parent.pth"
-    "$PY" -m pip install --quiet --no-index --no-deps --no-compile .whl/*.whl
+    # --ignore-installed: the wheels go into .venv even where the image has the same version (its console
+    # scripts, e.g. bin/deepspeed, must be in .venv for run.sh).
+    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --ignore-installed .whl/*.whl
     "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
   fi
   # Everything the stages import (a missing wheel shows here, named, not minutes later in a rank's traceback).
@@ -131,12 +141,13 @@ demo() {
     ./run.sh
     return
   fi
+  local t0=$SECONDS
   "$VENV/bin/ds-train" make-demo-data "$WORK/demo/voice" --n 4 --n-eval 2 --voice held
   ./run.sh train configs/demo.yaml "model.path=$TINY" "model.audio_tokenizer_path=$TINY/audio_tokenizer" \
     "data.train_file=$WORK/demo/voice/train.jsonl" "data.eval_file=$WORK/demo/voice/eval.jsonl" \
     "train.output_dir=$DEMO_OUT" train.max_steps=2 train.eval_every=2 eval.samples=1 eval.samples_max_frames=4 \
     checkpoint.every_steps=2
-  "$PY" -m ds_train.demo.summary "$DEMO_OUT" 0
+  "$PY" -m ds_train.demo.summary "$DEMO_OUT" $(( SECONDS - t0 ))
 }
 
 if [[ $DRY == 1 ]]; then
@@ -178,8 +189,8 @@ bench() {
   local name="$1" cap="$2" ds_json="$3"; shift 3
   local overrides=("model.path=$ARCH" model.init=random "train.deepspeed_config=ds_configs/$ds_json"
                    "train.output_dir=$WORK/$name" train.micro_batch_size=1 train.grad_accum=1)
-  local joined; joined=$(IFS=$'\x1f'; echo "${overrides[*]}")
-  stage "$name" "$cap" bench "config=$ds_json" "overrides=$joined" "bench_flags=${BENCH[*]} $*" \
+  local joined flags; joined=$(IFS=$'\x1f'; echo "${overrides[*]}"); flags="${BENCH[*]} $*"
+  stage "$name" "$cap" bench "config=$ds_json" "overrides=$joined" "bench_flags=${flags% }" \
     "output_dir=$WORK/$name" -- ./run.sh bench-train "${overrides[@]}" "${BENCH[@]}" "$@"
 }
 bench bench_zero2 "$CAP_BENCH" zero2.json --baseline hf
@@ -187,6 +198,7 @@ bench bench_zero3 "$CAP_BENCH" zero3.json
 bench bench_zero3_offload "$CAP_OFFLOAD" zero3_offload.json
 
 rc=0
+[[ -x "$PY" ]] || PY=python3  # the install stage failed before creating .venv
 "$PY" "$ROOT/scripts/gpu_check_report.py" "$WORK" "$OUT_DIR" "$([[ $DRY == 1 ]] && echo dry-run || echo gpu)" \
   $(( SECONDS - START )) "$BUDGET" || rc=$?
 exit "$rc"

@@ -114,8 +114,10 @@ def markdown(report: dict) -> str:
 
 
 def _device_name() -> str:
-    import torch
-
+    try:
+        import torch
+    except ImportError:  # the install stage failed
+        return "unknown (no torch)"
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 

@@ -24,18 +24,21 @@ PURE=(transformers==4.46.3 huggingface-hub==0.36.2 peft==0.17.1 accelerate==1.1.
       omegaconf==2.4.0 dacite==1.9.2 loguru==0.7.3 hjson==3.1.0 py-cpuinfo==9.0.0 einops==0.8.2 pydantic==2.14.3
       annotated-types==0.8.0 typing-inspection==0.4.5 pyloudnorm==0.2.0 librosa==0.11.0 lazy-loader==0.6
       audioread==3.1.0
-      descript-audio-codec==1.0.0 descript-audiotools==0.7.2 argbind==0.3.9 docstring-parser==0.18.0
+      descript-audio-codec==1.0.0 descript-audiotools==0.7.2 docstring-parser==0.18.0
       vector-quantize-pytorch==1.32.0 einx==0.4.3 torch-einops-utils==0.2.0 julius==0.2.8 ffmpy==1.0.0
-      flatten-dict==0.5.0 randomname==0.2.1 fire==0.7.1 termcolor==3.3.0 importlib-resources==7.1.0
+      flatten-dict==0.5.0 fire==0.7.1 termcolor==3.3.0 importlib-resources==7.1.0
       boto3==1.35.36 botocore==1.35.93 jmespath==1.1.0 s3transfer==0.10.4 pycparser==3.12 decorator==5.3.1
-      pooch==1.9.0 platformdirs==4.14.9)
+      pooch==1.9.0 platformdirs==4.14.9
+      wheel==0.45.1)  # pip install -e . with an older setuptools (< 70.1) needs it
 
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PYVER" \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
   --implementation cp -d "$OUT" "${BINARY[@]}"
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$OUT" "${PURE[@]}"
-# DeepSpeed ships an sdist only: build it as a pure-Python wheel (ops JIT-build on the device when used).
-DS_BUILD_OPS=0 "$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$OUT" deepspeed==0.19.8
+# DeepSpeed ships an sdist only: build it as a pure-Python wheel (ops JIT-build on the device when used). So do
+# argbind and randomname (descript-audiotools' imports).
+DS_BUILD_OPS=0 "$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$OUT" deepspeed==0.19.8 argbind==0.3.9 \
+  randomname==0.2.1
 
 size_kib=$(du -sk "$OUT" | cut -f1)
 ls -1 "$OUT"
