@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command to run when a GPU is available (one H100/H200, no network; under 8 minutes):
 #   scripts/gpu_check.sh [--out DIR] [--work DIR]
-#   scripts/gpu_check.sh --dry-run [--out DIR] [--work DIR] [--tiny-model DIR]   (CPU, tiny model: tests/test_gpu_check.py)
+#   scripts/gpu_check.sh --dry-run [--out DIR] [--work DIR] [--tiny-model DIR]   (CPU: tests/test_gpu_check.py)
 # Stages, each with its own time limit inside one overall budget (GPU_CHECK_BUDGET_S, default 420 s: with
 # the 30 s a timed-out stage may take to stop and the report, under 8 minutes); a stage that
 # fails or runs out of time is recorded and the next one runs:
@@ -100,7 +100,10 @@ install_venv() {
   if [[ $DRY == 1 ]]; then
     echo "dry run: the existing $VENV"
   elif [[ ! -f "$VENV/.ds_train_installed" ]]; then
-    [[ -d .whl ]] || { echo "no .whl/ here: run scripts/gpu_wheels.sh 3.12 on a machine with PyPI, carry .whl"; return 2; }
+    if [[ ! -d .whl ]]; then
+      echo "no .whl/ here: run scripts/gpu_wheels.sh 3.12 on a machine with PyPI, and carry .whl along"
+      return 2
+    fi
     # The device's python3 is itself a venv (torch, CUDA); a venv's --system-site-packages would see the base
     # interpreter's packages, not that venv's: a .pth appends the parent's site-packages after ours, so the wheels
     # (transformers 4.46.3, accelerate 1.1.1, ...) win over the image's newer versions.
@@ -133,6 +136,9 @@ if missing:
 if sys.argv[1] == "0" and not torch.cuda.is_available():
     sys.exit("no CUDA device visible to torch: run with --dry-run on a machine without a GPU")
 EOF
+  if command -v nvidia-smi >/dev/null; then
+    echo "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1)"
+  fi
   [[ $DRY == 1 ]] || touch "$VENV/.ds_train_installed"
 }
 
@@ -172,7 +178,8 @@ ARCH="$WORK/arch"
 export DRY ROOT VENV PY WORK TINY DEMO_OUT
 export -f install_venv demo
 
-log "$([[ $DRY == 1 ]] && echo "dry run on CPU" || echo "GPU check"): budget ${BUDGET}s, reports in $OUT_DIR, work in $WORK"
+log "$([[ $DRY == 1 ]] && echo "dry run on CPU" || echo "GPU check"): budget ${BUDGET}s, reports in $OUT_DIR," \
+  "work in $WORK"
 stage install "$CAP_INSTALL" setup "config=.whl/ -> .venv (offline)" -- install_venv
 if [[ $DRY == 1 && ! -f "$TINY/config.json" ]]; then
   stage make_tiny "$CAP_ARCH" setup "config=ds-train make-tiny" -- "$VENV/bin/ds-train" make-tiny "$TINY"

@@ -85,6 +85,9 @@ def other_row(stage: dict, work: Path) -> dict:
     name = stage["stage"]
     if name == "generate" and stage["status"] == "ok":
         stage["clips"] = [json.loads(p.read_text()) for p in sorted(Path(stage["output_dir"]).glob("*.json"))]
+    if name == "install" and "log" in stage:
+        stage["versions"] = [line for line in (work / stage["log"]).read_text(errors="replace").splitlines()
+                             if line.startswith(("torch ", "gpu: "))]
     if name == "demo" and stage["status"] == "ok":
         text = (work / stage["log"]).read_text(errors="replace")
         stage["summary"] = text[text.rfind("=== ds_train demo finished"):].strip().splitlines()
@@ -99,7 +102,7 @@ def cell(row: dict, key: str, fmt: str) -> str:
 def markdown(report: dict) -> str:
     lines = [f"gpu_check ({report['mode']}) {report['date_utc']}: {report['device']}; {report['seconds']} s of the "
              f"{report['budget_s']} s budget; {'all stages passed' if report['all_ok'] else 'PROBLEMS: see below'}",
-             "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * 2 + "---:|" * 6 + "---|"]
+             *report["versions"], "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * 2 + "---:|" * 6 + "---|"]
     for r in report["table"]:
         mfu = None if r.get("mfu") is None else 100 * r["mfu"]
         lines.append("| " + " | ".join([
@@ -136,6 +139,7 @@ def main(work: str, out: str, mode: str, seconds: str, budget: str) -> int:
     devices = [s["bench"]["device"] for s in stages if "bench" in s] or [_device_name()]
     report = {"mode": mode, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
               "device": devices[0], "seconds": int(seconds), "budget_s": int(budget),
+              "versions": next((s.get("versions", []) for s in stages if s["stage"] == "install"), []),
               "all_ok": not problems, "problems": problems, "table": table, "stages": stages}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
