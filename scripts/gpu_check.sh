@@ -110,7 +110,8 @@ install_venv() {
     python3 -m venv --without-pip "$VENV"
     local site
     site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-    python3 -c 'import site; print("\n".join(site.getsitepackages()))' >"$site/_gpu_check_parent.pth"
+    python3 -c 'import sys; print("\n".join(p for p in sys.path if p.endswith(("site-packages", "dist-packages"))))' \
+      >"$site/_gpu_check_parent.pth"
     # --ignore-installed: the wheels go into .venv even where the image has the same version (its console
     # scripts, e.g. bin/deepspeed, must be in .venv for run.sh).
     "$PY" -m pip install --quiet --no-index --no-deps --no-compile --ignore-installed .whl/*.whl
