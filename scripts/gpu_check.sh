@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command to run when a GPU is available (one H100/H200, no network; under 8 minutes):
-#   scripts/gpu_check.sh [--out DIR] [--work DIR]
-#   scripts/gpu_check.sh --dry-run [--out DIR] [--work DIR] [--tiny-model DIR]   (CPU: tests/test_gpu_check.py)
+#   scripts/gpu_check.sh [--out DIR] [--work WORK]   (DIR: runs/gpu_check; WORK, emptied first: runs/gpu_check/work)
+#   scripts/gpu_check.sh --dry-run [--out DIR] [--work WORK] [--tiny-model DIR]   (CPU: tests/test_gpu_check.py)
 # Stages, each with its own time limit inside one overall budget (GPU_CHECK_BUDGET_S, default 420 s: with
 # the 30 s a timed-out stage may take to stop and the report, under 8 minutes); a stage that
 # fails or runs out of time is recorded and the next one runs:
