@@ -67,9 +67,7 @@ def setup(cfg: Config) -> Run:
     out, cuda = pre.out_dir, torch.cuda.is_available()
     ds_config = deepspeed_config(cfg, dist.world_size(), cuda)  # world size from the launcher's environment
     resume_from = checkpoint.find_resume(cfg, out)
-    dist.init_distributed()
-    if cuda:
-        torch.cuda.set_device(dist.local_rank())
+    dist.init_distributed()  # binds this rank's GPU
     seed_everything(cfg.train.seed)
     if dist.is_main():
         (out / "config.yaml").write_text(to_yaml(cfg))
