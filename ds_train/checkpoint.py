@@ -1,4 +1,4 @@
-"""Checkpoints: save, find, validate and resume; prune old ones. (The adapter each save exports: export.py.)
+"""Checkpoints: save, find, validate and resume; prune old ones. (The adapter each save exports: adapter.py.)
 
 OUTPUT_DIR/checkpoints/
   step-000123/          DeepSpeed ZeRO shards (trainable parameters only) + our client state

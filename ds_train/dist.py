@@ -32,15 +32,24 @@ def print0(*args, **kwargs) -> None:
 
 
 def init_distributed() -> None:
-    """deepspeed.init_distributed, without DeepSpeed's CPU shared-memory all-reduce.
+    """Start this rank's process group, bound to its device: the one entry every launched subcommand goes through
+    (prepare, train, bench-train; samples run inside train's group).
 
-    On a machine without GPUs DeepSpeed 0.19 JIT-compiles a C++ shm op on first use (minutes on a fresh machine)
-    and leaves a 69 MB buffer per rank in /dev/shm after every run, which fills RAM over repeated runs. gloo does the
-    same collectives. GPU runs never use the op.
+    On GPUs the rank is bound to cuda:LOCAL_RANK before the group starts. torch's object collectives
+    (`all_gather_object`, `broadcast_object_list` without `device=`) and DeepSpeed's own ZeRO buffers use the
+    *current* device; unbound, every rank of a node would put them on cuda:0, which NCCL rejects as a duplicate GPU.
+    DeepSpeed's `device_id` argument to init_process_group does not set the current device. The launcher sets
+    LOCAL_RANK in each rank's environment (run.sh's `--no_local_rank` only drops the `--local_rank` argument).
+
+    Without GPUs, deepspeed.init_distributed runs without DeepSpeed's CPU shared-memory all-reduce: DeepSpeed 0.19
+    JIT-compiles that C++ op on first use (minutes on a fresh machine) and leaves a 69 MB buffer per rank in /dev/shm
+    after every run, which fills RAM over repeated runs. gloo does the same collectives.
     """
     import deepspeed
 
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    else:
         # By module name: the attribute deepspeed.comm.torch is the torch package itself.
         ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
         ds_comm_torch.build_shm_op = lambda: None
@@ -143,7 +152,7 @@ def broadcast_object(obj):
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, device=_comm_device())
     return box[0]
 
 
@@ -152,7 +161,7 @@ def all_gather_object(obj) -> list:
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj)  # takes no device: the current one, bound by init_distributed
     return out
 
 

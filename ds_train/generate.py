@@ -3,7 +3,7 @@
 The prompt is laid out by `HiggsAudioServeEngine._prepare_inputs` (Boson's `prepare_chatml_sample` + its collator,
 configured as training configures it): system prompt, optional reference text + reference audio turn, the text to
 speak, then `<|start_header_id|>assistant<|end_header_id|>\\n\\n<|audio_out_bos|>` - exactly the tokens that precede
-the target audio in a training sample (ds_train.manifest.voice_cloning_prompt builds both). Decoding is the model's
+the target audio in a training sample (ds_train.data.manifest.voice_cloning_prompt builds both). Decoding is the model's
 own `generate` (delay pattern, stream BOS/EOS, sampling), through `HiggsAudioServeEngine.generate`.
 
 The engine is Boson's class around a model already in memory: base + PEFT adapter (no merge on disk), a merged dir,
@@ -12,7 +12,9 @@ or the DeepSpeed engine's module during training (ds_train.samples).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from copy import deepcopy
 from dataclasses import asdict, dataclass
@@ -82,7 +84,7 @@ def serve_engine(model, text_tokenizer, audio_tokenizer, capture_cuda_graphs: bo
     from ds_train.data.collate import DEFAULT_WHISPER_PROCESSOR, make_collator
 
     engine = HiggsAudioServeEngine.__new__(HiggsAudioServeEngine)
-    engine.model, engine.tokenizer = model, text_tokenizer
+    engine.model, engine.tokenizer = _GreedyWithoutKnobs(model), text_tokenizer
     engine.audio_tokenizer = _ZeroFrameSafe(audio_tokenizer)
     engine.device = str(model.device)
     engine.audio_num_codebooks = model.config.audio_num_codebooks
@@ -90,7 +92,7 @@ def serve_engine(model, text_tokenizer, audio_tokenizer, capture_cuda_graphs: bo
     engine.model.set_audio_special_tokens(text_tokenizer)
     cache_config = deepcopy(model.config.text_config)
     cache_config.num_hidden_layers += len(model.config.audio_dual_ffn_layers or [])
-    engine.kv_caches = {n: StaticCache(config=cache_config, max_batch_size=1, max_cache_len=n,
+    engine.kv_caches = {n: StaticCache(config=cache_config, batch_size=1, max_cache_len=n,
                                        device=model.device, dtype=model.dtype) for n in KV_CACHE_LENGTHS}
     # The collator settings training uses (they are the serve engine's).
     engine.collator = make_collator(model.config, whisper_processor_path or DEFAULT_WHISPER_PROCESSOR)
@@ -116,18 +118,57 @@ class _ZeroFrameSafe:
         return self._tokenizer.decode(vq_code)
 
 
+class _GreedyWithoutKnobs:
+    """The model as the serve engine sees it. Boson's engine passes `temperature` and `top_p` to `generate` even when
+    it decodes greedily (temperature 0 -> do_sample=False), and transformers then warns about each flag at every
+    call, on every rank. Greedy decoding reads none of the sampling flags: they are unset here."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def generate(self, *args, **kwargs):
+        if kwargs.get("do_sample") is False:
+            kwargs.update(temperature=None, top_k=None, top_p=None)
+        return self._model.generate(*args, **kwargs)
+
+
+# transformers' notice when Boson's StaticCache path calls the deprecated Cache.get_max_length(): it misnames the
+# method and names nothing a user can change.
+GET_MAX_CACHE_NOTICE = "`get_max_cache()` is deprecated for all Cache classes."
+
+
+class _DropNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(GET_MAX_CACHE_NOTICE)
+
+
+@contextlib.contextmanager
+def _without_get_max_cache_notice():
+    """transformers.cache_utils without that one notice, while the serve engine generates."""
+    logger, drop = logging.getLogger("transformers.cache_utils"), _DropNotice()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def speak(engine, prompt: Prompt, sampling: Sampling) -> Spoken:
     """One clip for one prompt, by HiggsAudioServeEngine.generate."""
     k = engine.audio_num_codebooks
     greedy = sampling.temperature == 0
-    response = engine.generate(
-        prompt.sample,
-        # Steps: the stream-BOS frame, one per frame, K - 1 delayed codebooks, the stream-EOS frame.
-        max_new_tokens=sampling.max_new_frames + k + 1,
-        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-        stop_strings=STOP_STRINGS, force_audio_gen=True,
-        ras_win_len=0 if greedy else sampling.ras_win_len, seed=sampling.seed,
-    )
+    with _without_get_max_cache_notice():
+        response = engine.generate(
+            prompt.sample,
+            # Steps: the stream-BOS frame, one per frame, K - 1 delayed codebooks, the stream-EOS frame.
+            max_new_tokens=sampling.max_new_frames + k + 1,
+            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+            stop_strings=STOP_STRINGS, force_audio_gen=True,
+            ras_win_len=0 if greedy else sampling.ras_win_len, seed=sampling.seed,
+        )
     from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
 
     tokens = torch.from_numpy(response.generated_audio_tokens)

@@ -10,6 +10,7 @@ the same (ranks x grad_accum x micro-batch): then the data plan, the schedule an
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from pathlib import Path
 
@@ -75,6 +76,19 @@ def load_resharded(engine, path: Path, old_world: int, shard_files) -> dict:
 def _merge(flat_groups: list, world: int, model_states, merge) -> dict[str, torch.Tensor]:
     """{name: full tensor} from each rank's list of flat partitions (zero_to_fp32's layout)."""
     out = {}
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), _no_progress_bars():
         merge(out, world, flat_groups, model_states)
     return {name: t.contiguous().clone() for name, t in out.items()}
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """zero_to_fp32 without its tqdm bars: three per resume on every rank, redrawn into the run's log."""
+    from deepspeed.utils import zero_to_fp32
+
+    bar = zero_to_fp32.tqdm
+    zero_to_fp32.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        zero_to_fp32.tqdm = bar

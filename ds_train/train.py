@@ -1,4 +1,4 @@
-"""The training run: setup -> one explicit loop (forward, loss, backward, step, log, eval, save) -> cleanup.
+"""The training run: setup -> one explicit loop (forward, loss, backward, step, log, eval, save) -> finish.
 
 Under ZeRO-3 every rank runs every forward, evaluation included: parameters are gathered collectively, so a
 forward on one rank alone hangs. Rank 0 alone writes files and logs (see ds_train.dist / ds_train.metrics).
@@ -67,9 +67,7 @@ def setup(cfg: Config) -> Run:
     pre = preflight(cfg)
     out, cuda = pre.out_dir, torch.cuda.is_available()
     ds_config = deepspeed_config(cfg, dist.world_size(), cuda)  # world size from the launcher's environment
-    dist.init_distributed()
-    if cuda:
-        torch.cuda.set_device(dist.local_rank())
+    dist.init_distributed()  # binds this rank's GPU
     checkpoint.check_shared_dir(out)  # before anything reads `latest` or rank 0 writes there
     resume_from = checkpoint.find_resume(cfg, out)  # collective: each rank validates its own shards
     seed_everything(cfg.train.seed)
@@ -90,7 +88,8 @@ def setup(cfg: Config) -> Run:
         lr_scheduler=lambda opt: get_scheduler(cfg.optim.scheduler, opt, num_warmup_steps=cfg.optim.warmup_steps,
                                                num_training_steps=total_steps))
     if hasattr(engine.optimizer, "check_grad_overflow"):
-        # ZeRO-1/2 check the grad norm for inf/NaN only in fp16/bf16; ask for it in fp32 too. (ZeRO-3 always does.)
+        # ZeRO-1/2 skip a step with a non-finite grad norm in every dtype, but scan each gradient for inf/NaN only in
+        # fp16/bf16; scan in fp32 too. (ZeRO-3 has no such switch: it goes by the norm outside fp16.)
         engine.optimizer.check_grad_overflow = True
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0}
     if resume_from is not None:
@@ -199,7 +198,9 @@ def train_step(run: Run, batches: list[Batch]) -> StepResult:
         sums *= float("nan")
     host = torch.tensor([sum(b.num_tokens for b in batches), sum(b.num_samples for b in batches)],
                         dtype=torch.float64, device=device)
-    totals = dist.all_reduce_tensor(torch.cat([sums, host])).tolist()  # the step's one host sync
+    # The loop's one wait for the device per step (counts.tolist() below then finds it idle; DeepSpeed's step and
+    # a log step's grad norm have their own).
+    totals = dist.all_reduce_tensor(torch.cat([sums, host])).tolist()
     k = len(sums)
     loss = report(totals[:k], counts.tolist(), cfg.loss.text_weight, cfg.loss.audio_weight)
     return StepResult(loss, int(totals[k]), int(totals[k + 1]))

@@ -1,4 +1,4 @@
-"""ds_train/consolidate.py: ZeRO-3 shards of a real 2-rank run -> PEFT adapter dir, offline, in this process.
+"""ds_train/export.py consolidate: ZeRO-3 shards of a real 2-rank run -> PEFT adapter dir, offline, in this process.
 
 The run trains LoRA on the attention projections and the DualFFN audio_mlp fully (model.train_audio_mlp), so the
 output has both files: adapter_model.safetensors and base_trainable.safetensors.

@@ -168,6 +168,44 @@ def test_training_writes_judges_and_logs_audio_samples(memorised_run, tiny_model
     assert (memorised_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_greedy_generation_is_quiet_and_decodes_as_boson_does(tiny_model, untrained_engine):
+    """Boson's engine hands `temperature` and `top_p` to transformers' generate even when greedy, which then warned
+    about both at every clip on every rank; transformers' misnamed `get_max_cache()` notice came with the first clip and
+    a `max_batch_size` deprecation with the engine. Greedy speak() gives none of them (sampling keeps its flags), and
+    the same codes as Boson's engine called directly."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from ds_train.data.manifest import voice_cloning_prompt
+    from ds_train.generate import GET_MAX_CACHE_NOTICE, Prompt, Sampling, load_engine, speak
+    from boson_multimodal.data_types import ChatMLSample
+
+    prompt = Prompt(ChatMLSample(messages=voice_cloning_prompt("a quiet clip", "Generate audio following instruction.",
+                                                               None, None)), "000", "a quiet clip")
+    notices = []
+    handler = logging.Handler()
+    handler.emit = lambda record: notices.append(record.getMessage())
+    cache_logger = logging.getLogger("transformers.cache_utils")
+    hf_logging.warning_once.cache_clear()  # notices are logged once per process: this test must not depend on order
+    cache_logger.addHandler(handler)
+    try:
+        engine = load_engine(str(tiny_model))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            greedy = [speak(engine, prompt, Sampling(temperature=0.0, max_new_frames=6)) for _ in range(2)]
+            sampled = speak(engine, prompt, Sampling(temperature=1.0, seed=1, max_new_frames=6))
+    finally:
+        cache_logger.removeHandler(handler)
+    assert [str(w.message) for w in caught if "do_sample" in str(w.message)] == []
+    assert [n for n in notices if n.startswith(GET_MAX_CACHE_NOTICE) or "'max_batch_size'" in n] == []
+    (boson_codes, _), = boson_greedy(untrained_engine, [prompt], 5)  # its budget has one step more: 6 frames
+    assert greedy[0].codes.shape[1] > 0 and torch.equal(greedy[0].codes, boson_codes)
+    assert torch.equal(greedy[1].codes, boson_codes)
+    assert sampled.codes.shape[1] > 0 and not torch.equal(sampled.codes, boson_codes)
+
+
 def test_a_clip_of_zero_frames_is_empty_audio(tiny_model):
     """A model that closes the audio stream at once (early in training) makes Boson's engine decode zero frames,
     which the codec's decoder cannot: the engine's tokenizer returns empty audio instead of crashing the run."""

@@ -1,4 +1,4 @@
-"""ds_train/merge.py and the engine's checkpoint.merge hook: a real 2-rank run trains LoRA on the attention
+"""ds_train/export.py merge and the engine's checkpoint.merge hook: a real 2-rank run trains LoRA on the attention
 projections and the DualFFN audio_mlp fully, then writes OUTPUT_DIR/merged; the merged model must compute what
 base + adapter computes, load wherever the base model loads, and be byte for byte what peft's merge_and_unload +
 save_pretrained write, streamed in one shard's memory."""

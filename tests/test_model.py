@@ -1,4 +1,4 @@
-"""ds_train/model.py and ds_train/tiny.py on the real boson classes (no DeepSpeed here; see test_engine.py)."""
+"""ds_train/model.py and ds_train/demo/tiny.py on the real boson classes (no DeepSpeed here; see test_train.py)."""
 
 from __future__ import annotations
 

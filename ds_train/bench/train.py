@@ -57,9 +57,7 @@ def bench_train(cfg: Config, opts: BenchOptions) -> dict:
     model_config = load_model_config(cfg.model.path)
     cuda = torch.cuda.is_available()
     ds_config = deepspeed_config(cfg, dist.world_size(), cuda)
-    dist.init_distributed()
-    if cuda:
-        torch.cuda.set_device(dist.local_rank())
+    dist.init_distributed()  # binds this rank's GPU
     batches = _batch_source(cfg, opts, model_config)
     dtype = torch_dtype(resolve_dtype(cfg, cuda))
     total = opts.warmup + opts.steps

@@ -38,7 +38,7 @@ class Record:
 def read_manifest(path: str, fmt: str = "auto", system_prompt: str = "",
                   digest: Callable[[str], str] = None) -> list[Record]:
     """Every record of the manifest, good or bad, in file order. `digest(path)` names an audio file by its content
-    (default: file_digest); the prepared cache passes one that remembers digests across runs."""
+    (default: file_digest, the SHA-1 of its bytes, remembered within this process only)."""
     digest = digest or file_digest
     path = str(path)
     if not os.path.isfile(path):
