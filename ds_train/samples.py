@@ -14,7 +14,8 @@ collective. How they are held for a round (eval.samples_gather; logged with each
   replicated                ZeRO-0/1/2: every rank holds the whole model already.
 
 The serve engine's pieces (audio tokenizer, KV caches) are built for each round and freed after it, so training
-steps never carry them (ds_train.plan counts them in the round, not the step). Rank 0 writes OUTPUT_DIR/samples/step-NNNNNN/NAME.wav + NAME.json and logs the clips and these
+steps never carry them (ds_train.plan counts them in the round, not the step). Rank 0 writes
+OUTPUT_DIR/samples/step-NNNNNN/NAME.wav + NAME.json and logs the clips and these
 metrics (against the prompt's target clip, when it has one):
 
   samples_eos_fraction   clips the model ended itself (stream EOS) rather than the length cap

@@ -2,11 +2,13 @@
 with the parameters gathered per decode step vs gathered once (ZeRO-3), on the same weights.
 
 Every rank builds the run as `train` does (ds_train.train.setup), takes BENCH_SAMPLES_STEPS optimizer steps
-(default 1: LoRA leaves its zero init, so the adapter shapes the clips), then generates eval.samples with eval.samples_gather=never and =always, alternating, BENCH_SAMPLES_ROUNDS times each (default 1).
+(default 1: LoRA leaves its zero init, so the adapter shapes the clips), then generates eval.samples with
+eval.samples_gather=never and =always, alternating, BENCH_SAMPLES_ROUNDS times each (default 1).
 Per round: its seconds, the model's forwards (decode steps, the prefill included), seconds per decode step (first
 forward's start to last forward's end, over the forwards), the collectives issued in that span (calls into
 deepspeed.comm and torch.distributed, counted by wrapping them), the serve-engine objects (KV caches, audio
-tokenizers) still alive after the round, and the clips (codes and WAV bytes). Rank 0 prints one line per round and
+tokenizers) still alive after the round, and the clips (codes and WAV bytes); then BENCH_SAMPLES_AFTER more steps
+(default 1), and every step's loss. Rank 0 prints one line per round and
 writes OUTPUT_DIR/bench_samples.json. A measurement: it asserts nothing (tests/test_generate.py reads the JSON).
 """
 
@@ -73,8 +75,8 @@ def main(words: list[str]) -> None:
     yaml_path, dotlist = translate_args(words)
     cfg = load_config(yaml_path, dotlist)
     run = setup(cfg)
-    for _ in range(int(os.environ.get("BENCH_SAMPLES_STEPS", 1))):
-        train_step(run, run.steps.next())
+    steps, after = (int(os.environ.get(k, 1)) for k in ("BENCH_SAMPLES_STEPS", "BENCH_SAMPLES_AFTER"))
+    losses = [train_step(run, run.steps.next()).loss.loss for _ in range(steps)]
     counter = Counter()
     for module_name, names in COLLECTIVES.items():
         module = importlib.import_module(module_name)
@@ -104,8 +106,11 @@ def main(words: list[str]) -> None:
             dist.print0(f"round {k} samples_gather={gather} ({params}): {seconds:.2f}s, {counter.forwards} decode "
                         f"steps, {r['s_per_step']:.4f} s/step, {r['decoding_collectives']} collectives while "
                         f"decoding, {r['engine_pieces_alive']} engine pieces alive after")
+    # Training goes on after the rounds (ZeRO-3's hooks are back after a round gathered once).
+    losses += [train_step(run, run.steps.next()).loss.loss for _ in range(after)]
     if dist.is_main():
-        (run.out / "bench_samples.json").write_text(json.dumps({"world": dist.world_size(), "rounds": rounds}) + "\n")
+        (run.out / "bench_samples.json").write_text(json.dumps({"world": dist.world_size(), "rounds": rounds,
+                                                                "losses": losses}) + "\n")
     dist.leave(0)
 
 
