@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
+import yaml
 
-from conftest import JUDGE_HEARS, MEMO_ROWS, MEMO_STEPS, launch, loss_records, plain_config, read_metrics
+from conftest import JUDGE_HEARS, MEMO_ROWS, MEMO_STEPS, launch, loss_records, plain_config, read_metrics, write_config
 
 NUM_CODEBOOKS = 8
 
@@ -193,7 +194,9 @@ def test_samples_gathered_once_are_the_per_step_samples_without_a_collective(tin
     runs no collective while decoding; no KV cache or audio tokenizer outlives a round; and the steps around the
     rounds train exactly as the plain run's steps 1-3 (ZeRO-3's hooks are back after the gathered round)."""
     out = tmp_path / "run"
-    config = plain_config(tiny_model, demo_data, eval3, out, eval={"samples": 2, "samples_max_frames": 16})
+    config = plain_config(tiny_model, demo_data, eval3, out)
+    cfg = yaml.safe_load(config.read_text())
+    write_config(config, {**cfg, "eval": {"samples": 2, "samples_max_frames": 16}})
     launch([str(config)], module="ds_train.bench.samples", env={"BENCH_SAMPLES_STEPS": "2", "BENCH_SAMPLES_AFTER": "1"})
     bench = json.loads((out / "bench_samples.json").read_text())
     per_step, once = bench["rounds"]
