@@ -113,7 +113,7 @@ class TrainingSamples:
             if was_training:
                 ds_engine.train()
             del engine
-            gc.collect()  # the engine's pieces sit in reference cycles (Boson's classes)
+            gc.collect()  # now, not at some later collection: the next training step needs the memory
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         return spoken, params
