@@ -226,6 +226,9 @@ class TrainConfig:
             raise ConfigError(f"train.eval_every must be >= 0, got {self.eval_every}")
 
 
+SAMPLES_GATHER = ("auto", "always", "never")
+
+
 @dataclass
 class EvalConfig:
     """What a person listens to: audio generated during training (ds_train.samples)."""
@@ -233,6 +236,9 @@ class EvalConfig:
     samples: Optional[Union[int, str]] = None  # prompts JSONL (as `ds-train generate --prompts`), or N eval-set samples
     samples_every: int = 0  # steps between sample generations; 0: at the end only
     samples_max_frames: int = 500  # length cap per clip (audio frames; 10 s at 50 frames/s)
+    # ZeRO-3: gather the whole model once per round of samples (no collective per decode step) or let every decode
+    # step gather it module by module. auto: once when the gathered model fits every rank's device (ds_train.plan).
+    samples_gather: str = "auto"  # auto | always | never
     # Local model dirs that judge the samples (ds_train.quality); no hub at run time.
     asr_model: Optional[str] = None  # Whisper (transformers): samples_wer, samples_cer against the prompt text
     speaker_model: Optional[str] = None  # WavLM x-vector (transformers): samples_speaker_sim to the reference clip
@@ -245,6 +251,9 @@ class EvalConfig:
         if self.samples_every and self.samples is None:
             raise ConfigError("eval.samples_every > 0 needs eval.samples (a prompts JSONL or a number of eval samples)")
         _positive("eval.samples_max_frames", self.samples_max_frames)
+        if self.samples_gather not in SAMPLES_GATHER:
+            raise ConfigError(f"eval.samples_gather must be one of {', '.join(SAMPLES_GATHER)}, got "
+                              f"{self.samples_gather!r}")
         for key in ("asr_model", "speaker_model"):
             if getattr(self, key) and self.samples is None:
                 raise ConfigError(f"eval.{key} judges the generated samples: it needs eval.samples")

@@ -12,6 +12,10 @@ The model is counted exactly from its config (built on the meta device, nothing 
   logits        text head over every position (model.full_text_logits=true) or only the trained ones, the audio head
                 at audio positions: dtype + fp32 copy + log-softmax + gradient
   runtime       the process itself: 0.85 GiB on CPU (torch, DeepSpeed, transformers, gloo), 0.6 GiB CUDA context
+A round of in-training samples (eval.samples; ds_train.samples) runs between steps, when activations and logits are
+freed. It builds the serve engine's pieces (KV caches, audio tokenizer) and frees them after the round, so they are
+not in the step's total; under ZeRO-3 it gathers the whole model once for the round when that fits next to what the
+rank holds (`samples_gather_fits`), else every decode step gathers it module by module as training does.
 Per position and decoder layer, backward keeps (elements of dtype): 2 norm inputs and outputs (4h), q and the
 attention output (2h), k and v (2 kv), the MLP's gate, up, activation and product (4i), the residual (h), the
 DualFFN's text/audio split copy (h); each RMSNorm also keeps an fp32 copy (2 x 4h bytes); each LoRA target its
@@ -34,6 +38,9 @@ GIB = 2**30
 CPU_RUNTIME_GIB = 0.85
 CUDA_CONTEXT_GIB = 0.6
 AUDIO_FRACTION = 0.85  # TTS micro-batches: most positions are audio
+# Of the device, kept free when the whole model is gathered for a round of samples: decoding's own activations and
+# the allocator's slack.
+SAMPLES_HEADROOM = 0.1
 
 
 @dataclass
@@ -45,6 +52,7 @@ class Plan:
     capacity_gib: float
     device: str
     recommendations: list = field(default_factory=list)
+    samples: dict = field(default_factory=dict)  # a round of samples (eval.samples): GiB per device, and the path
 
     @property
     def total_gib(self) -> float:
@@ -136,7 +144,67 @@ def plan_memory(cfg: Config, model_config, ds_config: dict, world: int, position
         host = {}
     p = Plan(world, positions, comp, host, capacity_gib, device)
     p.recommendations = recommend(cfg, model_config, ds_config, p, c, b, stage, cuda)
+    if cfg.eval.samples is not None:
+        p.samples = samples_round(cfg, model_config, p, c, b, stage)
     return p
+
+
+def samples_round(cfg: Config, model_config, p: Plan, c: ModelCounts, b: int, stage: int) -> dict:
+    """A round of samples per device, in GiB: the engine pieces it builds and frees, the whole model, and whether a
+    ZeRO-3 run gathers it once for the round (what `samples_gather_fits` decides at run time from measured usage)."""
+    pieces = {"KV caches": kv_cache_gib(model_config, b),
+              "audio tokenizer": _weights_gib(cfg.model.audio_tokenizer_path)}
+    model = (c.frozen + c.trainable) * b / GIB
+    between_steps = p.total_gib - sum(p.components.get(k, 0.0) for k in
+                                      ("activations", "logits", "gathered parameters"))
+    used = between_steps + sum(pieces.values())
+    gather = cfg.eval.samples_gather
+    once = stage == 3 and (gather == "always" or gather == "auto" and samples_gather_fits(model, used, p.capacity_gib))
+    path = "replicated" if stage != 3 else "gathered once" if once else "gathered per decode step"
+    return {**pieces, "model": model, "used": used, "path": path}
+
+
+def samples_gather_fits(model_gib: float, used_gib: float, capacity_gib: float) -> bool:
+    """Whether the whole model, gathered for a round of samples, fits a device on top of what it holds now, with
+    SAMPLES_HEADROOM of the device to spare."""
+    return used_gib + model_gib <= (1 - SAMPLES_HEADROOM) * capacity_gib
+
+
+def kv_cache_gib(model_config, b: int) -> float:
+    """The serve engine's static KV caches (ds_train.generate.KV_CACHE_LENGTHS, batch 1) in the model's dtype: keys
+    and values for every decoder layer and every DualFFN audio layer."""
+    from ds_train.generate import KV_CACHE_LENGTHS
+
+    t = model_config.text_config
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    layers = t.num_hidden_layers + len(model_config.audio_dual_ffn_layers or [])
+    return 2 * layers * t.num_key_value_heads * head_dim * sum(KV_CACHE_LENGTHS) * b / GIB
+
+
+def _weights_gib(folder: str) -> float:
+    # The audio tokenizer as it is stored (0 for a hub id: nothing local to measure).
+    p = Path(folder)
+    files = [f for f in p.rglob("*") if f.suffix in (".pth", ".bin", ".safetensors")] if p.is_dir() else []
+    return sum(f.stat().st_size for f in files) / GIB
+
+
+def local_ranks() -> int:
+    """Ranks on this machine, from the launcher's environment (1 without one)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+
+
+def device_usage_gib(ranks_here: int) -> tuple[float, float]:
+    """(used, capacity) of this rank's device now, in GiB. CUDA: what every process on the device holds (total -
+    free) less what torch's allocator has cached here and can hand out again. CPU: this rank's share of RAM: MemTotal
+    and MemTotal - MemAvailable, / local ranks (every local rank gathers its own copy at the same time)."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        return (total - free - cached) / GIB, total / GIB
+    ranks = max(ranks_here, 1)
+    return (_mem_total_gib() - _mem_available_gib()) / ranks, _mem_total_gib() / ranks
 
 
 def activation_bytes(cfg: Config, c: ModelCounts, positions: int, b: int, longest: int) -> float:
@@ -230,8 +298,16 @@ def device_capacity(gpu_memory: float | None, local_ranks: int) -> tuple[float, 
 
 
 def _mem_available_gib() -> float:
+    return _meminfo_gib("MemAvailable:")
+
+
+def _mem_total_gib() -> float:
+    return _meminfo_gib("MemTotal:")
+
+
+def _meminfo_gib(key: str) -> float:
     for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
+        if line.startswith(key):
             return int(line.split()[1]) / 2**20
     return 0.0
 
@@ -277,6 +353,11 @@ def format_plan(p: Plan, cfg: Config) -> str:
     lines.append(f"  {'total per device':28s} {p.total_gib:8.2f} GiB of {p.capacity_gib:.1f} GiB ({p.device}): "
                  f"{verdict}")
     lines += [f"  recommend: {r}" for r in p.recommendations]
+    if p.samples:
+        s = p.samples
+        gathered = f", the whole model {s['model']:.2f} GiB" if s["path"] == "gathered once" else ""
+        lines.append(f"  samples round: KV caches {s['KV caches']:.2f} GiB + audio tokenizer {s['audio tokenizer']:.2f}"
+                     f" GiB (freed after the round){gathered}; parameters {s['path']}")
     return "\n".join(lines)
 
 
@@ -284,8 +365,7 @@ def check_at_start(cfg: Config, model_config, ds_config: dict, longest: int) -> 
     """train's one-line warning when the plan predicts OOM (never stops the run: the plan is an estimate)."""
     import torch
 
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
-    capacity, device = device_capacity(None, local if not torch.cuda.is_available() else 1)
+    capacity, device = device_capacity(None, local_ranks() if not torch.cuda.is_available() else 1)
     p = plan_memory(cfg, model_config, ds_config, dist.world_size(), positions_of(cfg, longest, None), capacity,
                     device, longest)
     if not p.fits:

@@ -1,9 +1,21 @@
 """Audio samples during training: what the adapter sounds like at `eval.samples_every` steps and at the end.
 
-Every rank generates every prompt, together: under ZeRO-3 each forward gathers the partitioned parameters
-collectively, so a generate on rank 0 alone would hang. While generating, transformers' ZeRO-3 switch is held
-(`HfDeepSpeedConfig`), which makes `generate` keep the ranks stepping in lockstep until all are done
-(`synced_gpus`). Rank 0 writes OUTPUT_DIR/samples/step-NNNNNN/NAME.wav + NAME.json and logs the clips and these
+Every rank generates every prompt, together: under ZeRO-3 the parameters are partitioned, and gathering them is
+collective. How they are held for a round (eval.samples_gather; logged with each round):
+
+  gathered once             the whole model is gathered on every rank for the round (DeepSpeed's
+                            `unwrap_model_for_generation`: GatheredParameters around the round, ZeRO-3's per-module
+                            hooks removed and registered again after it), so decoding runs no collective at all.
+                            `auto` takes it when the model fits every rank's device next to what it holds now
+                            (ds_train.plan.samples_gather_fits).
+  gathered per decode step  the hooks gather module by module at every forward, as in training; transformers' ZeRO-3
+                            switch is held (`HfDeepSpeedConfig`) so `generate` keeps the ranks stepping in lockstep
+                            until all are done (`synced_gpus`).
+  replicated                ZeRO-0/1/2: every rank holds the whole model already.
+
+The serve engine's pieces (audio tokenizer, KV caches) are built for each round and freed after it, so training
+steps never carry them (ds_train.plan counts them in the round, not the step). Rank 0 writes
+OUTPUT_DIR/samples/step-NNNNNN/NAME.wav + NAME.json and logs the clips and these
 metrics (against the prompt's target clip, when it has one):
 
   samples_eos_fraction   clips the model ended itself (stream EOS) rather than the length cap
@@ -17,6 +29,7 @@ rank 0 computes them from the clips after generation - no ZeRO-3 parameter is in
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from pathlib import Path
 from typing import Optional
@@ -46,7 +59,7 @@ class TrainingSamples:
         self.cfg, self.out_dir = cfg, Path(out_dir)
         self.prompts = load_prompts(cfg, held_out)
         self.sampling = Sampling(temperature=0.0, max_new_frames=cfg.eval.samples_max_frames)  # greedy: comparable
-        self.engine = None  # built at the first run (the audio tokenizer is loaded then)
+        self.text_tokenizer = None  # loaded at the first round; the serve engine is built for each round
         self.judges = None  # ds_train.quality.Judges on rank 0, with eval.asr_model / eval.speaker_model
         self.targets: dict[str, torch.Tensor] = {}
 
@@ -58,18 +71,8 @@ class TrainingSamples:
         """On every rank: generate the prompts with the training model, write and log them (rank 0)."""
         if not self.due(step, last_step):
             return None
-        from ds_train.model import base_model
-
         t0 = time.perf_counter()
-        module = base_model(ds_engine.module)  # LoRA layers sit inside; ZeRO-3 hooks gather on every forward
-        if self.engine is None:
-            self._build(module)
-        was_training = ds_engine.module.training
-        ds_engine.eval()
-        with _ranks_step_together(ds_engine):
-            spoken = [speak(self.engine, p, self.sampling) for p in self.prompts]
-        if was_training:
-            ds_engine.train()
+        spoken, params = self.generate(ds_engine)
         metrics = {"step": step, **sample_metrics(self.prompts, spoken, self.targets)}
         per_clip = [{} for _ in spoken]
         if self.judges is not None:  # rank 0 only
@@ -78,36 +81,75 @@ class TrainingSamples:
                                                   for p, s in zip(self.prompts, spoken)])
             metrics.update(judged, samples_judge_time_s=time.perf_counter() - t1)
         seconds = time.perf_counter() - t0
-        metrics["samples_time_s"] = seconds
+        metrics.update(samples_time_s=seconds, samples_params=params)  # text: in metrics.jsonl, not on dashboards
         if dist.is_main():
             folder = step_dir(self.out_dir, step)
             for prompt, clip, info in zip(self.prompts, spoken, per_clip):
                 write_spoken(folder, prompt, clip, {"step": step, **info})
             shown = [fmt.format(metrics[key]) for key, fmt in SHOWN if key in metrics]
-            dist.print0(f"step {step}: {len(spoken)} audio samples in {folder} ({seconds:.1f}s) | " + ", ".join(shown))
+            dist.print0(f"step {step}: {len(spoken)} audio samples in {folder} ({seconds:.1f}s, parameters {params})"
+                        " | " + ", ".join(shown))
         logger.log(metrics)
         # A zero-frame clip is on disk (its JSON says so) but is no audio for a dashboard.
         logger.audio(step, [(p.name, s.wav, s.sampling_rate, p.text) for p, s in zip(self.prompts, spoken)
                             if len(s.wav)])
         return metrics
 
-    def _build(self, module) -> None:
+    def generate(self, ds_engine) -> tuple[list[Spoken], str]:
+        """On every rank: one clip per prompt from the training model, and how its parameters were held ("gathered
+        once", "gathered per decode step" or "replicated"). The serve engine is built for the round and freed after
+        it."""
+        from ds_train.model import base_model
+
+        module = base_model(ds_engine.module)  # LoRA layers sit inside
+        engine = self._build(module)
+        params = self._params_path(ds_engine)  # after the build: the engine's pieces count as held
+        was_training = ds_engine.module.training
+        ds_engine.eval()
+        try:
+            with _parameters_held(ds_engine, params):
+                spoken = [speak(engine, p, self.sampling) for p in self.prompts]
+        finally:
+            if was_training:
+                ds_engine.train()
+            del engine
+            gc.collect()  # now, not at some later collection: the next training step needs the memory
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return spoken, params
+
+    def _params_path(self, ds_engine) -> str:
+        if ds_engine.zero_optimization_stage() != 3:
+            return "replicated"
+        once = self.cfg.eval.samples_gather == "always"
+        if self.cfg.eval.samples_gather == "auto":
+            from ds_train.plan import GIB, device_usage_gib, local_ranks, samples_gather_fits
+
+            model_gib = sum(p.ds_numel * p.element_size() for p in ds_engine.module.parameters()) / GIB
+            fits = samples_gather_fits(model_gib, *device_usage_gib(local_ranks()))
+            once = dist.all_reduce([float(fits)], op="min")[0] > 0  # every rank gathers, or none does
+        return "gathered once" if once else "gathered per decode step"
+
+    def _build(self, module):
         from ds_train.data.audio import encode, load_audio, load_audio_tokenizer
         from ds_train.preflight import load_text_tokenizer
 
         cfg = self.cfg.model
         audio_tokenizer = load_audio_tokenizer(cfg.audio_tokenizer_path, str(dist.device()), cfg.semantic_model_path)
-        self.engine = serve_engine(module, load_text_tokenizer(self.cfg, module.config), audio_tokenizer,
-                                   whisper_processor_path=cfg.whisper_processor_path)
-        for p in self.prompts:  # target codes exactly as `prepare` encodes them
-            if p.target_audio:
+        if self.text_tokenizer is None:
+            self.text_tokenizer = load_text_tokenizer(self.cfg, module.config)
+        engine = serve_engine(module, self.text_tokenizer, audio_tokenizer,
+                              whisper_processor_path=cfg.whisper_processor_path)
+        for p in self.prompts:  # target codes exactly as `prepare` encodes them, once
+            if p.target_audio and p.name not in self.targets:
                 wav = load_audio(p.target_audio, audio_tokenizer.sampling_rate)
                 self.targets[p.name] = encode(audio_tokenizer, wav, self.cfg.data.loudness_normalize)
         ev = self.cfg.eval
-        if dist.is_main() and (ev.asr_model or ev.speaker_model):
+        if self.judges is None and dist.is_main() and (ev.asr_model or ev.speaker_model):
             from ds_train.quality import Judges
 
             self.judges = Judges(ev.asr_model, ev.speaker_model, str(dist.device()))
+        return engine
 
 
 def load_prompts(cfg: Config, held_out: Optional[dict[str, set[str]]] = None) -> list[Prompt]:
@@ -148,15 +190,21 @@ def sample_metrics(prompts: list[Prompt], spoken: list[Spoken], targets: dict[st
 
 
 @contextlib.contextmanager
-def _ranks_step_together(ds_engine):
-    """Under ZeRO-3 with several ranks, hold transformers' ZeRO-3 switch so `generate` runs with synced_gpus."""
-    if ds_engine.zero_optimization_stage() != 3 or dist.world_size() == 1:
-        yield
-        return
-    from transformers.integrations import HfDeepSpeedConfig
+def _parameters_held(ds_engine, params: str):
+    """The round's parameters, held as `params` says (the module docstring)."""
+    if params == "gathered once":
+        from deepspeed.runtime.zero import unwrap_model_for_generation
 
-    switch = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
-    try:
+        # Its hooks come back only when the round ends normally; an exception here ends the run anyway.
+        with unwrap_model_for_generation(ds_engine):
+            yield
+    elif params == "gathered per decode step" and dist.world_size() > 1:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        switch = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+        try:
+            yield
+        finally:
+            del switch
+    else:
         yield
-    finally:
-        del switch

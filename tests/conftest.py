@@ -335,12 +335,12 @@ def free_port() -> int:
 
 
 def launch(args: list[str], nprocs: int = 2, env: dict | None = None, timeout: int = 600,
-           check: bool = True) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N --module ds_train ARGS` on this machine: the real launcher, N real processes."""
+           check: bool = True, module: str = "ds_train") -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N --module MODULE ARGS` on this machine: the real launcher, N real processes."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "LOCAL_SIZE": str(nprocs), "PYTHONUNBUFFERED": "1",
                 "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()), "--no_local_rank",
-           "--module", "ds_train", *args]
+           "--module", module, *args]
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"

@@ -62,6 +62,8 @@ def test_defaults_and_overrides(tmp_path):
     ("checkpoint.best_mode=up", "checkpoint.best_mode must be one of auto, min, max"),
     ("checkpoint.best_metric=eval_audio_acc", "checkpoint.best_metric=eval_audio_acc needs data.eval_file"),
     ("checkpoint.best_metric=speaker_sim", "checkpoint.best_metric=samples_speaker_sim needs eval.samples"),
+    # Issue 15 item 3: how a round of samples holds the ZeRO-3 parameters.
+    ("eval.samples_gather=often", "eval.samples_gather must be one of auto, always, never, got 'often'"),
     # Issue 11 item 10: several training manifests, a held-out eval fraction.
     ("data.train_files=[/d/a.jsonl]", "set one of data.train_file (one manifest) and data.train_files (a list), "
                                       "not both"),

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
+import yaml
 
-from conftest import JUDGE_HEARS, MEMO_ROWS, MEMO_STEPS, read_metrics
+from conftest import JUDGE_HEARS, MEMO_ROWS, MEMO_STEPS, launch, loss_records, plain_config, read_metrics, write_config
 
 NUM_CODEBOOKS = 8
 
@@ -145,6 +146,7 @@ def test_training_writes_judges_and_logs_audio_samples(memorised_run, tiny_model
     last = records[MEMO_STEPS]
     assert last["samples_eos_fraction"] == 1.0 and last["samples_code_match"] == 1.0
     assert last["samples_length_ratio"] == 1.0 and last["samples_time_s"] > last["samples_judge_time_s"] > 0
+    assert last["samples_params"] == "gathered once"  # eval.samples_gather=auto: the tiny model fits in RAM
 
     # Judged on rank 0: the tiny Whisper hears "Clam!" for "calm" (1 word of 1, 2 characters of 4 wrong); the speaker
     # similarity is that of the target clip's audio (the generated codes are the target's) to the reference.
@@ -219,6 +221,32 @@ def test_a_clip_of_zero_frames_is_empty_audio(tiny_model):
     assert safe.decode(torch.zeros(1, NUM_CODEBOOKS, 0, dtype=torch.long)).shape == (1, 1, 0)
     assert safe.decode(torch.zeros(1, NUM_CODEBOOKS, 2, dtype=torch.long)).shape == (1, 1, 640)
     assert safe.sampling_rate == 16000 and safe.tps == 50
+
+
+@pytest.mark.slow
+def test_samples_gathered_once_are_the_per_step_samples_without_a_collective(tiny_model, demo_data, eval3, plain_run,
+                                                                             tmp_path):
+    """ds_train.bench.samples on the plain run's config (2 ranks, every parameter partitioned): 2 steps, a round of
+    2 eval samples with eval.samples_gather=never then =always, one more step. Both rounds make the same clips (codes
+    and WAV bytes) in the same decode steps; the per-step round gathers at every step and the gathered-once round
+    runs no collective while decoding; no KV cache or audio tokenizer outlives a round; and the steps around the
+    rounds train exactly as the plain run's steps 1-3 (ZeRO-3's hooks are back after the gathered round)."""
+    out = tmp_path / "run"
+    config = plain_config(tiny_model, demo_data, eval3, out)
+    cfg = yaml.safe_load(config.read_text())
+    write_config(config, {**cfg, "eval": {"samples": 2, "samples_max_frames": 16}})
+    launch([str(config)], module="ds_train.bench.samples", env={"BENCH_SAMPLES_STEPS": "2", "BENCH_SAMPLES_AFTER": "1"})
+    bench = json.loads((out / "bench_samples.json").read_text())
+    per_step, once = bench["rounds"]
+    assert (per_step["params"], once["params"]) == ("gathered per decode step", "gathered once")
+    assert once["codes"] == per_step["codes"] and once["wav_sha1"] == per_step["wav_sha1"]
+    assert sum(len(c[0]) for c in once["codes"]) > 0  # clips with frames, not two empty ones
+    assert once["decode_steps"] == per_step["decode_steps"] > 2
+    assert once["decoding_collectives"] == 0
+    assert per_step["decoding_collectives"] >= per_step["decode_steps"]
+    assert per_step["engine_pieces_alive"] == once["engine_pieces_alive"] == 0
+    plain = loss_records(plain_run)
+    assert bench["losses"] == pytest.approx([plain[s]["loss"] for s in (1, 2, 3)], rel=1e-6)
 
 
 def test_samples_are_due_every_n_steps_and_at_the_end(tmp_path):

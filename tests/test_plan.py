@@ -63,3 +63,38 @@ def test_too_small_a_device_gets_checkpointing_and_a_token_budget():
     assert tokens % 256 == 0 and 0 < tokens < 8192
     assert _plan(_cfg("train.deepspeed_config=ds_configs/zero3.json"), world=8, positions=tokens,
                  capacity=24.0).total_gib <= 0.9 * 24.0
+
+
+def test_a_samples_round_gathers_the_model_once_only_where_it_fits():
+    """The memory decision of in-training samples (ds_train.samples asks `samples_gather_fits` at every round with
+    measured usage; the plan asks it with its own numbers) and the engine pieces the round builds and frees."""
+    from ds_train.plan import kv_cache_gib, samples_gather_fits
+    from ds_train.preflight import load_model_config
+
+    # 10% of the device stays free: 60 + 12 = 72 of 80 fits, 60 + 12.1 does not.
+    assert samples_gather_fits(12.0, 60.0, 80.0) and not samples_gather_fits(12.1, 60.0, 80.0)
+    # KV caches of 1024 + 4096 + 8192 positions: keys and values x (28 decoder + 28 DualFFN audio layers) x 8 KV
+    # heads x 128 x 2 bytes (bf16) = 2.84 GiB per rank, every round.
+    assert kv_cache_gib(load_model_config(ARCH), 2) == pytest.approx(2 * 56 * 8 * 128 * 13312 * 2 / GIB)
+
+    model = (5_771_283_456 + 24_313_856) * 2 / GIB  # frozen + LoRA, bf16: 10.8 GiB
+    on_80 = _plan(_cfg("train.deepspeed_config=ds_configs/zero3.json", "eval.samples=2"), world=8, positions=4096,
+                  capacity=80.0)
+    s = on_80.samples
+    assert s["model"] == pytest.approx(model) and s["KV caches"] == pytest.approx(2 * 56 * 8 * 128 * 13312 * 2 / GIB)
+    # Between steps a rank holds its partitions, LoRA, optimizer and runtime, not activations, logits or the
+    # training's gathered working set; the round adds the engine pieces.
+    c = on_80.components
+    assert s["used"] == pytest.approx(c["parameters"] + c["LoRA + gradients"] + c["optimizer"] + c["runtime"]
+                                      + s["KV caches"] + s["audio tokenizer"])
+    assert s["path"] == "gathered once"
+    on_16 = _plan(_cfg("train.deepspeed_config=ds_configs/zero3.json", "eval.samples=2"), world=8, positions=4096,
+                  capacity=16.0)
+    assert on_16.samples["path"] == "gathered per decode step"  # 10.8 GiB + ~4.4 GiB held > 14.4 GiB
+    never = _plan(_cfg("train.deepspeed_config=ds_configs/zero3.json", "eval.samples=2", "eval.samples_gather=never"),
+                  world=8, positions=4096, capacity=80.0)
+    assert never.samples["path"] == "gathered per decode step"
+    zero2 = _plan(_cfg("train.deepspeed_config=ds_configs/zero2.json", "eval.samples=2"), world=8, positions=4096,
+                  capacity=80.0)
+    assert zero2.samples["path"] == "replicated"
+    assert _plan(_cfg("train.deepspeed_config=ds_configs/zero3.json"), 8, 4096, 80.0).samples == {}  # no samples
