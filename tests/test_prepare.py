@@ -531,3 +531,93 @@ def test_a_crash_while_encoding_leaves_no_lock_and_no_shard(tiny_model, text_tok
         assert "sampling_rate" in str(crash)
         left = sorted(p.name for p in cache.iterdir())
     assert left == ["fingerprint.json"]  # no lock, no piece, no half-written shard
+
+
+def count_audio_opens(monkeypatch) -> list[str]:
+    """Every open of a .wav file from now on (names): by Python (hashing) or by libsndfile (headers,
+    decoding: soundfile.SoundFile, under librosa and soundfile.info too)."""
+    import builtins
+
+    opened = []
+    real_open, real_sf = builtins.open, sf.SoundFile.__init__
+
+    def counting_open(file, *a, **kw):
+        if str(file).endswith(".wav"):
+            opened.append(os.path.basename(str(file)))
+        return real_open(file, *a, **kw)
+
+    def counting_sf(self, file, *a, **kw):
+        if str(file).endswith(".wav"):
+            opened.append(os.path.basename(str(file)))
+        return real_sf(self, file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(sf.SoundFile, "__init__", counting_sf)
+    return opened
+
+
+def new_process():
+    """What a relaunch starts with: no digest remembered in memory (fsutil's per-process memo)."""
+    from ds_train.fsutil import _digest
+
+    _digest.cache_clear()
+
+
+def test_relaunch_opens_no_audio_and_a_moved_set_is_hashed_once(tiny_model, text_tok, audio_tok, tmp_path,
+                                                                 monkeypatch):
+    """A relaunch (new process, same manifest bytes) opens no audio file; a changed row re-opens only the clips of
+    its shard; a data set moved elsewhere is hashed once (new paths) and encodes nothing; after that a changed
+    manifest opens nothing it already knows."""
+    manifest, rows = short_set(tmp_path / "set", 4)
+    cfg = make_cfg(tiny_model, tmp_path / "out", shard_size=2)
+    cache = str(tmp_path / "cache")
+    prepare(cfg, str(manifest), text_tok, cache, audio_tokenizer=audio_tok)
+    opened = count_audio_opens(monkeypatch)
+
+    new_process()
+    assert prepare(cfg, str(manifest), text_tok, cache, audio_tokenizer="must not be used").encoded_shards == 0
+    assert opened == []
+
+    rows[3]["text"] = "a changed line"  # shard 1 (records 2, 3): checked and encoded again; shard 0 is not opened
+    write_rows(manifest, rows)
+    new_process()
+    assert prepare(cfg, str(manifest), text_tok, cache, audio_tokenizer=audio_tok).encoded_shards == 1
+    assert sorted(set(opened)) == ["2.wav", "3.wav"]
+
+    opened.clear()
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "set").rename(moved)  # new paths, same bytes: the manifest is current as it is
+    new_process()
+    result = prepare(cfg, str(moved / "train.jsonl"), text_tok, cache, audio_tokenizer="must not be used")
+    assert (result.encoded_shards, result.num_samples, opened) == (0, 4, [])
+
+    write_rows(moved / "train.jsonl", rows + [""])  # other bytes (a blank line), the same records: keys are read
+    new_process()
+    assert prepare(cfg, str(moved / "train.jsonl"), text_tok, cache, audio_tokenizer="unused").encoded_shards == 0
+    assert sorted(opened) == ["0.wav", "1.wav", "2.wav", "3.wav"]  # each hashed once (new paths), none decoded
+
+    opened.clear()
+    write_rows(moved / "train.jsonl", rows + ["", ""])
+    new_process()
+    assert prepare(cfg, str(moved / "train.jsonl"), text_tok, cache, audio_tokenizer="unused").encoded_shards == 0
+    assert opened == []  # the digests of the new paths are remembered
+
+
+def test_a_pickled_cache_of_an_older_version_is_named_and_rebuilt(tiny_model, text_tok, audio_tok, model_config,
+                                                                  tmp_path, capsys):
+    """A cache of version 5 (torch.save shards: pickle) is never unpickled: opening it says in one line what to
+    do; prepare says it rebuilds it, removes the pickled shards and encodes the records again."""
+    manifest, _ = short_set(tmp_path / "set", 2)
+    cfg = make_cfg(tiny_model, tmp_path / "out")
+    cache = tmp_path / "cache"
+    fp = fingerprint(cfg, text_tok, cfg.model.audio_tokenizer_path)
+    cache.mkdir()
+    (cache / "fingerprint.json").write_text(json.dumps({**fp, "version": 5}))
+    torch.save({"entries": []}, cache / "shard-00000.pt")
+    (cache / "index.json").write_text(json.dumps({"fingerprint": {**fp, "version": 5}, "num_shards": 1}))
+    with pytest.raises(FileNotFoundError, match=r"old pickled format .*run `ds-train prepare CONFIG` once"):
+        CachedDataset(cache, model_config)
+    result = prepare(cfg, str(manifest), text_tok, str(cache), audio_tokenizer=audio_tok)
+    assert (result.encoded_shards, result.num_samples) == (1, 2)
+    assert f"prepare: {cache} is in the pickled format of cache version 5; encoding it again" in capsys.readouterr().out
+    assert not list(cache.glob("*.pt")) and len(CachedDataset(cache, model_config)) == 2

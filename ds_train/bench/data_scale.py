@@ -80,7 +80,7 @@ def bench_data_scale(cfg: Config, scales: list[int], ranks: int = 2, keep: bool 
 def build_synthetic_cache(cfg: Config, model_config, text_tokenizer, work: Path, n: int) -> tuple[Path, Path]:
     """A TTS manifest of n rows (the audio files absent) and its cache, written by cache.py's own writer with random
     codes: durations log-normal around 6 s (1-20 s, as LibriTTS-R and Emilia clips), text ~15 characters a second."""
-    from ds_train.data.cache import fingerprint, manifest_digest, write_index, write_shard
+    from ds_train.data.cache import DIGESTS, fingerprint, manifest_digest, write_digests, write_index, write_shard
     from ds_train.data.manifest import Record
 
     cache, manifest = work / "cache", work / "train.jsonl"
@@ -119,6 +119,9 @@ def build_synthetic_cache(cfg: Config, model_config, text_tokenizer, work: Path,
                             "audio_paths": [str(work / "wavs" / f"{i:08d}.wav")],
                             "clip_seconds": [float(seconds[i])], "clip_is_out": [True], "trains_audio": True})
         write_shard(cache, s // size, records, fp, entries, [])
+    # The digests a real prepare remembers: the relaunch stats each clip (here all absent: a shipped cache).
+    write_digests(cache / DIGESTS, {str(work / "wavs" / f"{i:08d}.wav"): (480_000, 1_700_000_000_000_000_000, "0" * 40)
+                                    for i in range(n)})
     limits = (cfg.data.min_audio_seconds, cfg.data.max_audio_seconds)
     write_index(cache, fp, str(manifest), -(-n // size), limits, manifest_digest(str(manifest)), [],
                 cfg.data.plausibility)

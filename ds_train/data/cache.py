@@ -2,7 +2,7 @@
 
 cache_dir/
   fingerprint.json    what produces the codes (tokenizers, settings); written before any shard
-  digests.json        {audio path: [size, mtime_ns, sha1]} of the clips the manifest names (audio read once)
+  digests.dsc         (real path, size, mtime_ns, sha1) of each clip the manifest names: audio is read once
   shard-00000.dsc ... records [k*S, (k+1)*S) of the manifest in columns (columns.py): token ids, labels, codes,
                       clip starts, durations, per-record offsets and lengths; keys, bad records, paths in its header
   samples.npy         the index: one int64 row per usable sample (shard, entry, offsets, lengths, manifest line)
@@ -35,7 +35,7 @@ from ds_train import dist
 from ds_train.config import Config, flatten
 from ds_train.data.audio import tokenizer_fingerprint
 from ds_train.data.collate import to_dataset_sample
-from ds_train.data.columns import read_arrays, read_meta, write_arrays
+from ds_train.data.columns import read_arrays, write_arrays
 from ds_train.data.manifest import Record
 from ds_train.data.validate import duration_problem
 from ds_train.errors import CacheMismatchError
@@ -109,44 +109,87 @@ def manifest_digest(manifest: str) -> str:
 
 def current_index(cache: Path, fp: dict, manifest_sha1: str, limits, plausibility: str) -> Optional[dict]:
     """index.json when the cache is complete for this manifest's bytes, fingerprint, duration limits and
-    plausibility mode (a relaunch: nothing to check, no audio to open); None otherwise."""
+    plausibility mode, and no audio file changed (a relaunch: nothing to check, no audio to open); None otherwise."""
     try:
         index = json.loads((cache / "index.json").read_text())
     except (OSError, ValueError):
         return None
     same = (index.get("fingerprint") == fp and index.get("manifest_sha1") == manifest_sha1
             and index.get("audio_seconds") == list(limits) and index.get("plausibility") == plausibility)
-    return index if same and (cache / "samples.npy").is_file() else None
+    return index if same and (cache / "samples.npy").is_file() and audio_unchanged(cache) else None
 
 
 class DigestMemo:
-    """SHA-1 of audio files remembered in the cache, keyed by (real path, size, mtime): a relaunch stats files
-    instead of reading them; a data set moved elsewhere is hashed once more (new paths), never encoded again (the
-    record keys are by content)."""
+    """SHA-1 of audio files remembered in the cache (digests.dsc), keyed by (real path, size, mtime): a relaunch
+    stats files instead of reading them; a data set moved elsewhere is hashed once more (new paths), never encoded
+    again (the record keys are by content). A file missing when the manifest was read is remembered as missing."""
 
     def __init__(self, cache: Path):
-        self.path = cache / "digests.json"
-        try:
-            self.known = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.known = {}
-        self.used: dict[str, list] = {}
+        self.path = cache / DIGESTS
+        self.known: dict[str, tuple] = {}
+        if self.path.is_file():
+            for real, size, mtime, sha1 in _digest_rows(self.path):
+                self.known[real] = (size, mtime, sha1)
+        self.used: dict[str, tuple] = {}
 
-    def __call__(self, path: str) -> str:
+    def __call__(self, path: str) -> Optional[str]:
+        """The file's SHA-1; None when there is no such file."""
         from ds_train.fsutil import file_digest
 
-        st = os.stat(path)
         real = os.path.realpath(path)
+        if not os.path.isfile(real):
+            self.used[real] = (-1, -1, "")
+            return None
+        st = os.stat(real)
         seen = self.known.get(real)
-        if not (seen and seen[0] == st.st_size and seen[1] == st.st_mtime_ns):
-            seen = [st.st_size, st.st_mtime_ns, file_digest(path)]
+        if not (seen and seen[0] == st.st_size and seen[1] == st.st_mtime_ns and seen[2]):
+            seen = (st.st_size, st.st_mtime_ns, file_digest(real))
         self.used[real] = seen
         return seen[2]
 
     def save(self) -> None:
         """Keep the digests of this manifest's files (rank 0; every rank computed the same)."""
         if dist.is_main() and self.used != self.known and self.path.parent.is_dir():
-            atomic_write(self.path, json.dumps(self.used))
+            write_digests(self.path, self.used)
+
+
+DIGESTS = "digests.dsc"
+
+
+def write_digests(path: Path, digests: dict[str, tuple]) -> None:
+    """{real path: (size, mtime_ns, sha1; -1, -1, "" for a missing file)} as columns (no dict to parse at start)."""
+    names = [p.encode() for p in digests]
+    values = list(digests.values())
+    write_arrays(path, {"paths": np.frombuffer(b"".join(names), np.uint8),
+                        "ends": np.cumsum([len(n) for n in names], dtype=np.int64),
+                        "size": np.array([v[0] for v in values], np.int64),
+                        "mtime": np.array([v[1] for v in values], np.int64),
+                        "sha1": np.array([v[2].encode() for v in values], "S40")}, {})
+
+
+def _digest_rows(path: Path):
+    """(real path, size, mtime_ns, sha1 or "") of each remembered file."""
+    _, a = read_arrays(path)
+    blob, ends, starts = a["paths"], a["ends"], np.concatenate([[0], a["ends"][:-1]]).astype(np.int64)
+    for i in range(len(ends)):
+        yield (bytes(blob[starts[i]:ends[i]]).decode(), int(a["size"][i]), int(a["mtime"][i]),
+               a["sha1"][i].decode())
+
+
+def audio_unchanged(cache: Path) -> bool:
+    """No audio file the cache was made from has changed since (a stat each, no file opened): same size and mtime,
+    or absent now (the cache was shipped without its audio); and none that was missing has appeared."""
+    path = cache / DIGESTS
+    if not path.is_file():
+        return True
+    for real, size, mtime, _ in _digest_rows(path):
+        try:
+            st = os.stat(real)
+        except OSError:
+            continue  # absent here: training reads the cache, not the audio
+        if size < 0 or st.st_size != size or st.st_mtime_ns != mtime:
+            return False
+    return True
 
 
 def _read_shard(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -186,8 +229,10 @@ def _write_entries(path: Path, entries: list[dict], meta: dict) -> None:
                      int(e["source"].rsplit(":", 1)[1]), int(e["trains_audio"]), len(out), sum(out)])
         tok, codes, clips = tok + len(e["input_ids"]), codes + n_frames, clips + len(e["audio_paths"])
     k = int(entries[0]["audio_codes"].shape[0]) if entries else 0
-    cat = (lambda key, dtype: np.concatenate([np.asarray(e[key], dtype) for e in entries]) if entries
-           else np.zeros(0, dtype))
+
+    def cat(key, dtype):
+        return np.concatenate([np.asarray(e[key], dtype) for e in entries]) if entries else np.zeros(0, dtype)
+
     arrays = {
         "rows": np.array(rows, np.int64).reshape(len(entries), len(ROW)),
         "input_ids": cat("input_ids", np.int32), "label_ids": cat("label_ids", np.int32),
