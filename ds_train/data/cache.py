@@ -122,14 +122,15 @@ def current_index(cache: Path, fp: dict, manifest_sha1: str, limits, plausibilit
 class DigestMemo:
     """SHA-1 of audio files remembered in the cache (digests.dsc), keyed by (real path, size, mtime): a relaunch
     stats files instead of reading them; a data set moved elsewhere is hashed once more (new paths), never encoded
-    again (the record keys are by content). A file missing when the manifest was read is remembered as missing."""
+    again (the record keys are by content). A file missing when the manifest was read is remembered as missing; a
+    clip's duration (its header), once read, is remembered with its digest."""
 
     def __init__(self, cache: Path):
         self.path = cache / DIGESTS
         self.known: dict[str, tuple] = {}
         if self.path.is_file():
-            for real, size, mtime, sha1 in _digest_rows(self.path):
-                self.known[real] = (size, mtime, sha1)
+            for real, size, mtime, sha1, seconds in _digest_rows(self.path):
+                self.known[real] = (size, mtime, sha1, seconds)
         self.used: dict[str, tuple] = {}
 
     def __call__(self, path: str) -> Optional[str]:
@@ -138,14 +139,28 @@ class DigestMemo:
 
         real = os.path.realpath(path)
         if not os.path.isfile(real):
-            self.used[real] = (-1, -1, "")
+            self.used[real] = (-1, -1, "", -1.0)
             return None
         st = os.stat(real)
         seen = self.known.get(real)
         if not (seen and seen[0] == st.st_size and seen[1] == st.st_mtime_ns and seen[2]):
-            seen = (st.st_size, st.st_mtime_ns, file_digest(real))
+            seen = (st.st_size, st.st_mtime_ns, file_digest(real), -1.0)
         self.used[real] = seen
         return seen[2]
+
+    def seconds(self, path: str) -> float:
+        """The clip's duration: remembered for a file digested unchanged, else read from its header."""
+        from ds_train.data.audio import audio_info
+
+        real = os.path.realpath(path)
+        seen = self.used.get(real) or self.known.get(real)
+        st = os.stat(real)
+        if seen and seen[0] == st.st_size and seen[1] == st.st_mtime_ns and seen[3] >= 0:
+            return seen[3]
+        seconds = float(audio_info(path)[1])
+        if seen and seen[0] == st.st_size and seen[1] == st.st_mtime_ns:
+            self.used[real] = (*seen[:3], seconds)
+        return seconds
 
     def save(self) -> None:
         """Keep the digests of this manifest's files (rank 0; every rank computed the same)."""
@@ -157,23 +172,25 @@ DIGESTS = "digests.dsc"
 
 
 def write_digests(path: Path, digests: dict[str, tuple]) -> None:
-    """{real path: (size, mtime_ns, sha1; -1, -1, "" for a missing file)} as columns (no dict to parse at start)."""
+    """{real path: (size, mtime_ns, sha1, seconds; -1, -1, "", -1 for a missing file; seconds -1: not read)} as
+    columns (no dict to parse at start)."""
     names = [p.encode() for p in digests]
     values = list(digests.values())
     write_arrays(path, {"paths": np.frombuffer(b"".join(names), np.uint8),
                         "ends": np.cumsum([len(n) for n in names], dtype=np.int64),
                         "size": np.array([v[0] for v in values], np.int64),
                         "mtime": np.array([v[1] for v in values], np.int64),
-                        "sha1": np.array([v[2].encode() for v in values], "S40")}, {})
+                        "sha1": np.array([v[2].encode() for v in values], "S40"),
+                        "seconds": np.array([v[3] for v in values], np.float64)}, {})
 
 
 def _digest_rows(path: Path):
-    """(real path, size, mtime_ns, sha1 or "") of each remembered file."""
+    """(real path, size, mtime_ns, sha1 or "", seconds or -1) of each remembered file."""
     _, a = read_arrays(path)
     blob, ends, starts = a["paths"], a["ends"], np.concatenate([[0], a["ends"][:-1]]).astype(np.int64)
     for i in range(len(ends)):
         yield (bytes(blob[starts[i]:ends[i]]).decode(), int(a["size"][i]), int(a["mtime"][i]),
-               a["sha1"][i].decode())
+               a["sha1"][i].decode(), float(a["seconds"][i]))
 
 
 def audio_unchanged(cache: Path) -> bool:
@@ -182,7 +199,7 @@ def audio_unchanged(cache: Path) -> bool:
     path = cache / DIGESTS
     if not path.is_file():
         return True
-    for real, size, mtime, _ in _digest_rows(path):
+    for real, size, mtime, _, _ in _digest_rows(path):
         try:
             st = os.stat(real)
         except OSError:

@@ -79,7 +79,7 @@ def prepare(cfg: Config, manifest: str, text_tokenizer, cache_dir: Optional[str]
     records = read_manifest(manifest, cfg.data.format, cfg.data.system_prompt, digest=digests)
     if not records:
         raise DataError([{"source": os.path.basename(manifest), "reason": "manifest has no records"}], manifest)
-    warnings = [] if cfg.data.plausibility == "off" else plausibility_warnings(records)
+    warnings = [] if cfg.data.plausibility == "off" else plausibility_warnings(records, digests.seconds)
     if warnings and cfg.data.plausibility == "error":
         raise DataError(warnings, f"{manifest} (implausible rows; data.plausibility=warn reports them and goes on)")
     size = cfg.data.shard_size
