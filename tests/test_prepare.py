@@ -594,7 +594,7 @@ def test_relaunch_opens_no_audio_and_a_moved_set_is_hashed_once(tiny_model, text
     write_rows(moved / "train.jsonl", rows + [""])  # other bytes (a blank line), the same records: keys are read
     new_process()
     assert prepare(cfg, str(moved / "train.jsonl"), text_tok, cache, audio_tokenizer="unused").encoded_shards == 0
-    assert sorted(opened) == ["0.wav", "1.wav", "2.wav", "3.wav"]  # each hashed once (new paths), none decoded
+    assert sorted(opened) == ["0.wav", "1.wav", "2.wav", "3.wav"]  # each hashed once (new paths), no header read
 
     opened.clear()
     write_rows(moved / "train.jsonl", rows + ["", ""])

@@ -132,6 +132,7 @@ class DigestMemo:
             for real, size, mtime, sha1, seconds in _digest_rows(self.path):
                 self.known[real] = (size, mtime, sha1, seconds)
         self.used: dict[str, tuple] = {}
+        self._by_sha1: Optional[dict[str, float]] = None
 
     def __call__(self, path: str) -> Optional[str]:
         """The file's SHA-1; None when there is no such file."""
@@ -144,9 +145,16 @@ class DigestMemo:
         st = os.stat(real)
         seen = self.known.get(real)
         if not (seen and seen[0] == st.st_size and seen[1] == st.st_mtime_ns and seen[2]):
-            seen = (st.st_size, st.st_mtime_ns, file_digest(real), -1.0)
+            sha1 = file_digest(real)
+            # A known clip under a new path (the data set moved): its duration is known too.
+            seen = (st.st_size, st.st_mtime_ns, sha1, self._seconds_by_sha1().get(sha1, -1.0))
         self.used[real] = seen
         return seen[2]
+
+    def _seconds_by_sha1(self) -> dict[str, float]:
+        if self._by_sha1 is None:
+            self._by_sha1 = {v[2]: v[3] for v in self.known.values() if v[2] and v[3] >= 0}
+        return self._by_sha1
 
     def seconds(self, path: str) -> float:
         """The clip's duration: remembered for a file digested unchanged, else read from its header."""
