@@ -33,7 +33,8 @@ USAGE = """ds-train <command> ...
                                              --weights: with random bf16 weights on disk (sharded safetensors)
   plan CONFIG.yaml [key=value ...] [--hostfile F] [--gpu-memory GB]   predicted memory per device, fits or not
   bench-train CONFIG.yaml [key=value ...] [--synthetic ...] [--baseline hf] [--fp32-matmul]   step throughput, MFU
-  bench-data CONFIG.yaml [key=value ...]     cache vs on-the-fly loader throughput, padding efficiency
+  bench-data CONFIG.yaml [key=value ...]     cache vs on-the-fly loader throughput, padding efficiency;
+                                            --scale N[,N...] [--ranks 2]: launch path at N synthetic clips
   show-config CONFIG.yaml [key=value ...]    print the resolved config
 """
 
@@ -297,6 +298,13 @@ def cmd_plan(words):
 
 
 def cmd_bench_data(words):
+    words, flags = _split_flags(words, {"--scale": str, "--ranks": int, "--keep": bool})
+    if "scale" in flags:  # the launch path at N synthetic clips (bench/data_scale.py)
+        from ds_train.bench.data_scale import bench_data_scale
+
+        scales = [int(float(x)) for x in flags.pop("scale").split(",")]
+        bench_data_scale(_config(words), scales, **flags)
+        return
     from ds_train.bench.data import bench_data
 
     bench_data(_config(words))

@@ -35,16 +35,17 @@ class EvalReport(LossReport):
 def evaluate(engine, data: EvalData, cfg: Config) -> EvalReport:
     engine.eval()
     device = dist.device()
-    batches = list(data.loader)
-    rounds = int(dist.all_reduce([len(batches)], op="max")[0])
+    mine = len(data.sampler)  # this rank's micro-batches, known from the plan: batches stream, none is held
+    rounds = int(dist.all_reduce([mine], op="max")[0])
+    batches = iter(data.loader)
     totals = None
     for i in range(rounds):
-        batch = (batches[i] if i < len(batches) else data.filler()).to(device)
+        batch = (next(batches) if i < mine else data.filler()).to(device)
         outputs = engine(**batch.inputs)
         sums = loss_sums(outputs, batch.label_audio_ids)
         if totals is None:
             totals = torch.zeros(3, *sums.counts.shape, dtype=torch.float64, device=device)
-        if i < len(batches):
+        if i < mine:
             totals[0] += sums.detached()
             totals[1] += sums.counts
             totals[2] += top1_correct(outputs, batch.label_audio_ids)

@@ -370,3 +370,27 @@ def test_two_manifests_with_weights_and_eval_split_train_and_evaluate(tiny_model
         assert steps[k]["tokens"] == sum(lengths[i] for b in plan[2 * k - 2: 2 * k] for i in b), k
     evals = [r for r in read_metrics(out) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [3] and 0 < evals[0]["eval_loss"] < 20
+
+
+def test_opening_reads_no_shard_and_keeps_no_per_sample_objects(cache, configs, monkeypatch):
+    """CachedDataset reads index.json and maps samples.npy: no shard is read until a sample of it is, the lengths
+    are one compact array, and no file of the cache is a pickle (torch.save writes a zip, pickle starts 0x80)."""
+    import array
+
+    import ds_train.data.cache as cache_module
+
+    reads = []
+    real = cache_module.read_arrays
+    monkeypatch.setattr(cache_module, "read_arrays", lambda path: reads.append(path) or real(path))
+    ds = dataset(cache, configs)
+    assert reads == [] and len(ds) == 8
+    assert type(ds.lengths) is array.array and ds.lengths.itemsize == 8
+    assert ds.row.dtype.kind == "i" and not hasattr(ds, "_entries")
+    ds[3]
+    assert [p.name for p in reads] == ["shard-00000.dsc"]
+    for path in cache.iterdir():
+        head = path.read_bytes()[:2]
+        assert head[:1] != b"\x80" and head != b"PK", path.name
+    # DataLoader workers get the dataset pickled without its mappings (a spawned worker maps the files again).
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone.stores[0]._shards == {} and torch.equal(clone[3].input_ids, ds[3].input_ids)

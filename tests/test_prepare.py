@@ -21,6 +21,7 @@ import torch
 from conftest import REPO, base_config, launch, write_config
 from ds_train.config import load_config
 from ds_train.data.cache import CachedDataset, fingerprint, lock_path, write_piece
+from ds_train.data.columns import read_arrays
 from ds_train.data.manifest import read_manifest
 from ds_train.demo.data import RATE, synth
 from ds_train.data.prepare import LOCK_LEASE_S, encode_clip, encode_record, prepare, shard_lease, write_report
@@ -205,13 +206,11 @@ def assert_same_cache(a, b):
     """Caches `a` and `b` hold the same files (no lock or piece left), index and shards, tensor for tensor."""
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
     assert json.loads((a / "index.json").read_text()) == json.loads((b / "index.json").read_text())
-    for path in sorted(a.glob("shard-*.pt")):
-        x, y = torch.load(path, weights_only=False), torch.load(b / path.name, weights_only=False)
-        assert (x["fingerprint"], x["keys"], x["bad"]) == (y["fingerprint"], y["keys"], y["bad"]), path.name
-        assert [e["source"] for e in x["entries"]] == [e["source"] for e in y["entries"]], path.name
-        for e, f in zip(x["entries"], y["entries"]):
-            assert_same_entry(e, f)
-            assert e["clip_seconds"] == f["clip_seconds"]
+    assert np.array_equal(np.load(a / "samples.npy"), np.load(b / "samples.npy"))
+    for path in sorted(a.glob("shard-*.dsc")):
+        (x, xa), (y, ya) = read_arrays(path), read_arrays(b / path.name)
+        assert x == y, path.name  # fingerprint, keys, bad samples, sources, keys and paths of the entries
+        assert xa.keys() == ya.keys() and all(np.array_equal(xa[k], ya[k]) for k in xa), path.name
 
 
 def test_rerun_reuses_current_shards_and_refuses_a_changed_fingerprint(tiny_model, text_tok, audio_tok,
@@ -253,7 +252,7 @@ def test_rerun_reuses_current_shards_and_refuses_a_changed_fingerprint(tiny_mode
 
     write_rows(manifest, rows[:2])  # the manifest shrank by a shard: its file goes, the index counts what is left
     assert prepare(cfg, str(manifest), text_tok, str(cache), audio_tokenizer="unused").num_samples == 2
-    assert sorted(p.name for p in cache.glob("shard-*.pt")) == ["shard-00000.pt"]
+    assert sorted(p.name for p in cache.glob("shard-*.dsc")) == ["shard-00000.dsc"]
 
 
 def test_repaired_input_is_encoded_on_the_next_run(tiny_model, text_tok, audio_tok, model_config, tmp_path):
@@ -473,8 +472,8 @@ def test_a_shard_another_run_holds_is_waited_for_not_encoded(tiny_model, text_to
         with lease:
             locked.set()
             time.sleep(3)
-            shutil.copy(ref / "shard-00000.pt", cache / ".incoming")
-            os.replace(cache / ".incoming", cache / "shard-00000.pt")
+            shutil.copy(ref / "shard-00000.dsc", cache / ".incoming")
+            os.replace(cache / ".incoming", cache / "shard-00000.dsc")
 
     holder = threading.Thread(target=other_run)
     holder.start()
@@ -532,3 +531,93 @@ def test_a_crash_while_encoding_leaves_no_lock_and_no_shard(tiny_model, text_tok
         assert "sampling_rate" in str(crash)
         left = sorted(p.name for p in cache.iterdir())
     assert left == ["fingerprint.json"]  # no lock, no piece, no half-written shard
+
+
+def count_audio_opens(monkeypatch) -> list[str]:
+    """Every open of a .wav file from now on (names): by Python (hashing) or by libsndfile (headers,
+    decoding: soundfile.SoundFile, under librosa and soundfile.info too)."""
+    import builtins
+
+    opened = []
+    real_open, real_sf = builtins.open, sf.SoundFile.__init__
+
+    def counting_open(file, *a, **kw):
+        if str(file).endswith(".wav"):
+            opened.append(os.path.basename(str(file)))
+        return real_open(file, *a, **kw)
+
+    def counting_sf(self, file, *a, **kw):
+        if str(file).endswith(".wav"):
+            opened.append(os.path.basename(str(file)))
+        return real_sf(self, file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(sf.SoundFile, "__init__", counting_sf)
+    return opened
+
+
+def new_process():
+    """What a relaunch starts with: no digest remembered in memory (fsutil's per-process memo)."""
+    from ds_train.fsutil import _digest
+
+    _digest.cache_clear()
+
+
+def test_relaunch_opens_no_audio_and_a_moved_set_is_hashed_once(tiny_model, text_tok, audio_tok, tmp_path,
+                                                                 monkeypatch):
+    """A relaunch (new process, same manifest bytes) opens no audio file; a changed row re-opens only the clips of
+    its shard; a data set moved elsewhere is hashed once (new paths) and encodes nothing; after that a changed
+    manifest opens nothing it already knows."""
+    manifest, rows = short_set(tmp_path / "set", 4)
+    cfg = make_cfg(tiny_model, tmp_path / "out", shard_size=2)
+    cache = str(tmp_path / "cache")
+    prepare(cfg, str(manifest), text_tok, cache, audio_tokenizer=audio_tok)
+    opened = count_audio_opens(monkeypatch)
+
+    new_process()
+    assert prepare(cfg, str(manifest), text_tok, cache, audio_tokenizer="must not be used").encoded_shards == 0
+    assert opened == []
+
+    rows[3]["text"] = "a changed line"  # shard 1 (records 2, 3): checked and encoded again; shard 0 is not opened
+    write_rows(manifest, rows)
+    new_process()
+    assert prepare(cfg, str(manifest), text_tok, cache, audio_tokenizer=audio_tok).encoded_shards == 1
+    assert sorted(set(opened)) == ["2.wav", "3.wav"]
+
+    opened.clear()
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "set").rename(moved)  # new paths, same bytes: the manifest is current as it is
+    new_process()
+    result = prepare(cfg, str(moved / "train.jsonl"), text_tok, cache, audio_tokenizer="must not be used")
+    assert (result.encoded_shards, result.num_samples, opened) == (0, 4, [])
+
+    write_rows(moved / "train.jsonl", rows + [""])  # other bytes (a blank line), the same records: keys are read
+    new_process()
+    assert prepare(cfg, str(moved / "train.jsonl"), text_tok, cache, audio_tokenizer="unused").encoded_shards == 0
+    assert sorted(opened) == ["0.wav", "1.wav", "2.wav", "3.wav"]  # each hashed once (new paths), no header read
+
+    opened.clear()
+    write_rows(moved / "train.jsonl", rows + ["", ""])
+    new_process()
+    assert prepare(cfg, str(moved / "train.jsonl"), text_tok, cache, audio_tokenizer="unused").encoded_shards == 0
+    assert opened == []  # the digests of the new paths are remembered
+
+
+def test_a_pickled_cache_of_an_older_version_is_named_and_rebuilt(tiny_model, text_tok, audio_tok, model_config,
+                                                                  tmp_path, capsys):
+    """A cache of version 5 (torch.save shards: pickle) is never unpickled: opening it says in one line what to
+    do; prepare says it rebuilds it, removes the pickled shards and encodes the records again."""
+    manifest, _ = short_set(tmp_path / "set", 2)
+    cfg = make_cfg(tiny_model, tmp_path / "out")
+    cache = tmp_path / "cache"
+    fp = fingerprint(cfg, text_tok, cfg.model.audio_tokenizer_path)
+    cache.mkdir()
+    (cache / "fingerprint.json").write_text(json.dumps({**fp, "version": 5}))
+    torch.save({"entries": []}, cache / "shard-00000.pt")
+    (cache / "index.json").write_text(json.dumps({"fingerprint": {**fp, "version": 5}, "num_shards": 1}))
+    with pytest.raises(FileNotFoundError, match=r"old pickled format .*run `ds-train prepare CONFIG` once"):
+        CachedDataset(cache, model_config)
+    result = prepare(cfg, str(manifest), text_tok, str(cache), audio_tokenizer=audio_tok)
+    assert (result.encoded_shards, result.num_samples) == (1, 2)
+    assert f"prepare: {cache} is in the pickled format of cache version 5; encoding it again" in capsys.readouterr().out
+    assert not list(cache.glob("*.pt")) and len(CachedDataset(cache, model_config)) == 2

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import (PLAIN_STEPS, REF_STEPS, base_config, ds_train, launch, losses, plain_config, read_metrics,
-                      write_config)
+from conftest import (PLAIN_STEPS, REF_STEPS, base_config, ds_train, launch, loss_records, losses, plain_config,
+                      read_metrics, write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -175,3 +176,23 @@ def test_lr_follows_the_step_across_a_skipped_update(non_finite_run):
         return 0.005 * 0.5 * (1 + math.cos(math.pi * (step - 2) / (REF_STEPS - 2)))
 
     assert [records[s]["lr"] for s in range(1, 8)] == pytest.approx([schedule(s) for s in range(1, 8)], rel=1e-9)
+
+
+def test_a_cache_shipped_without_its_audio_trains_the_same(one_process_run, tiny_model, demo_data, eval3, tmp_path):
+    """Only the manifests and their caches copied to another machine (here: another folder), no audio file:
+    prepare finds the caches current from the manifests' bytes and fingerprint, and training gives the losses of
+    the run that had the audio (1 process, grad_accum 2: one_process_run), eval at step 0 included."""
+    ship = tmp_path / "ship"
+    for manifest in (demo_data / "train.jsonl", eval3):
+        (ship / ".ds_train_cache").mkdir(parents=True, exist_ok=True)
+        shutil.copy(manifest, ship / manifest.name)
+        shutil.copytree(manifest.parent / ".ds_train_cache" / manifest.stem, ship / ".ds_train_cache" / manifest.stem)
+    assert not list(ship.rglob("*.wav"))
+    out = tmp_path / "run"
+    launch(["train", str(plain_config(tiny_model, ship, ship / eval3.name, out,
+                                      train={"grad_accum": 2, "max_steps": 2}))], nprocs=1)
+    want, got = loss_records(one_process_run), loss_records(out)
+    assert [got[s]["loss"] for s in (1, 2)] == pytest.approx([want[s]["loss"] for s in (1, 2)], rel=1e-5)
+    evals = [[r["eval_loss"] for r in read_metrics(o) if r.get("step") == 0 and "eval_loss" in r]
+             for o in (one_process_run, out)]
+    assert evals[1] == pytest.approx(evals[0], rel=1e-5) and evals[0]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -30,7 +31,7 @@ class EvalData:
 
     def filler(self) -> Batch:
         dataset = self.loader.dataset
-        return self.collate([dataset[i] for i in self.sampler.plan()[0]])
+        return self.collate([dataset[i] for i in self.sampler.first_batch()])
 
 
 @dataclass
@@ -110,10 +111,10 @@ def fit_max_tokens(dataset: CachedDataset, cfg: Config, manifest: str) -> int:
     limit = cfg.data.max_tokens
     if not limit:
         return 0
-    long = [i for i, n in enumerate(dataset.lengths) if n > limit]
+    long = np.flatnonzero(dataset.length_array() > limit).tolist()
     if not long:
         return 0
-    bad = [{"source": dataset.entries[i]["source"],
+    bad = [{"source": dataset.source(i),
             "reason": f"{dataset.lengths[i]} tokens (text + audio frames), more than data.max_tokens={limit}"}
            for i in long]
     if not cfg.data.skip_bad:

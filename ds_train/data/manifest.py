@@ -36,10 +36,11 @@ class Record:
 
 
 def read_manifest(path: str, fmt: str = "auto", system_prompt: str = "",
-                  digest: Callable[[str], str] = None) -> list[Record]:
-    """Every record of the manifest, good or bad, in file order. `digest(path)` names an audio file by its content
-    (default: file_digest, the SHA-1 of its bytes, remembered within this process only)."""
-    digest = digest or file_digest
+                  digest: Callable[[str], Optional[str]] = None) -> list[Record]:
+    """Every record of the manifest, good or bad, in file order. `digest(path)` names an audio file by its content,
+    None when there is no such file (default: file_digest); the prepared cache passes one that remembers digests
+    across runs."""
+    digest = digest or _file_digest
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"manifest not found: {path}")
@@ -77,8 +78,12 @@ def _sample_key(sample: ChatMLSample, digest: Callable[[str], str]) -> str:
     clips = [c for m in d["messages"] for c in (m["content"] if isinstance(m["content"], list) else [m["content"]])
              if isinstance(c, dict) and c.get("type") == "audio"]
     for c in clips:
-        c["audio_url"] = digest(c["audio_url"]) if os.path.isfile(c["audio_url"]) else f"missing:{c['audio_url']}"
+        c["audio_url"] = digest(c["audio_url"]) or f"missing:{c['audio_url']}"
     return _hash(d)
+
+
+def _file_digest(path: str) -> Optional[str]:
+    return file_digest(path) if os.path.isfile(path) else None
 
 
 def raw_records(path: str) -> Iterator[tuple[str, object, Optional[str]]]:

@@ -4,7 +4,7 @@ them bad samples that stop `prepare`."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from boson_multimodal.data_types import AudioContent, TextContent
 
@@ -16,8 +16,10 @@ from ds_train.data.manifest import Record, contents
 CHARS_PER_SECOND = (1.0, 40.0)
 
 
-def plausibility_warnings(records: list[Record]) -> list[dict]:
-    """[{"source", "reason"}] for each implausible or duplicate good record, in manifest order."""
+def plausibility_warnings(records: list[Record], seconds_of: Callable[[str], float] = None) -> list[dict]:
+    """[{"source", "reason"}] for each implausible or duplicate good record, in manifest order. `seconds_of(path)`
+    gives a clip's duration (default: its header; prepare passes one that remembers durations across runs)."""
+    seconds_of = seconds_of or (lambda path: audio_info(path)[1])
     warnings, first_of = [], {}
     for rec in records:
         if rec.sample is None:
@@ -26,19 +28,19 @@ def plausibility_warnings(records: list[Record]) -> list[dict]:
             warnings.append({"source": rec.source, "reason": f"duplicate of {first_of[rec.key]} (same text and audio)"})
             continue
         first_of[rec.key] = rec.source
-        reason = _rate_problem(rec)
+        reason = _rate_problem(rec, seconds_of)
         if reason:
             warnings.append({"source": rec.source, "reason": reason})
     return warnings
 
 
-def _rate_problem(rec: Record) -> Optional[str]:
+def _rate_problem(rec: Record, seconds_of: Callable[[str], float]) -> Optional[str]:
     target = _target_pair(rec.sample)
     if target is None:
         return None
     text, path = target
     try:
-        _, seconds = audio_info(path)  # the header only
+        seconds = seconds_of(path)  # the header only
     except (AudioError, OSError):
         return None  # a broken clip is a bad sample, reported by validate
     if seconds <= 0:

@@ -31,8 +31,9 @@ from filelock import SoftFileLease, Timeout
 from ds_train import dist
 from ds_train.config import Config
 from ds_train.data.audio import AudioError, audio_info, encode, load_audio, load_audio_tokenizer
-from ds_train.data.cache import (assemble_shard, cache_dirs, claim_cache, default_cache_dir, fingerprint, lock_path,
-                                 read_pieces, stored_bad, write_index, write_piece)
+from ds_train.data.cache import (DigestMemo, assemble_shard, cache_dirs, claim_cache, current_index, default_cache_dir,
+                                 fingerprint, lock_path, manifest_digest, read_pieces, stored_bad, write_index,
+                                 write_piece)
 from ds_train.data.manifest import Record, audio_contents, read_manifest, tokenize
 from ds_train.data.plausibility import plausibility_warnings
 from ds_train.data.validate import check_record, clip_problem
@@ -64,16 +65,25 @@ def prepare(cfg: Config, manifest: str, text_tokenizer, cache_dir: Optional[str]
     t0 = time.time()
     cache = Path(cache_dir) if cache_dir else default_cache_dir(manifest)
     fp = fingerprint(cfg, text_tokenizer, cfg.model.audio_tokenizer_path)
+    limits = (cfg.data.min_audio_seconds, cfg.data.max_audio_seconds)
+    if not os.path.isfile(manifest):
+        raise FileNotFoundError(f"manifest not found: {manifest}")
+    sha1 = manifest_digest(manifest)
+    # A relaunch: the manifest's bytes and the fingerprint are those of a complete cache. Nothing is checked and no
+    # audio opened (the audio may not even be here: a cache shipped with its manifest trains).
+    index = current_index(cache, fp, sha1, limits, cfg.data.plausibility)
+    if all(dist.all_gather_object(index is not None)):  # every rank takes the same path
+        return _from_index(cfg, cache, manifest, index, t0)
     claim_cache(cache, fp)
-    records = read_manifest(manifest, cfg.data.format, cfg.data.system_prompt)
+    digests = DigestMemo(cache)
+    records = read_manifest(manifest, cfg.data.format, cfg.data.system_prompt, digest=digests)
     if not records:
         raise DataError([{"source": os.path.basename(manifest), "reason": "manifest has no records"}], manifest)
-    warnings = [] if cfg.data.plausibility == "off" else plausibility_warnings(records)
+    warnings = [] if cfg.data.plausibility == "off" else plausibility_warnings(records, digests.seconds)
     if warnings and cfg.data.plausibility == "error":
         raise DataError(warnings, f"{manifest} (implausible rows; data.plausibility=warn reports them and goes on)")
     size = cfg.data.shard_size
     shards = [records[i:i + size] for i in range(0, len(records), size)]
-    limits = (cfg.data.min_audio_seconds, cfg.data.max_audio_seconds)
     looked = {k: stored_bad(cache, k, shards[k], fp, limits)  # None: missing or stale, to encode
               for k in range(dist.rank(), len(shards), dist.world_size())}
     stored = {k: v for part in dist.all_gather_object(looked) for k, v in part.items()}
@@ -115,7 +125,8 @@ def prepare(cfg: Config, manifest: str, text_tokenizer, cache_dir: Optional[str]
     result = PrepareResult(cache, 0, str(manifest), encoded_shards=len(written), encoded_samples=counts,
                            seconds=time.time() - t0)
     if dist.is_main():
-        index = write_index(cache, fp, manifest, len(shards), limits)
+        index = write_index(cache, fp, manifest, len(shards), limits, sha1, warnings, cfg.data.plausibility)
+        digests.save()  # with the index: a run that stops on bad data leaves the cache as it found it
         result.bad, result.num_samples = index["bad"], index["num_samples"]
         result.no_trainable_audio = index["no_trainable_audio"]
     dist.barrier()
@@ -124,6 +135,22 @@ def prepare(cfg: Config, manifest: str, text_tokenizer, cache_dir: Optional[str]
     if result.num_samples == 0:
         raise DataError(result.bad or [{"source": manifest, "reason": "no usable samples"}], manifest)
     return result
+
+
+def _from_index(cfg: Config, cache: Path, manifest: str, index: dict, t0: float) -> PrepareResult:
+    """The result of a prepare with nothing to do, from the cache's index; the same errors a full run gives."""
+    if index["warnings"] and cfg.data.plausibility == "error":
+        raise DataError(index["warnings"], f"{manifest} (implausible rows; data.plausibility=warn reports them and "
+                                           "goes on)")
+    if index["bad"] and not cfg.data.skip_bad:
+        raise DataError(index["bad"], manifest)
+    if index["num_samples"] == 0:
+        raise DataError(index["bad"] or [{"source": manifest, "reason": "no usable samples"}], manifest)
+    dist.print0(f"prepare {manifest}: cache {cache} is current (manifest and fingerprint unchanged): "
+                f"{index['num_samples']:,} samples, {len(index['bad'])} bad")
+    return PrepareResult(cache, index["num_samples"], str(manifest), bad=index["bad"],
+                         no_trainable_audio=index["no_trainable_audio"], warnings=index["warnings"],
+                         encoded_samples=[0] * dist.world_size(), seconds=time.time() - t0)
 
 
 def prepare_all(cfg: Config, text_tokenizer) -> list[PrepareResult]:
@@ -172,6 +199,8 @@ def encode_record(rec: Record, text_tokenizer, codes_of) -> dict:
     """The cache entry of one good record: token ids, labels, and the `codes_of(path)` of each clip."""
     input_ids, label_ids, trains_audio = tokenize(rec.sample, text_tokenizer)
     paths = [clip.audio_url for clip in audio_contents(rec.sample)]
+    audio_in, audio_out = text_tokenizer.convert_tokens_to_ids(["<|AUDIO|>", "<|AUDIO_OUT|>"])
+    kinds = [t for t in input_ids if t in (audio_in, audio_out)]  # one audio token per clip, in clip order
     codes = [codes_of(p) for p in paths]
     starts = np.cumsum([0] + [c.shape[1] for c in codes[:-1]])
     return {
@@ -184,6 +213,7 @@ def encode_record(rec: Record, text_tokenizer, codes_of) -> dict:
         "audio_paths": paths,
         "clip_seconds": [audio_info(p)[1] for p in paths],  # duration limits are applied to these at load
         "trains_audio": trains_audio,
+        "clip_is_out": [t == audio_out for t in kinds],  # audio-out clips are merged into the sequence (its length)
     }
 
 

@@ -19,19 +19,27 @@ import math
 import random
 from typing import Iterator, Optional, Sequence
 
+import numpy as np
+
 LENGTH_GROUP_FACTOR = 64  # sort by length within windows of this many micro-batches' worth of samples
 
 
 class MicroBatchSampler:
-    """A batch_sampler for DataLoader yielding this rank's micro-batches of one epoch, from `start` on."""
+    """A batch_sampler for DataLoader yielding this rank's micro-batches of one epoch, from `start` on.
+
+    The epoch's plan is computed once per epoch, vectorised: one array of sample indices in plan order and the
+    bounds of its micro-batches (O(N log N) at a million samples, no list per micro-batch). The order is the one
+    Python's `random` draws for (seed, epoch), as before the plan was vectorised, so runs resume exactly."""
 
     def __init__(self, lengths: Sequence[int], rank: int, world: int, grad_accum: int, seed: int,
                  micro_batch_size: int = 1, max_tokens: int = 0, shuffle: bool = True, drop_remainder: bool = True,
                  mix: Optional[Sequence[tuple[int, float]]] = None):
-        if max_tokens and max(lengths) > max_tokens:
-            longest = max(range(len(lengths)), key=lambda i: lengths[i])
-            raise ValueError(f"sample {longest} has {lengths[longest]} tokens, more than data.max_tokens={max_tokens}")
-        self.lengths, self.rank, self.world, self.accum = list(lengths), rank, world, grad_accum
+        self.lengths = np.asarray(lengths, np.int64)
+        if max_tokens and len(self.lengths) and self.lengths.max() > max_tokens:
+            longest = int(np.argmax(self.lengths))
+            raise ValueError(f"sample {longest} has {self.lengths[longest]} tokens, more than "
+                             f"data.max_tokens={max_tokens}")
+        self.rank, self.world, self.accum = rank, world, grad_accum
         self.seed, self.mbs, self.max_tokens, self.shuffle = seed, micro_batch_size, max_tokens, shuffle
         # False (evaluation): keep every sample; ranks may then differ by one micro-batch, which the caller pads.
         self.drop_remainder = drop_remainder
@@ -46,19 +54,32 @@ class MicroBatchSampler:
         """Select the epoch and skip this rank's first `start` micro-batches (resume)."""
         self.epoch, self.start = epoch, start
 
-    def plan(self) -> list[list[int]]:
-        """All micro-batches of the epoch, global order (micro-batch b goes to rank b % world)."""
+    def plan_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sample indices in plan order, bounds): micro-batch b is indices[bounds[b]:bounds[b + 1]] and goes to
+        rank b % world. Computed once per epoch."""
         if self._plan_cache and self._plan_cache[0] == self.epoch:
             return self._plan_cache[1]
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         order = self.epoch_samples()
         if self.shuffle:
             rng.shuffle(order)
-        batches = self._by_tokens(order, rng) if self.max_tokens else self._by_count(order)
+        order = np.asarray(order, np.int64)
+        if self.max_tokens:
+            flat, bounds = self._by_tokens(order, rng)
+        else:
+            flat, bounds = order, np.append(np.arange(0, len(order), self.mbs), len(order)).astype(np.int64)
         if self.drop_remainder:
-            batches = _fit_multiple(batches, self.world * self.accum)
-        self._plan_cache = (self.epoch, batches)
-        return batches
+            flat, bounds = _fit_multiple(flat, bounds, self.world * self.accum)
+        self._plan_cache = (self.epoch, (flat, bounds))
+        return flat, bounds
+
+    def plan(self) -> list[list[int]]:
+        """All micro-batches of the epoch as lists, global order (micro-batch b goes to rank b % world)."""
+        flat, bounds = self.plan_arrays()
+        return [flat[a:b].tolist() for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+
+    def num_batches(self) -> int:
+        return len(self.plan_arrays()[1]) - 1
 
     def epoch_size(self) -> int:
         """Samples per epoch, repeats included: len(epoch_samples()) without drawing them."""
@@ -73,60 +94,74 @@ class MicroBatchSampler:
             return list(range(len(self.lengths)))
         out, start = [], 0
         for i, (n, weight) in enumerate(self.mix):
-            block, whole = list(range(start, start + n)), math.floor(weight)
+            block, whole = range(start, start + n), math.floor(weight)
             # Its own generator: the epoch's shuffle draws the same numbers whatever the weights.
             extra = random.Random(f"mix:{self.seed}:{self.epoch}:{i}").sample(block, per_epoch(n, weight) - whole * n)
-            out += block * whole + sorted(extra)
+            out += list(block) * whole + sorted(extra)
             start += n
         return out
 
-    def _by_count(self, order: list[int]) -> list[list[int]]:
-        return [order[i:i + self.mbs] for i in range(0, len(order), self.mbs)]
-
-    def _by_tokens(self, order: list[int], rng: random.Random) -> list[list[int]]:
-        avg = max(1, sum(self.lengths) // max(1, len(self.lengths)))
+    def _by_tokens(self, order: np.ndarray, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
+        """Within windows of the shuffled order, sort by length (stable) and cut greedily where the next sample
+        would make longest x count exceed max_tokens; then shuffle the micro-batches."""
+        lengths = self.lengths
+        avg = max(1, int(lengths.sum()) // max(1, len(lengths)))
         window = max(1, (self.max_tokens // avg) * LENGTH_GROUP_FACTOR)
-        batches = []
+        chunks, cuts, done = [], [0], 0
         for w in range(0, len(order), window):
-            chunk = sorted(order[w:w + window], key=lambda i: self.lengths[i])
-            batch, longest = [], 0
-            for i in chunk:
-                longest_if = max(longest, self.lengths[i])
-                if batch and longest_if * (len(batch) + 1) > self.max_tokens:
-                    batches.append(batch)
-                    batch, longest_if = [], self.lengths[i]
-                batch.append(i)
-                longest = longest_if
-            if batch:
-                batches.append(batch)
-        if self.shuffle:
-            rng.shuffle(batches)  # mix lengths across steps; within a batch they stay alike
-        return batches
+            chunk = order[w:w + window]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            lens = lengths[chunk]
+            s = 0
+            while s < len(chunk):
+                # Sorted ascending: adding sample j makes lens[j] the longest. The cut comes within `cap` samples,
+                # since past it (count + 1) x lens[j] >= (cap + 1) x lens[s] > max_tokens.
+                cap = self.max_tokens // int(lens[s])
+                seg = lens[s + 1:s + 1 + cap]
+                over = np.flatnonzero(seg * np.arange(2, len(seg) + 2) > self.max_tokens)
+                s = s + 1 + (int(over[0]) if len(over) else len(seg))
+                cuts.append(done + s)
+            chunks.append(chunk)
+            done += len(chunk)
+        flat = np.concatenate(chunks) if chunks else order
+        bounds = np.asarray(cuts, np.int64)
+        if self.shuffle:  # mix lengths across steps; within a batch they stay alike
+            perm = list(range(len(bounds) - 1))
+            rng.shuffle(perm)  # the draws of shuffling the list of batches: they depend on its length alone
+            flat, bounds = _reorder(flat, bounds, np.asarray(perm, np.int64))
+        return flat, bounds
 
     def rank_batches(self) -> list[list[int]]:
-        return self.plan()[self.rank::self.world]
+        flat, bounds = self.plan_arrays()
+        return [flat[bounds[b]:bounds[b + 1]].tolist() for b in range(self.rank, len(bounds) - 1, self.world)]
+
+    def first_batch(self) -> list[int]:
+        flat, bounds = self.plan_arrays()
+        return flat[bounds[0]:bounds[1]].tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.rank_batches()[self.start:]
+        flat, bounds = self.plan_arrays()
+        for b in range(self.rank + self.start * self.world, len(bounds) - 1, self.world):
+            yield flat[bounds[b]:bounds[b + 1]].tolist()
 
     def __len__(self) -> int:
-        return len(self.rank_batches()) - self.start
+        return len(range(self.rank, self.num_batches(), self.world)) - self.start
 
     def steps_per_epoch(self) -> int:
-        return len(self.plan()) // (self.world * self.accum)
+        return self.num_batches() // (self.world * self.accum)
 
     def padding_efficiency(self) -> float:
         """Real tokens / padded tokens over the epoch's micro-batches."""
-        real = padded = 0
-        for b in self.plan():
-            ls = [self.lengths[i] for i in b]
-            real += sum(ls)
-            padded += max(ls) * len(ls)
-        return real / padded if padded else 1.0
+        flat, bounds = self.plan_arrays()
+        if len(bounds) < 2:
+            return 1.0
+        ls = self.lengths[flat]
+        padded = int((np.maximum.reduceat(ls, bounds[:-1]) * np.diff(bounds)).sum())
+        return int(ls.sum()) / padded if padded else 1.0
 
     def dropped(self) -> int:
         """The epoch's samples that fit no step (fixed-size micro-batches of single samples only)."""
-        return self.epoch_size() - sum(len(b) for b in self.plan())
+        return self.epoch_size() - len(self.plan_arrays()[0])
 
 
 def per_epoch(n: int, weight: float) -> int:
@@ -134,14 +169,23 @@ def per_epoch(n: int, weight: float) -> int:
     return math.floor(weight * n + 0.5)
 
 
-def _fit_multiple(batches: list[list[int]], multiple: int) -> list[list[int]]:
-    """Make len(batches) a multiple of `multiple`: split the largest batches (no sample lost); only when every
-    batch is a single sample, drop the last few (reported by `dropped()`)."""
-    batches = [list(b) for b in batches]
-    while len(batches) % multiple:
-        largest = max(range(len(batches)), key=lambda i: len(batches[i]))
-        if len(batches[largest]) < 2:
-            return batches[: len(batches) - len(batches) % multiple]
-        b = batches[largest]
-        batches[largest:largest + 1] = [b[: len(b) // 2], b[len(b) // 2:]]
-    return batches
+def _fit_multiple(flat: np.ndarray, bounds: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray]:
+    """Make the number of micro-batches a multiple of `multiple`: split the largest (the first of equals) in
+    halves (no sample lost); only when every batch is a single sample, drop the last few (reported by
+    `dropped()`)."""
+    while (len(bounds) - 1) % multiple:
+        sizes = np.diff(bounds)
+        largest = int(np.argmax(sizes))
+        if sizes[largest] < 2:
+            keep = len(bounds) - 1 - (len(bounds) - 1) % multiple
+            return flat[:bounds[keep]], bounds[:keep + 1]
+        bounds = np.insert(bounds, largest + 1, bounds[largest] + sizes[largest] // 2)
+    return flat, bounds
+
+
+def _reorder(flat: np.ndarray, bounds: np.ndarray, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The micro-batches in the order `perm` (new batch k is old batch perm[k])."""
+    sizes = np.diff(bounds)[perm]
+    new_bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    shift = np.repeat(bounds[:-1][perm] - new_bounds[:-1], sizes)
+    return flat[np.arange(len(flat)) + shift], new_bounds

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
+
 from ds_train.data.cache import CachedDataset
 from ds_train.data.manifest import speakers_by_source
 from ds_train.errors import ConfigError
@@ -63,11 +65,12 @@ def split_eval(parts: list[CachedDataset], manifests: list[str], fraction: float
     for part, manifest in zip(parts, manifests):
         by_source = speakers_by_source(manifest)
         name = Path(manifest).name
-        out = hold_out([by_source.get(e["source"]) for e in part.entries], fraction, seed, name)
-        gone = set(out.indices)
-        train.append(part.subset([i for i in range(len(part)) if i not in gone]))
+        out = hold_out([by_source.get(s) for s in part.sources()], fraction, seed, name)
+        keep = np.ones(len(part), bool)
+        keep[out.indices] = False
+        train.append(part.subset(np.flatnonzero(keep)))
         held.append(part.subset(out.indices))
-        held_out[manifest] = {part.entries[i]["source"] for i in out.indices}
+        held_out[manifest] = set(part.sources(out.indices))
         if out.speakers:
             shown = ", ".join(out.speakers[:SHOWN_SPEAKERS]) + (" ..." if len(out.speakers) > SHOWN_SPEAKERS else "")
             said.append(f"{name}: {len(out.indices):,} of {len(part):,} samples, {len(out.speakers)} speaker(s) "
