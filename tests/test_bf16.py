@@ -11,17 +11,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import base_config, launch, read_metrics, write_config
+from conftest import REPO, base_config, launch, read_metrics, write_config
 from ds_train.adapter import ADAPTER_WEIGHTS
 from ds_train.export import consolidate
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def bf16_run(tiny_model, demo_data, tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["zero3_partition_all.json", "zero3_offload.json"])
+def bf16_run(tiny_model, demo_data, tmp_path_factory, request) -> Path:
+    """A 4-step bf16 run, checkpoints at steps 2 and 4; with the base config's ZeRO-3 and with offload (bf16
+    partitions on the host, DeepSpeedCPUAdam stepping the fp32 masters)."""
     out = tmp_path_factory.mktemp("bf16") / "run"
-    cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 4, "epochs": 2},
+    cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 4, "epochs": 2,
+                                                         "deepspeed_config": str(REPO / "ds_configs" / request.param)},
                       checkpoint={"every_steps": 2, "keep_last": 5})
     cfg["model"]["dtype"] = "bf16"
     launch(["train", str(write_config(out.parent / "run.yaml", cfg))])
