@@ -173,7 +173,7 @@ def test_every_shipped_ds_config_trains_resumes_and_consolidates(settings_runs, 
     saved = json.loads((out / "checkpoints" / tag_of(start) / META).read_text())["config"]
     saved["train"]["output_dir"], saved["train"]["resume"] = str(out), "auto"
     proc = train(write_config(tmp_path / "resume.yaml", saved))
-    assert f"at step {start}" in proc.stdout and "resumed from" in proc.stdout
+    assert f"resumed from {out / 'checkpoints' / tag_of(start)} at step {start}" in proc.stdout
     resumed = loss_records(out)
     assert sorted(resumed) == list(range(1, SETTINGS_STEPS + 1))
     for step in range(start + 1, SETTINGS_STEPS + 1):
