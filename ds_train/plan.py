@@ -4,7 +4,9 @@ touched? Per-device memory of the configured model, LoRA, ZeRO stage/offload and
 The model is counted exactly from its config (built on the meta device, nothing allocated). Per device:
   parameters    frozen base x dtype bytes; ZeRO-3: / ranks, plus the gathered working set (up to
                 stage3_max_live_parameters, twice: parameters and all-gather buffers); offload_param: on the host
-  LoRA          trainable x dtype bytes (ZeRO-3: / ranks), gradients x dtype bytes (ZeRO-2/3: / ranks)
+  LoRA          trainable x dtype bytes (ZeRO-3: / ranks); offload_param: on the host
+  gradients     trainable x dtype bytes (ZeRO-2/3: / ranks); offload_optimizer: on the host with an fp32 copy
+                (4 bytes per trainable / ranks), and the device keeps the reduce bucket (reduce_bucket_size x dtype)
   optimizer     AdamW m, v (+ an fp32 master copy in bf16) = 12 (bf16) or 8 (fp32) bytes per trainable / ranks;
                 offload_optimizer: on the host
   activations   what backward keeps per position and decoder layer (below); with activation checkpointing only each
@@ -113,6 +115,19 @@ def plan_memory(cfg: Config, model_config, ds_config: dict, world: int, position
                 device: str, longest: int | None = None) -> Plan:
     """Predicted per-device memory of one training step; `positions` per micro-batch (padded), `longest` sequence."""
     c = count_model(cfg, model_config)
+    comp, host = memory_components(cfg, c, ds_config, world, positions, device, longest)
+    p = Plan(world, positions, comp, host, capacity_gib, device)
+    p.recommendations = recommend(cfg, ds_config, p, c, device, longest)
+    if cfg.eval.samples is not None:
+        zero = ds_config.get("zero_optimization", {})
+        b = 2 if ds_config.get("bf16", {}).get("enabled") else 4
+        p.samples = samples_round(cfg, model_config, p, c, b, int(zero.get("stage", 0)))
+    return p
+
+
+def memory_components(cfg: Config, c: ModelCounts, ds_config: dict, world: int, positions: int, device: str,
+                      longest: int | None = None) -> tuple[dict, dict]:
+    """({name: GiB per device}, {name: GiB per rank on the host}) of one training step under `ds_config`."""
     zero = ds_config.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
@@ -122,8 +137,9 @@ def plan_memory(cfg: Config, model_config, ds_config: dict, world: int, position
     cuda = device != "cpu"
 
     comp, host = {}, {}
-    base = c.frozen * b / (world if stage == 3 else 1)
-    (host if offload_param else comp)["parameters"] = base / GIB
+    # offload_param keeps every rank's partition (frozen base and LoRA) on the host; ZeRO-3 still gathers each
+    # module onto the device for its forward and backward, so the gathered working set stays a device cost.
+    (host if offload_param else comp)["parameters"] = c.frozen * b / (world if stage == 3 else 1) / GIB
     if stage == 3:
         # stage3_max_reuse_distance (1e9 in our JSONs) keeps a gathered parameter until backward has used it again,
         # so up to stage3_max_live_parameters (or the whole model) is gathered at once; measured on CPU, RSS grows
@@ -132,21 +148,26 @@ def plan_memory(cfg: Config, model_config, ds_config: dict, world: int, position
         live = int(zero.get("stage3_max_live_parameters", 1e9))
         gathered = max(min(live, c.frozen + c.trainable), c.largest_module)
         comp["gathered parameters"] = 2 * gathered * b / GIB
-    comp["LoRA + gradients"] = c.trainable * b * (1 / world if stage == 3 else 1) / GIB \
-        + c.trainable * b / (world if stage >= 2 else 1) / GIB
-    opt = c.trainable * (12 if bf16 else 8) / (world if stage >= 1 else 1) / GIB
-    (host if offload_opt else comp)["optimizer"] = opt
+    (host if offload_param else comp)["LoRA"] = c.trainable * b / (world if stage == 3 else 1) / GIB
+    grads = c.trainable * b / (world if stage >= 2 else 1) / GIB
+    if offload_opt:
+        # The reduced gradient partitions accumulate on the host (stage3 grad_partitions_flat_buffer), next to an
+        # fp32 copy the CPU optimizer steps on; the device keeps only the reduce bucket the gradients pass through,
+        # which DeepSpeed allocates whole (reduce_bucket_size elements) on a GPU; on CPU only the touched part of
+        # that torch.empty is resident.
+        host["gradients"] = grads + c.trainable * 4 / (world if stage >= 1 else 1) / GIB
+        bucket = int(zero.get("reduce_bucket_size", 5e8))
+        comp["gradient bucket"] = (bucket if cuda else min(bucket, c.trainable)) * b / GIB
+    else:
+        comp["gradients"] = grads
+    (host if offload_opt else comp)["optimizer"] = c.trainable * (12 if bf16 else 8) / (world if stage >= 1 else 1) / GIB
     comp["activations"] = activation_bytes(cfg, c, positions, b, longest or positions) / GIB
     comp["logits"] = logits_bytes(cfg, c, positions, b) / GIB
     comp["runtime"] = CUDA_CONTEXT_GIB if cuda else CPU_RUNTIME_GIB
     if not cuda:  # on CPU the "device" is host memory: offloaded state lives there too
         comp.update({f"{k} (offloaded)": v for k, v in host.items()})
         host = {}
-    p = Plan(world, positions, comp, host, capacity_gib, device)
-    p.recommendations = recommend(cfg, model_config, ds_config, p, c, b, stage, cuda)
-    if cfg.eval.samples is not None:
-        p.samples = samples_round(cfg, model_config, p, c, b, stage)
-    return p
+    return comp, host
 
 
 def samples_round(cfg: Config, model_config, p: Plan, c: ModelCounts, b: int, stage: int) -> dict:
@@ -229,8 +250,11 @@ def logits_bytes(cfg: Config, c: ModelCounts, positions: int, b: int) -> float:
     return per_entry * (text_positions * c.vocab + audio_positions * c.audio_vocab)
 
 
-def recommend(cfg, model_config, ds_config, p: Plan, c: ModelCounts, b: int, stage: int, cuda: bool) -> list[str]:
+def recommend(cfg, ds_config, p: Plan, c: ModelCounts, device: str, longest: int | None) -> list[str]:
     out = []
+    zero = ds_config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    b = 2 if ds_config.get("bf16", {}).get("enabled") else 4
     fixed = p.total_gib - p.components["activations"] - p.components["logits"]
     per_position = (p.components["activations"] + p.components["logits"]) / max(p.positions, 1)
     if per_position > 0:
@@ -248,15 +272,23 @@ def recommend(cfg, model_config, ds_config, p: Plan, c: ModelCounts, b: int, sta
             activation_bytes(_with(cfg, activation_checkpointing=False), c, p.positions, b, p.positions) / GIB \
             < 0.9 * p.capacity_gib:
         out.append("model.activation_checkpointing=false also fits: no recompute, ~1.3x faster backward")
-    replicated = c.frozen * b / GIB
-    if stage == 3 and replicated + fixed - p.components["parameters"] - p.components.get("gathered parameters", 0) \
-            + per_position * p.positions < 0.9 * p.capacity_gib:
-        out.append(f"ZeRO-2 fits (frozen base replicated, {replicated:.1f} GiB): ds_configs/zero2.json, no per-layer "
-                   "all-gather")
+
+    def alternative(zero_optimization: dict) -> float:  # GiB per device of this run under another ZeRO section
+        comp, _ = memory_components(cfg, c, {**ds_config, "zero_optimization": zero_optimization}, p.world,
+                                    p.positions, device, longest)
+        return sum(comp.values())
+
+    if stage == 3:
+        zero2 = alternative({"stage": 2})
+        if zero2 < 0.9 * p.capacity_gib:
+            out.append(f"ZeRO-2 fits (frozen base replicated, {c.frozen * b / GIB:.1f} GiB; {zero2:.1f} GiB per "
+                       "device): ds_configs/zero2.json, no per-layer all-gather")
     if not p.fits and stage < 3:
         out.append("ZeRO-3 partitions the frozen base: ds_configs/zero3.json")
-    if not p.fits and stage == 3 and "offload_param" not in ds_config.get("zero_optimization", {}):
-        out.append("ZeRO-3 with parameters and optimizer on the host: ds_configs/zero3_offload.json")
+    if not p.fits and stage == 3 and "offload_param" not in zero:
+        offloaded = alternative({**zero, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}})
+        out.append(f"ZeRO-3 with parameters and optimizer on the host ({offloaded:.1f} GiB per device): "
+                   "ds_configs/zero3_offload.json")
     return out
 
 

@@ -53,9 +53,11 @@ def load_resharded(engine, path: Path, old_world: int, shard_files) -> dict:
             for name, p in params.items():
                 p.data.copy_(full["fp32"][name].to(p.dtype))
     # Adam creates its state at the first step; create it now (with the saved step count) so it can be filled.
+    # torch's AdamW keeps `step` as a tensor, DeepSpeedCPUAdam (offload_optimizer) as a Python int.
     step = optim[0]["optimizer_state_dict"]["state"][0]["step"]
     for flat in engine.optimizer.fp32_partitioned_groups_flat:
-        engine.optimizer.optimizer.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in MOMENTS}}
+        engine.optimizer.optimizer.state[flat] = {"step": step.clone() if torch.is_tensor(step) else int(step),
+                                                  **{k: torch.zeros_like(flat) for k in MOMENTS}}
     for name, p in params.items():
         safe_set_full_fp32_param(p, full["fp32"][name])
         for key in MOMENTS:

@@ -262,6 +262,19 @@ def plain_run(tiny_model, demo_data, eval3, tmp_path_factory) -> Path:
     return out
 
 
+OFFLOAD = str(REPO / "ds_configs/zero3_offload.json")
+
+
+@pytest.fixture(scope="session")
+def plain_offload_run(tiny_model, demo_data, eval3, tmp_path_factory) -> Path:
+    """The plain run with ds_configs/zero3_offload.json (parameters and DeepSpeedCPUAdam's state on the host; its
+    C++ op is JIT-built into ~/.cache/torch_extensions by the first run that needs it, ~90 s on a 2-core box). Read
+    it, never write into it (copy it first)."""
+    out = tmp_path_factory.mktemp("plain_offload") / "run"
+    launch(["train", str(plain_config(tiny_model, demo_data, eval3, out, train={"deepspeed_config": OFFLOAD}))])
+    return out
+
+
 # Non-finite steps on the reference config (test_resilience.py, and the learning-rate check of test_train.py).
 NON_FINITE_FAULTS = "nan_loss:3:1,nan_loss:5,nan_loss:6,nan_loss:7"
 
@@ -369,10 +382,12 @@ def losses(out: Path) -> list[float]:
 # of 1-3 samples (233 x 3 = 699 fits, 234 x 3 does not).
 SETTINGS_STEPS = 4
 SETTINGS_MAX_TOKENS = 700
+# Every file in ds_configs/ has a settings run named after it (so a new file cannot ship untrained); zero3.json's
+# runs with 2 DataLoader workers, and "zero3_inline" is the same run without workers.
+DS_CONFIGS = sorted(p.name for p in (REPO / "ds_configs").glob("*.json"))
 SETTINGS_RUNS = {  # name: (file in ds_configs/, data.num_workers)
-    "zero3": ("zero3.json", 2),
+    **{Path(name).stem: (name, 2 if name == "zero3.json" else 0) for name in DS_CONFIGS},
     "zero3_inline": ("zero3.json", 0),
-    "zero2": ("zero2.json", 0),
 }
 
 

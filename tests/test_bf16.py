@@ -11,17 +11,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import base_config, launch, read_metrics, write_config
+from conftest import REPO, base_config, launch, read_metrics, write_config
 from ds_train.adapter import ADAPTER_WEIGHTS
 from ds_train.export import consolidate
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def bf16_run(tiny_model, demo_data, tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["zero3_partition_all.json", "zero3_offload.json"])
+def bf16_run(tiny_model, demo_data, tmp_path_factory, request) -> Path:
+    """A 4-step bf16 run, checkpoints at steps 2 and 4; with the base config's ZeRO-3 and with offload (bf16
+    partitions on the host, DeepSpeedCPUAdam stepping the fp32 masters)."""
     out = tmp_path_factory.mktemp("bf16") / "run"
-    cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 4, "epochs": 2},
+    cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 4, "epochs": 2,
+                                                         "deepspeed_config": str(REPO / "ds_configs" / request.param)},
                       checkpoint={"every_steps": 2, "keep_last": 5})
     cfg["model"]["dtype"] = "bf16"
     launch(["train", str(write_config(out.parent / "run.yaml", cfg))])
@@ -50,7 +53,13 @@ def test_bf16_checkpoint_consolidates_to_the_exported_adapter(bf16_run, tmp_path
     assert any(not torch.equal(got[k], final[k]) for k in got)  # step 2 is not the final state
 
 
-def test_bf16_resume_continues_exactly(bf16_run, tmp_path):
+def test_bf16_resume_continues_exactly(bf16_run, tmp_path, request):
+    if "offload" in request.node.callspec.params["bf16_run"]:
+        # Measured 2026-12-02: resumed at step 2, step 3's loss is bit-equal (the bf16 weights are restored) but
+        # step 4's is 11.916312047 vs 11.916292574 uninterrupted and the final LoRA weights differ by up to 4.4e-4
+        # (lr 0.005): step 3's DeepSpeedCPUAdam update differs after DeepSpeed's own same-rank-count load. fp32
+        # offload resumes bit-exactly (test_checkpoint.py's settings runs). Not yet explained: fails until it is.
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason="bf16 + offload resume not exact (see comment)"))
     resumed = tmp_path / "run"
     shutil.copytree(bf16_run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-000004")

@@ -18,13 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (REF_STEPS, SETTINGS_STEPS, assert_same_run, base_config, launch, read_metrics,
-                      reference_config, write_config)
+from conftest import (DS_CONFIGS, REF_STEPS, REPO, SETTINGS_STEPS, assert_same_adapter, assert_same_run, base_config,
+                      launch, loss_records, read_metrics, reference_config, write_config)
 from ds_train.adapter import ADAPTER_WEIGHTS
 from ds_train.checkpoint import META, _prune, find_resume, step_of, tag_of
 from ds_train.fsutil import staged_dir
 from ds_train.config import load_config
-from ds_train.errors import ConfigError
+from ds_train.errors import CheckpointError, ConfigError
 from ds_train.faults import CRASH_EXIT
 
 LAST = tag_of(REF_STEPS)
@@ -144,6 +144,49 @@ def test_keep_best_keeps_the_lowest_eval_loss_checkpoints(settings_runs, stage):
     assert (root / "latest").read_text() == tag_of(SETTINGS_STEPS)
     for step in kept:  # each dir records the eval loss it was kept for
         assert json.loads((root / tag_of(step) / META).read_text())["eval_loss"] == evals[step]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds_json", DS_CONFIGS)
+def test_every_shipped_ds_config_trains_resumes_and_consolidates(settings_runs, ds_json, tmp_path):
+    """Each file in ds_configs/ (conftest's settings_runs, one per file): its 4-step 2-rank run trained, its latest
+    checkpoint consolidates offline to the adapter the run exported at that step, and a resume from the earliest
+    checkpoint it kept reproduces the rest of the run (losses, learning rates, final adapter)."""
+    from ds_train.export import consolidate
+
+    src = settings_runs[Path(ds_json).stem]
+    want = loss_records(src)
+    assert sorted(want) == list(range(1, SETTINGS_STEPS + 1))
+    assert all(math.isfinite(r["loss"]) for r in want.values())
+    assert want[SETTINGS_STEPS]["loss"] < want[1]["loss"]  # it trained
+
+    last = src / "checkpoints" / tag_of(SETTINGS_STEPS)
+    exported = load_file(last / "adapter" / ADAPTER_WEIGHTS)
+    if json.loads((REPO / "ds_configs" / ds_json).read_text())["zero_optimization"]["stage"] < 3:
+        # consolidate reads ZeRO-3 shards; a ZeRO-1/2 checkpoint's consolidated form is the adapter/ it exported.
+        with pytest.raises(CheckpointError, match=r"saved under ZeRO-1/2 .* Its adapter/ dir, exported at save time"):
+            consolidate(src / "checkpoints", tmp_path / "consolidated")
+        got = exported
+    else:
+        got = load_file(consolidate(src / "checkpoints", tmp_path / "consolidated") / ADAPTER_WEIGHTS)
+    assert got.keys() == exported.keys() and len(got) == 2 * (4 * 3 + 3 * 2)
+    for key in got:
+        assert torch.equal(got[key], exported[key]), key
+
+    # keep_last=1 and keep_best=2 keep at least one checkpoint before the last.
+    start = min(step_of(d) for d in (src / "checkpoints").glob("step-*"))
+    assert start < SETTINGS_STEPS
+    out = rewind(src, tmp_path / "resumed", start)
+    saved = json.loads((out / "checkpoints" / tag_of(start) / META).read_text())["config"]
+    saved["train"]["output_dir"], saved["train"]["resume"] = str(out), "auto"
+    proc = train(write_config(tmp_path / "resume.yaml", saved))
+    assert f"resumed from {out / 'checkpoints' / tag_of(start)} at step {start}" in proc.stdout
+    resumed = loss_records(out)
+    assert sorted(resumed) == list(range(1, SETTINGS_STEPS + 1))
+    for step in range(start + 1, SETTINGS_STEPS + 1):
+        assert resumed[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
+        assert resumed[step]["lr"] == want[step]["lr"], step
+    assert_same_adapter(out / "adapter", src / "adapter")
 
 
 # ---- without a launch -------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_a_samples_round_gathers_the_model_once_only_where_it_fits():
     # Between steps a rank holds its partitions, LoRA, optimizer and runtime, not activations, logits or the
     # training's gathered working set; the round adds the engine pieces.
     c = on_80.components
-    assert s["used"] == pytest.approx(c["parameters"] + c["LoRA + gradients"] + c["optimizer"] + c["runtime"]
+    assert s["used"] == pytest.approx(c["parameters"] + c["LoRA"] + c["gradients"] + c["optimizer"] + c["runtime"]
                                       + s["KV caches"] + s["audio tokenizer"])
     assert s["path"] == "gathered once"
     on_16 = _plan(_cfg("train.deepspeed_config=ds_configs/zero3.json", "eval.samples=2"), world=8, positions=4096,
@@ -98,3 +98,50 @@ def test_a_samples_round_gathers_the_model_once_only_where_it_fits():
                   capacity=80.0)
     assert zero2.samples["path"] == "replicated"
     assert _plan(_cfg("train.deepspeed_config=ds_configs/zero3.json"), 8, 4096, 80.0).samples == {}  # no samples
+
+
+def test_offload_moves_the_partitions_and_optimizer_to_the_host():
+    """ds_configs/zero3_offload.json: the frozen base and LoRA partitions, the gradients (with the fp32 copy the CPU
+    optimizer steps on) and AdamW's state are host memory; the device keeps the gathered working set, the reduce
+    bucket DeepSpeed allocates whole (reduce_bucket_size=5e7 in that file), activations and logits."""
+    on = _plan(_cfg("train.deepspeed_config=ds_configs/zero3_offload.json"), world=8, positions=4096, capacity=80.0)
+    off = _plan(_cfg("train.deepspeed_config=ds_configs/zero3.json"), world=8, positions=4096, capacity=80.0)
+    frozen, trainable = 5_771_283_456, 24_313_856
+    assert on.host_components == pytest.approx({
+        "parameters": frozen * 2 / 8 / GIB, "LoRA": trainable * 2 / 8 / GIB,
+        "gradients": trainable * (2 + 4) / 8 / GIB, "optimizer": trainable * 12 / 8 / GIB})
+    assert sorted(on.components) == ["activations", "gathered parameters", "gradient bucket", "logits", "runtime"]
+    assert on.components["gradient bucket"] == pytest.approx(50_000_000 * 2 / GIB)
+    for name in ("gathered parameters", "activations", "logits", "runtime"):
+        assert on.components[name] == off.components[name], name
+    moved = sum(off.components[k] for k in ("parameters", "LoRA", "gradients", "optimizer"))
+    assert on.total_gib == pytest.approx(off.total_gib - moved + 50_000_000 * 2 / GIB)
+    assert on.fits and any(r.startswith("ZeRO-2 fits") for r in on.recommendations)
+    # Too small a device: zero3.json points to the offload config with what it would take per device (with
+    # zero3.json's own reduce bucket, 2e8 elements).
+    small = _plan(_cfg("train.deepspeed_config=ds_configs/zero3.json"), world=8, positions=4096, capacity=24.0)
+    small_on = _plan(_cfg("train.deepspeed_config=ds_configs/zero3_offload.json"), world=8, positions=4096,
+                     capacity=24.0)
+    expected = small_on.total_gib + (200_000_000 - 50_000_000) * 2 / GIB
+    assert f"ZeRO-3 with parameters and optimizer on the host ({expected:.1f} GiB per device): " \
+           "ds_configs/zero3_offload.json" in small.recommendations
+    assert not any("zero3_offload" in r for r in small_on.recommendations)
+
+
+def test_plan_command_and_the_check_at_start_on_every_shipped_config(monkeypatch, capsys):
+    """`ds-train plan` and train's start-up check (CPU here: offloaded state is host memory, counted once)."""
+    from ds_train.plan import check_at_start, plan_command
+    from ds_train.ds_config import deepspeed_config
+    from ds_train.preflight import load_model_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for ds in sorted((REPO / "ds_configs").glob("*.json")):
+        cfg = _cfg(f"train.deepspeed_config={ds}")
+        p = plan_command(cfg, gpu_memory=80.0)
+        assert "total per device" in capsys.readouterr().out
+        cpu = check_at_start(cfg, load_model_config(ARCH), deepspeed_config(cfg, 2, cuda=False), longest=1024)
+        if "offload" in ds.name:
+            assert p.host_components and not cpu.host_components
+            assert cpu.components["parameters (offloaded)"] == pytest.approx(p.host_components["parameters"])
+        else:
+            assert not p.host_components

@@ -241,14 +241,21 @@ def test_each_rank_validates_its_own_shards(plain_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_on_one_rank_continues_a_two_rank_run(plain_run, tiny_model, demo_data, eval3, tmp_path):
-    # A requeued job gets fewer ranks: 2 ranks x grad_accum 1 -> 1 rank x grad_accum 2, the same global batch.
+@pytest.mark.parametrize("run", ["plain_run", "plain_offload_run"])
+def test_resume_on_one_rank_continues_a_two_rank_run(run, request, tiny_model, demo_data, eval3, tmp_path):
+    """A requeued job gets fewer ranks: 2 ranks x grad_accum 1 -> 1 rank x grad_accum 2, the same global batch; with
+    ds_configs/zero3_partition_all.json (torch AdamW, `step` a tensor) and zero3_offload.json (DeepSpeedCPUAdam on
+    the host, `step` a Python int)."""
+    plain_run = request.getfixturevalue(run)
+    ds_json = json.loads((plain_run / "checkpoints" / LAST / "ds_train_meta.json").read_text())["config"]["train"][
+        "deepspeed_config"]
     out = tmp_path / "run"
     shutil.copytree(plain_run, out)
     for step in (4, PLAIN_STEPS):
         shutil.rmtree(out / "checkpoints" / f"step-{step:06d}")
     (out / "checkpoints" / "latest").write_text("step-000002")
-    config = plain_config(tiny_model, demo_data, eval3, out, train={"resume": "auto", "grad_accum": 2})
+    config = plain_config(tiny_model, demo_data, eval3, out,
+                          train={"resume": "auto", "grad_accum": 2, "deepspeed_config": ds_json})
     proc = launch(["train", str(config)], nprocs=1)
     assert "step-000002 was written by 2 ranks; re-partitioning its weights and optimizer state over 1" in proc.stdout
     assert "warning" not in proc.stdout  # grad_accum changed to keep the global batch: the run continues exactly
