@@ -1,7 +1,9 @@
 """A file of named numpy arrays plus a JSON header, read by memory-mapping: the prepared cache's shard format.
 
-Layout (the idea of safetensors, which is not a dependency here): 8 bytes little-endian header length, the header
-(UTF-8 JSON: {"format", "meta", "arrays": {name: [dtype, shape, offset]}}), then each array's bytes, 64-byte aligned.
+Layout (safetensors' idea): 8 bytes little-endian header length, the header (UTF-8 JSON: {"format", "meta", "arrays":
+{name: [dtype, shape, offset]}}), then each array's bytes, 64-byte aligned. Not safetensors itself: its metadata holds
+strings only and its reader copies each tensor or slice out of the file, where here an array is a numpy view of the
+one mapping every process shares.
 Reading parses the header and maps the file: no array is read until it is indexed, every process that maps the file
 shares its pages, and nothing in the file can run code (no pickle).
 """
