@@ -175,3 +175,78 @@ def test_lr_follows_the_step_across_a_skipped_update(non_finite_run):
         return 0.005 * 0.5 * (1 + math.cos(math.pi * (step - 2) / (REF_STEPS - 2)))
 
     assert [records[s]["lr"] for s in range(1, 8)] == pytest.approx([schedule(s) for s in range(1, 8)], rel=1e-9)
+
+
+class _Engine:
+    """Stands in for DeepSpeed's engine around a plain model (DeepSpeed's needs a process group, which a unit test
+    of one step does not start): the forward is the model's, backward is autograd's, and the update is skipped."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, **inputs):
+        return self.model(**inputs)
+
+    def train(self):
+        self.model.train()
+
+    def backward(self, loss, scale_wrt_gas=True):
+        loss.backward()
+
+    def step(self):
+        pass
+
+
+def test_a_step_whose_forward_trains_other_positions_than_collated_raises(tiny_model, demo_data, tmp_path):
+    """train_step divides each micro-batch's summed loss by the counts the collator made from the labels before the
+    forward. If the forward trains other positions (here: one text label hidden after collation, as a label
+    expansion that disagrees with loss.trained_positions would), the step's loss is silently mis-weighted; the step
+    must stop with an error that names the step and the count. The same batches unchanged pass, with the loss of a
+    token-weighted mean written out here."""
+    from types import SimpleNamespace
+
+    import torch
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    from ds_train.config import load_config
+    from ds_train.data.cache import CachedDataset
+    from ds_train.data.collate import Collate, make_collator
+    from ds_train.data.prepare import prepare
+    from ds_train.preflight import load_model_config, load_text_tokenizer
+    from ds_train.train import train_step
+
+    cfg = load_config(None, [f"model.path={tiny_model}", f"model.audio_tokenizer_path={tiny_model}/audio_tokenizer",
+                             f"data.train_file={demo_data}/train.jsonl", f"train.output_dir={tmp_path}/out"])
+    model_config = load_model_config(str(tiny_model))
+    # the session's shared cache next to the manifest
+    cache = prepare(cfg, cfg.data.train_file, load_text_tokenizer(cfg, model_config)).cache_dir
+    ds = CachedDataset(cache, model_config)
+    collate = Collate(make_collator(model_config))
+    model = HiggsAudioModel.from_pretrained(str(tiny_model))
+    model.config.use_cache = False
+    run = SimpleNamespace(cfg=cfg, engine=_Engine(model), state={"step": 4})
+
+    batches = [collate([ds[0], ds[1]]), collate([ds[2]])]
+    result = train_step(run, batches)
+    with torch.no_grad():  # the token-weighted step loss: every trained position of both micro-batches, one mean
+        text, codes = [], [[] for _ in range(8)]
+        for b in batches:
+            out = model(**b.inputs)
+            labels = out.expanded_labels[:, 1:]
+            ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].transpose(1, 2), labels.clamp(min=0),
+                                                   reduction="none")
+            text.append(ce[labels != -100])
+            for k in range(8):
+                target = b.label_audio_ids[k, 1:]
+                ce_k = torch.nn.functional.cross_entropy(out.audio_logits[:-1, k], target.clamp(min=0),
+                                                         reduction="none")
+                codes[k].append(ce_k[target != -100])
+    expected = torch.cat(text).mean() + sum(torch.cat(c).mean() for c in codes) / 8
+    assert result.loss.loss == pytest.approx(expected.item(), rel=1e-5)
+
+    labels = batches[1].inputs["label_ids"]
+    first_trained = int((labels[0] != -100).nonzero()[-1])  # the sample's last text label, e.g. <|eot_id|>
+    labels[0, first_trained] = -100  # after collation: batches[1].counts still counts it
+    with pytest.raises(RuntimeError, match=r"step 5: the forward trained other positions than the collator counted "
+                                           r"\(text: off by 1 of \d+\)"):
+        train_step(run, batches)
