@@ -176,12 +176,14 @@ class StepResult:
 def train_step(run: Run, batches: list[Batch]) -> StepResult:
     """One optimizer step over this rank's micro-batches. The trained-position counts of the whole global batch are
     all-reduced first (from the labels, before any forward), so each micro-batch's loss is its exact share of the
-    token-weighted step loss (ds_train/loss.py). DeepSpeed averages gradients over ranks and, by default, divides
+    token-weighted step loss (ds_train/loss.py); the positions each forward actually trained are checked against
+    them at the step's one sync (check_counts). DeepSpeed averages gradients over ranks and, by default, divides
     by the accumulation steps; the `world` factor and scale_wrt_gas=False undo both."""
     cfg, engine, device = run.cfg, run.engine, dist.device()
     world = dist.world_size()
     counts = dist.all_reduce_tensor(sum(b.counts for b in batches).to(device))
     sums = torch.zeros(counts.shape, dtype=torch.float64, device=device)
+    miscounted = torch.zeros(counts.shape, dtype=torch.float64, device=device)
     poisoned = False
     engine.train()
     faults.raise_if("error", run.state["step"] + 1)
@@ -194,16 +196,35 @@ def train_step(run: Run, batches: list[Batch]) -> StepResult:
         engine.backward(loss * world, scale_wrt_gas=False)
         engine.step()  # DeepSpeed updates only at the accumulation boundary, and skips a non-finite one
         sums += parts.detached()
+        # Per micro-batch, on the device (no sync): positions the loss trained that the collator did not count, or
+        # the other way round. Offsetting errors of two micro-batches would cancel in a sum of signed differences.
+        miscounted += (parts.counts - batch.counts.to(device)).abs()
     if poisoned:
         sums *= float("nan")
     host = torch.tensor([sum(b.num_tokens for b in batches), sum(b.num_samples for b in batches)],
                         dtype=torch.float64, device=device)
     # The loop's one wait for the device per step (counts.tolist() below then finds it idle; DeepSpeed's step and
     # a log step's grad norm have their own).
-    totals = dist.all_reduce_tensor(torch.cat([sums, host])).tolist()
+    totals = dist.all_reduce_tensor(torch.cat([sums, miscounted, host])).tolist()
     k = len(sums)
+    check_counts(totals[k:2 * k], counts.tolist(), run.state["step"] + 1)
+    totals = totals[:k] + totals[2 * k:]
     loss = report(totals[:k], counts.tolist(), cfg.loss.text_weight, cfg.loss.audio_weight)
     return StepResult(loss, int(totals[k]), int(totals[k + 1]))
+
+
+def check_counts(miscounted: list[float], collated: list[float], step: int) -> None:
+    """Raise if the forward trained other positions than the collator counted (`miscounted`: per text/codebook, the
+    summed |loss count - collated count| over every micro-batch of every rank). The step's objective divides by the
+    collated counts (all-reduced before the forward), so a difference is a silently mis-weighted loss: a bug in
+    ds_train.loss.trained_positions, or a boson-multimodal whose forward expands the labels differently."""
+    if not any(miscounted):
+        return
+    names = ["text"] + [f"codebook {k}" for k in range(len(collated) - 1)]
+    diffs = ", ".join(f"{name}: off by {int(d)} of {int(n)}" for name, d, n in zip(names, miscounted, collated) if d)
+    raise RuntimeError(f"step {step}: the forward trained other positions than the collator counted ({diffs}), so "
+                       "the loss would be mis-weighted. ds_train.loss.trained_positions no longer matches the model's "
+                       "label expansion (a different boson-multimodal version?); tests/test_loss.py shows which.")
 
 
 def finish(run: Run, losses: list[float]) -> dict:

@@ -105,7 +105,13 @@ def test_shipped_hostfiles_parse():
 
 
 def test_trust_remote_code_stays_off(tiny_model, tmp_path):
-    """A tokenizer whose config asks for custom code: loading it must not run that code unless the config says so."""
+    """A tokenizer whose config asks for custom code: loading it must not run that code unless the config says so.
+    With model.trust_remote_code=false (the default) transformers loads the built-in class the config also names
+    (`tokenizer_class`, here PreTrainedTokenizerFast: the tokenizer.json the model was trained with) and ignores
+    `auto_map`; ds_train keeps that, since the Higgs special-token checks still run on it. A config that names only
+    the custom class cannot load without the code: that is a config error naming the switch."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     from ds_train.config import load_config
     from ds_train.errors import ConfigError
     from ds_train.preflight import load_model_config, load_text_tokenizer
@@ -124,10 +130,14 @@ def test_trust_remote_code_stays_off(tiny_model, tmp_path):
     cfg = load_config(None, base)
     assert cfg.model.trust_remote_code is False
     model_config = load_model_config(str(tiny_model))
-    try:
-        load_text_tokenizer(cfg, model_config)
-    except ConfigError:
-        pass  # refusing is fine too; running the code is not
+    loaded = load_text_tokenizer(cfg, model_config)
+    assert type(loaded) is PreTrainedTokenizerFast and not marker.exists()
+    assert loaded.get_vocab() == AutoTokenizer.from_pretrained(str(tiny_model)).get_vocab()
+    only_custom = tmp_path / "only_custom"
+    shutil.copytree(tok, only_custom)
+    (only_custom / "tokenizer_config.json").write_text(json.dumps({**conf, "tokenizer_class": "EvilTokenizer"}))
+    with pytest.raises(ConfigError, match=r"cannot load the text tokenizer from .*only_custom.*trust_remote_code"):
+        load_text_tokenizer(load_config(None, [*base, f"model.tokenizer_path={only_custom}"]), model_config)
     assert not marker.exists()
     # The same directory with the switch on does run it: the check above can fail. In a subprocess, because
     # transformers registers loaded remote classes globally and that would leak into later tests.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import pickle
 
 import pytest
@@ -286,26 +287,34 @@ def test_max_tokens_below_a_sample_names_its_manifest_line_or_skips_it(tiny_mode
 
 # ---- in a training run (conftest's settings_runs: data.max_tokens=700, 2 ranks, grad_accum 1) -------------------
 
+# The demo set's merged lengths (text + audio frames) and the token-budget plans of the settings runs (seed 42,
+# data.max_tokens=700, 2 ranks), written out: MicroBatchSampler's output on the day it was checked by hand (every
+# sample once per epoch, each micro-batch within the budget, each epoch's order different). The run must train
+# exactly these; a change of the sampler's shuffle or packing shows here first.
+DEMO_LENGTHS = [223, 234, 233, 224, 234, 233, 221, 187]
+SETTINGS_PLANS = {0: [[7], [6, 0], [3, 2, 5], [1, 4]], 1: [[4, 1], [7], [6, 0], [3, 2, 5]]}
+
+
 @pytest.mark.slow
 def test_token_budget_run_trains_the_plan_and_never_exceeds_max_tokens(settings_runs, cache, configs):
     out = settings_runs["zero3"]
     lengths = dataset(cache, configs).lengths
-    seed = yaml.safe_load((out / "config.yaml").read_text())["train"]["seed"]
-    sampler = MicroBatchSampler(lengths, 0, 2, 1, seed, max_tokens=SETTINGS_MAX_TOKENS)
+    assert lengths == DEMO_LENGTHS
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["seed"] == 42
     logged_epochs = {r["epoch"]: r for r in read_metrics(out) if "padding_efficiency" in r}
     steps = loss_records(out)
     assert sorted(steps) == list(range(1, SETTINGS_STEPS + 1))
     step = 0
     for epoch in sorted(logged_epochs):
-        sampler.set_epoch(epoch)
-        plan = sampler.plan()
+        plan = SETTINGS_PLANS[epoch]
         assert all(max(lengths[i] for i in b) * len(b) <= SETTINGS_MAX_TOKENS for b in plan)
         assert sorted(i for b in plan for i in b) == list(range(len(lengths)))  # nothing dropped
-        assert max(len(b) for b in plan) >= 2  # the budget, not micro_batch_size=1, made these batches
-        # The run logged this plan's padding efficiency, and trained its micro-batches 2k and 2k+1 at its step k.
-        assert logged_epochs[epoch]["padding_efficiency"] == pytest.approx(sampler.padding_efficiency(), rel=1e-12)
+        # The run logged this plan's padding efficiency (real positions / padded positions of its micro-batches),
+        # and trained its micro-batches 2k and 2k+1 at its step k.
+        padded = sum(max(lengths[i] for i in b) * len(b) for b in plan)
+        assert logged_epochs[epoch]["padding_efficiency"] == pytest.approx(sum(lengths) / padded, rel=1e-12)
         assert logged_epochs[epoch]["dropped_samples"] == 0
-        for k in range(sampler.steps_per_epoch()):
+        for k in range(len(plan) // 2):
             step += 1
             if step > SETTINGS_STEPS:
                 break
@@ -343,7 +352,7 @@ def test_two_manifests_with_weights_and_eval_split_train_and_evaluate(tiny_model
 
     files = [str(demo_data / "train.jsonl"), str(nospeaker_data)]
     out = tmp_path / "run"
-    raw = base_config(tiny_model, demo_data, out, train={"max_steps": 3, "epochs": 99},
+    raw = base_config(tiny_model, demo_data, out, train={"max_steps": 3, "epochs": 99, "eval_on_start": True},
                       data={"train_files": [files[0], {"path": files[1], "weight": 0.5}], "eval_split": 0.25})
     del raw["data"]["train_file"]
     proc = launch(["train", str(write_config(tmp_path / "mix.yaml", raw))])
@@ -359,17 +368,28 @@ def test_two_manifests_with_weights_and_eval_split_train_and_evaluate(tiny_model
             f"({mix[0]['per_epoch'] / n:.1%}); plain.jsonl 6 samples x weight 0.5 = 3 per epoch ({3 / n:.1%})"
             in proc.stdout)
 
-    # The same plan, rebuilt here from the caches the run prepared: its step k trained micro-batches 2k-2 and 2k-1.
+    # The caches the run prepared, read here: the 11 training samples (the demo's 5 kept, then plain.jsonl's 6) and
+    # the plan's first 6 micro-batches (seed 42, both manifests at their weights), written out as MicroBatchSampler
+    # made them when this was checked by hand: step k trained micro-batches 2k-2 and 2k-1.
     cfg = load_config(str(tmp_path / "mix.yaml"))
     data = build_data(cfg, configs["delay"], text_tok, tmp_path / "here")
     lengths = data.train_set.lengths
-    plan = MicroBatchSampler(lengths, 0, 2, 1, cfg.train.seed, mix=[(r["samples"], r["weight"]) for r in mix]).plan()
+    assert lengths == [223, 233, 224, 233, 221, 223, 233, 234, 233, 221, 187]
+    plan = [[9], [0], [2], [1], [7], [3]]
     steps = loss_records(out)
     assert sorted(steps) == [1, 2, 3]
     for k in steps:
         assert steps[k]["tokens"] == sum(lengths[i] for b in plan[2 * k - 2: 2 * k] for i in b), k
     evals = [r for r in read_metrics(out) if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [3] and 0 < evals[0]["eval_loss"] < 20
+    assert [r["step"] for r in evals] == [0, 3]
+    # The untrained model (LoRA's B starts at 0) on the 5 held-out samples (train.jsonl lines 2, 5, 8; plain.jsonl
+    # lines 2, 4): 12.540543, the value this run logged on 2 Dec 2026 (a regression pin, rel 2e-5). An offline plain
+    # HiggsAudioModel forward of each held-out sample alone, fp32, with the cross-entropy written out (text position
+    # t scores label t+1, audio position n code n+1; token-weighted over all 5 samples: text 5.588929 over 15
+    # positions, each codebook over 208) gave 12.539817, 5.8e-5 away relatively; the cause of that gap is not yet
+    # found (open, noted on issue 15). The mean of the 5 per-sample losses (a mis-weighting) gave 12.539013.
+    assert evals[0]["eval_loss"] == pytest.approx(12.540543, rel=2e-5)
+    assert math.isfinite(evals[1]["eval_loss"]) and evals[1]["eval_loss"] != evals[0]["eval_loss"]
 
 
 def test_opening_reads_no_shard_and_keeps_no_per_sample_objects(cache, configs, monkeypatch):

@@ -105,11 +105,16 @@ def test_merged_dir_is_a_drop_in_for_the_base(run, tiny_model):
 
 
 @pytest.mark.slow
-def test_serve_engine_generates_from_merged_dir(run):
+def test_serve_engine_generates_from_merged_dir_what_base_plus_adapter_generates(run, tiny_model):
+    """Boson's serve engine, constructed from the merged dir's path as a user constructs it, decodes greedily the
+    same audio codes as base + adapter applied in memory (ds_train.generate.load_engine: LoRA by PEFT, audio_mlp
+    loaded over the base), the same prompt through the same HiggsAudioServeEngine.generate. The base alone decodes
+    other codes, so the comparison sees the adapter."""
     from boson_multimodal.data_types import ChatMLSample, Message
     from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
 
     from ds_train.data.audio import _local_semantic_teacher
+    from ds_train.generate import load_engine
 
     merged = run / "merged"
     # The tiny audio tokenizer ships its semantic teacher; boson would otherwise fetch it from the hub.
@@ -118,8 +123,19 @@ def test_serve_engine_generates_from_merged_dir(run):
                                        torch_dtype=torch.float32, kv_cache_lengths=[256])
     sample = ChatMLSample(messages=[Message(role="system", content="Generate audio following instruction."),
                                     Message(role="user", content="the quick brown fox")])
-    response = engine.generate(sample, max_new_tokens=16, force_audio_gen=True, seed=0)
-    assert response.audio is not None and response.audio.size > 0
+
+    def greedy(engine) -> torch.Tensor:  # (codebooks, steps) as generated, delay pattern and stream BOS/EOS kept
+        response = engine.generate(sample, max_new_tokens=24, temperature=0.0, ras_win_len=0, force_audio_gen=True,
+                                   seed=0)
+        return torch.from_numpy(response.generated_audio_tokens)
+
+    codes = greedy(engine)
+    reference = greedy(load_engine(str(tiny_model), str(run / "adapter"), device="cpu", dtype="fp32"))
+    base = greedy(load_engine(str(tiny_model), device="cpu", dtype="fp32"))
+    assert codes.shape[0] == 8 and codes.shape[1] >= 12, codes.shape  # frames, not a stream closed at once
+    assert len(codes.unique()) > 2  # more than the stream BOS/EOS and one code
+    assert torch.equal(codes, reference), (codes, reference)
+    assert not torch.equal(codes, base)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from ds_train.config import load_config
+from ds_train.config import load_config, to_yaml
 from ds_train.metrics import WANDB_ID_FILE, MetricsLogger
 
 
@@ -28,7 +28,7 @@ def test_tensorboard_gets_scalars_audio_and_config_and_plot_draws_them(tmp_path)
     logger.audio(2, [("000-a", np.sin(np.arange(1600) / 5.0).astype(np.float32), 16000, "a caption")])
     logger.finish()
 
-    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"audio": 0}).Reload()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"audio": 0, "tensors": 0}).Reload()
     tags = events.Tags()
     assert {"loss", "codebook_loss/0", "codebook_loss/1", "lr", "skipped", "eval_loss", "eval_audio_acc",
             "samples_eos_fraction"} <= set(tags["scalars"])
@@ -36,7 +36,15 @@ def test_tensorboard_gets_scalars_audio_and_config_and_plot_draws_them(tmp_path)
     assert [e.value for e in events.Scalars("codebook_loss/1")] == [2.0, 4.0]
     assert tags["audio"] == ["samples/000-a"] and events.Audio("samples/000-a")[0].step == 2
     assert events.Audio("samples/000-a")[0].sample_rate == 16000
-    assert "config" in " ".join(tags["tensors"])  # add_text is stored as a tensor summary
+    # add_text is stored as a tensor summary: the whole resolved config as YAML, indented into a markdown code block
+    assert tags["tensors"] == ["config/text_summary"]
+    (stored,) = events.Tensors("config/text_summary")
+    text = stored.tensor_proto.string_val[0].decode()
+    assert stored.step == 0 and text == "\n".join("    " + line for line in to_yaml(cfg).splitlines())
+    assert text.startswith("    model:\n      path: m\n")
+    for line in ("      audio_tokenizer_path: t", "      train_file: x.jsonl", f"      output_dir: {tmp_path}",
+                 "      tensorboard: true"):
+        assert line in text.splitlines(), line
 
     path = plot_curves(tmp_path)
     assert path == tmp_path / "curves.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

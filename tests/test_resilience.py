@@ -93,7 +93,13 @@ def test_signal_to_one_rank_stops_all_ranks_at_the_same_step(tiny_model, demo_da
     os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)  # only rank 1 hears it; rank 0 learns at the step boundary
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT, output[-4000:]
-    step = [r for r in read_metrics(out) if "preempted" in r][0]["step"]
+    records = read_metrics(out)
+    stopped = [r for r in records if "preempted" in r]
+    assert len(stopped) == 1 and stopped[0]["preempted"] == "peer"  # rank 0 did not hear the signal itself
+    step = stopped[0]["step"]
+    assert step >= 4 and records[-1] is stopped[0]  # nothing logged after the stop
+    assert max(r["step"] for r in records) == max(loss_records(out)) == step  # no step trained past it
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{step:06d}"
     ckpt = out / "checkpoints" / f"step-{step:06d}"
     assert sorted(p.name for p in ckpt.glob("rng-rank*.pt")) == ["rng-rank00000.pt", "rng-rank00001.pt"]
 

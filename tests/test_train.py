@@ -41,11 +41,17 @@ def test_zero3_two_ranks_loss_falls_and_outputs(tiny_model, demo_data, tmp_path)
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 16 and [r["step"] for r in steps] == list(range(1, 17))
     per_step_tokens = step_tokens(demo_data, tiny_model, tmp_path)
+    # Step 1 trains the base model (LoRA's B starts at 0, dropout 0) on the plan's first two micro-batches of 2
+    # samples, one per rank: [7, 0] and [2, 1] (MicroBatchSampler, seed 42, written out). Its logged losses are a
+    # plain Boson forward of those batches with the token-weighted cross-entropy written out in this file.
+    want = independent_losses(tiny_model, demo_data, [[7, 0], [2, 1]])
+    assert steps[0]["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert steps[0]["text_loss"] == pytest.approx(want["text_loss"], rel=1e-5)
+    assert steps[0]["audio_loss"] == pytest.approx(want["audio_loss"], rel=1e-5)
+    assert steps[0]["codebook_losses"] == pytest.approx(want["codebook_losses"], rel=1e-5)
     for r in steps:
         assert RECORD_KEYS <= r.keys()
-        assert r["loss"] == pytest.approx(1.0 * r["text_loss"] + 1.0 * r["audio_loss"], rel=1e-9)
         assert len(r["codebook_losses"]) == 8
-        assert sum(r["codebook_losses"]) / 8 == pytest.approx(r["audio_loss"], rel=1e-9)
         assert r["tokens"] in per_step_tokens  # 2 ranks x 2 samples: the positions of 4 of the 8 samples
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["step_time_s"], rel=1e-6)
         assert r["samples_per_s"] == pytest.approx(4 / r["step_time_s"], rel=1e-6)
@@ -108,6 +114,43 @@ def test_config_errors_stop_before_any_process_group(tiny_model, demo_data, tmp_
     proc = ds_train(["train", str(write_config(tmp_path / "bad.yaml", cfg))])
     assert proc.returncode == 2 and "config error: Key 'lrr' not in 'OptimConfig'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def independent_losses(tiny_model, demo_data, micro_batches: list[list[int]], model=None) -> dict:
+    """The token-weighted losses of one step over `micro_batches` (indices into the demo train set's prepared cache)
+    by a plain HiggsAudioModel forward (fp32, the base model unless `model` is given) and torch's cross-entropy,
+    written here rather than taken from ds_train.loss: text position t scores label t+1 of the forward's
+    expanded labels; audio position n of the concatenated stream scores code n+1 of each codebook; every trained
+    position of every micro-batch counts once, text and each codebook separately, loss = text + mean of codebooks."""
+    import torch
+    import torch.nn.functional as F
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    from ds_train.data.cache import CachedDataset, default_cache_dir
+    from ds_train.data.collate import Collate, make_collator
+
+    if model is None:
+        model = HiggsAudioModel.from_pretrained(str(tiny_model), torch_dtype=torch.float32).eval()
+    ds = CachedDataset(default_cache_dir(str(demo_data / "train.jsonl")), model.config)
+    collate = Collate(make_collator(model.config))
+    text, codes = [], [[] for _ in range(8)]
+    with torch.no_grad():
+        for indices in micro_batches:
+            b = collate([ds[i] for i in indices])
+            out = model(**b.inputs)
+            labels = out.expanded_labels[:, 1:]
+            trained = labels != -100
+            text.append(F.cross_entropy(out.logits[:, :-1][trained].double(), labels[trained], reduction="none"))
+            for k in range(8):
+                target = b.label_audio_ids[k, 1:]
+                trained = target != -100
+                codes[k].append(F.cross_entropy(out.audio_logits[:-1, k][trained].double(), target[trained],
+                                                reduction="none"))
+    text_loss = torch.cat(text).mean().item()
+    codebook_losses = [torch.cat(c).mean().item() for c in codes]
+    audio_loss = sum(codebook_losses) / 8
+    return {"loss": text_loss + audio_loss, "text_loss": text_loss, "audio_loss": audio_loss,
+            "codebook_losses": codebook_losses}
 
 
 def step_tokens(demo_data, tiny_model, tmp_path) -> set:
@@ -196,3 +239,67 @@ def test_a_cache_shipped_without_its_audio_trains_the_same(one_process_run, tiny
     evals = [[r["eval_loss"] for r in read_metrics(o) if r.get("step") == 0 and "eval_loss" in r]
              for o in (one_process_run, out)]
     assert evals[1] == pytest.approx(evals[0], rel=1e-5) and evals[0]
+
+
+class _Engine:
+    """Stands in for DeepSpeed's engine around a plain model (DeepSpeed's needs a process group, which a unit test
+    of one step does not start): the forward is the model's, backward is autograd's, and the update is skipped."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, **inputs):
+        return self.model(**inputs)
+
+    def train(self):
+        self.model.train()
+
+    def backward(self, loss, scale_wrt_gas=True):
+        loss.backward()
+
+    def step(self):
+        pass
+
+
+def test_a_step_whose_forward_trains_other_positions_than_collated_raises(tiny_model, demo_data, tmp_path):
+    """train_step divides each micro-batch's summed loss by the counts the collator made from the labels before the
+    forward. If the forward trains other positions (here: one text label hidden after collation, as a label
+    expansion that disagrees with loss.trained_positions would), the step's loss is silently mis-weighted; the step
+    must stop with an error that names the step and the count. The same batches unchanged pass, with the loss of a
+    token-weighted mean written out here."""
+    from types import SimpleNamespace
+
+    import torch
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    from ds_train.config import load_config
+    from ds_train.data.cache import CachedDataset
+    from ds_train.data.collate import Collate, make_collator
+    from ds_train.data.prepare import prepare
+    from ds_train.preflight import load_model_config, load_text_tokenizer
+    from ds_train.train import train_step
+
+    cfg = load_config(None, [f"model.path={tiny_model}", f"model.audio_tokenizer_path={tiny_model}/audio_tokenizer",
+                             f"data.train_file={demo_data}/train.jsonl", f"train.output_dir={tmp_path}/out"])
+    model_config = load_model_config(str(tiny_model))
+    # the session's shared cache next to the manifest
+    cache = prepare(cfg, cfg.data.train_file, load_text_tokenizer(cfg, model_config)).cache_dir
+    ds = CachedDataset(cache, model_config)
+    collate = Collate(make_collator(model_config))
+    model = HiggsAudioModel.from_pretrained(str(tiny_model))
+    model.config.use_cache = False
+    run = SimpleNamespace(cfg=cfg, engine=_Engine(model), state={"step": 4})
+
+    batches = [collate([ds[0], ds[1]]), collate([ds[2]])]  # the cache independent_losses reads
+    result = train_step(run, batches)
+    # the token-weighted step loss: every trained position of both micro-batches, one mean
+    model.eval()  # no dropout in the tiny model: the same forward
+    assert result.loss.loss == pytest.approx(independent_losses(tiny_model, demo_data, [[0, 1], [2]], model)["loss"],
+                                             rel=1e-5)
+
+    labels = batches[1].inputs["label_ids"]
+    last_trained = int((labels[0] != -100).nonzero()[-1])  # the sample's last text label, e.g. <|eot_id|>
+    labels[0, last_trained] = -100  # after collation: batches[1].counts still counts it
+    with pytest.raises(RuntimeError, match=r"step 5: the forward trained other positions than the collator counted "
+                                           r"\(text: off by 1 of \d+\)"):
+        train_step(run, batches)
