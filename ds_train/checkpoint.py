@@ -231,23 +231,30 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def check_resume_request(cfg: Config, out_dir: Path) -> None:
+    """A requested resume that finds nothing to resume from is a config error; no collective, so preflight calls it
+    before the process group (a launch outside a launcher stops here with its one line, not in MPI discovery)."""
+    mode = cfg.train.resume
+    if mode == "auto" and read_latest(out_dir) is None:
+        raise ConfigError(f"train.resume=auto but {checkpoint_root(out_dir)} has no complete checkpoint "
+                          "(no `latest`); use train.resume=none to start fresh")
+    if mode not in ("auto", "none") and not (Path(mode) / META).is_file():
+        raise ConfigError(f"train.resume={mode}: {mode} is not a complete ds_train checkpoint (no {META}); "
+                          "give a step-XXXXXX dir that holds one, or train.resume=auto")
+
+
 def find_resume(cfg: Config, out_dir: Path) -> Optional[Path]:
     """The checkpoint dir to resume from, None for a fresh start; raises when a requested resume finds nothing.
     Collective in a process group (the checkpoint is validated by all ranks together): call it on every rank, after
     check_shared_dir."""
     mode = cfg.train.resume
+    check_resume_request(cfg, out_dir)
     if mode == "none":
         return None
     if mode == "auto":
-        if read_latest(out_dir) is None:
-            raise ConfigError(f"train.resume=auto but {checkpoint_root(out_dir)} has no complete checkpoint "
-                              "(no `latest`); use train.resume=none to start fresh")
         path = newest_intact(out_dir)
     else:
         path = Path(mode)
-        if not (path / META).is_file():
-            raise ConfigError(f"train.resume={mode}: {path} is not a complete ds_train checkpoint (no {META}); "
-                              "give a step-XXXXXX dir that holds one, or train.resume=auto")
         damaged = checkpoint_problems(path)
         if damaged:
             raise CheckpointError(f"train.resume={mode}: the checkpoint is damaged:\n  " + "\n  ".join(damaged)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ds_train.adapter import check_init_adapter
-from ds_train.checkpoint import read_latest
+from ds_train.checkpoint import check_resume_request, read_latest
 from ds_train.config import Config
 from ds_train.errors import ConfigError
 
@@ -80,7 +80,8 @@ def check_audio_tokenizer(cfg: Config, model_config) -> None:
 
 
 def check_output_dir(cfg: Config, for_prepare: bool = False) -> Path:
-    """Fail before any process group exists: unwritable dir, or another run's checkpoints without resume."""
+    """Fail before any process group exists: unwritable dir, another run's checkpoints without resume, or a resume
+    that finds nothing."""
     out = Path(cfg.train.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +93,8 @@ def check_output_dir(cfg: Config, for_prepare: bool = False) -> Path:
     if not for_prepare and cfg.train.resume == "none" and read_latest(out) is not None:
         raise ConfigError(f"{out} already holds checkpoints of a run; set train.resume=auto to continue it, "
                           "or choose a new train.output_dir")
+    if not for_prepare:
+        check_resume_request(cfg, out)
     return out
 
 
