@@ -22,7 +22,7 @@ from ds_train.data.cache import CachedDataset, default_cache_dir
 from ds_train.data.manifest import read_manifest
 from ds_train.data.prepare import prepare
 from ds_train.demo.data import RATE, synth
-from ds_train.errors import DataError
+from ds_train.errors import ConfigError, DataError
 from test_prepare import make_cfg, new_process
 
 N = 4  # rows of each data set: the first 4 demo training rows (3 speakers, each with a reference clip)
@@ -164,7 +164,7 @@ def test_columns_are_configurable_and_speakers_may_be_numbers(sets, tmp_path):
     assert [r.sample.speaker for r in recs] == ["100", "101", "100", "101"]
     assert speakers_by_source(str(tmp_path / "disk"), columns=columns) == {
         s: str(100 + i % 2) for i, s in enumerate(SOURCES["hf_disk"])}
-    with pytest.raises(ValueError, match=r"has no column 'text' for the text .*data.columns.text"):
+    with pytest.raises(ConfigError, match=r"has no column 'text' for the text .*data.columns.text"):
         read_manifest(str(tmp_path / "pq"), columns={"audio": "wav"})
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ds_train.config import COLUMN_KEYS
+from ds_train.errors import ConfigError
 from ds_train.fsutil import file_digest
 
 
@@ -53,7 +54,7 @@ def kind_of(path: str, fmt: str = "auto") -> str:
         return "webdataset"
     if any(p.rglob("*.parquet")):
         return "hf"
-    raise ValueError(f"{path}: a folder, but not a data set ds_train reads: no state.json (HF save_to_disk), "
+    raise ConfigError(f"{path}: a folder, but not a data set ds_train reads: no state.json (HF save_to_disk), "
                      "metadata.csv (LJSpeech), *.tar (webdataset) or *.parquet (HF) in it")
 
 

@@ -17,6 +17,7 @@ from typing import Iterator
 
 from ds_train.data.clips import member_ref
 from ds_train.data.formats import COLUMN_KEYS, Row
+from ds_train.errors import ConfigError
 
 BATCH = 4096  # rows per Arrow batch read from a file
 
@@ -28,11 +29,11 @@ def data_files(path: str) -> list[tuple[str, str]]:
         return [(p.name, str(p))]
     if (p / "dataset_dict.json").is_file():
         splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
-        raise ValueError(f"{path} is a DatasetDict: name one split's folder, e.g. {p / (splits or ['train'])[0]}")
+        raise ConfigError(f"{path} is a DatasetDict: name one split's folder, e.g. {p / (splits or ['train'])[0]}")
     if (p / "state.json").is_file():
         state = json.loads((p / "state.json").read_text())
         if state.get("_indices_data_files"):
-            raise ValueError(f"{path} was saved with an indices mapping (a select/shuffle not flattened): save it "
+            raise ConfigError(f"{path} was saved with an indices mapping (a select/shuffle not flattened): save it "
                              "again after `ds = ds.flatten_indices()`")
         return [(f["filename"], str(p / f["filename"])) for f in state["_data_files"]]
     files = sorted(p.rglob("*.parquet"), key=lambda f: str(f.relative_to(p)))
@@ -60,7 +61,7 @@ def _file_rows(f: str, name: str, columns: dict) -> Iterator[dict]:
         schema = pf.schema_arrow
     for key in ("audio", "text"):
         if columns[key] not in schema.names:
-            raise ValueError(f"{name} has no column '{columns[key]}' for the {key} (its columns: "
+            raise ConfigError(f"{name} has no column '{columns[key]}' for the {key} (its columns: "
                              f"{', '.join(schema.names)}); name it with data.columns.{key}")
     blobs = {field.name for field in schema if _is_blob(field.type)}  # audio bytes: referenced, never read here
     read = [c for c in schema.names if c not in blobs]

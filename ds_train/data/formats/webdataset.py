@@ -17,6 +17,7 @@ from typing import Iterator
 
 from ds_train.data.clips import member_ref
 from ds_train.data.formats import COLUMN_KEYS, Row
+from ds_train.errors import DataError
 
 AUDIO_EXTS = ("flac", "wav", "mp3", "ogg")  # what soundfile decodes, in order of preference
 
@@ -43,7 +44,7 @@ def _samples(f: str, columns: dict) -> Iterator[tuple[str, object, str | None]]:
     try:
         tar = tarfile.open(f, "r:")
     except tarfile.TarError as e:
-        raise ValueError(f"{os.path.basename(f)}: not a tar file ({e})") from None
+        raise DataError([{"source": os.path.basename(f), "reason": f"not a tar file ({e})"}], f) from None
     with tar:
         group, members = None, {}
         for m in tar:
