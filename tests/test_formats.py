@@ -151,6 +151,18 @@ def test_each_format_prepares_the_codes_and_labels_of_its_jsonl_twin(name, sets,
     assert members == [{"ljspeech": [False], "webdataset": [False, True]}.get(name, [True, True])] * N
 
 
+def test_the_form_of_a_data_set_is_told_by_its_path(sets, tmp_path):
+    from ds_train.data.formats import kind_of
+
+    kinds = {name: kind_of(str(sets[name][0])) for name in SOURCES}
+    assert kinds == {"hf_disk": "hf", "hf_parquet": "hf", "webdataset": "webdataset", "ljspeech": "ljspeech"}
+    assert kind_of(str(next(sets["webdataset"][0].glob("*.tar")))) == "webdataset"
+    assert kind_of(str(sets["ljspeech"][1])) == "json"
+    assert kind_of(str(tmp_path), "webdataset") == "webdataset"  # data.format names it: not looked at
+    with pytest.raises(ConfigError, match=r"not a data set ds_train reads: no state.json .*metadata.csv"):
+        kind_of(str(tmp_path))
+
+
 def test_columns_are_configurable_and_speakers_may_be_numbers(sets, tmp_path):
     from ds_train.data.manifest import speakers_by_source
 
@@ -166,6 +178,29 @@ def test_columns_are_configurable_and_speakers_may_be_numbers(sets, tmp_path):
         s: str(100 + i % 2) for i, s in enumerate(SOURCES["hf_disk"])}
     with pytest.raises(ConfigError, match=r"has no column 'text' for the text .*data.columns.text"):
         read_manifest(str(tmp_path / "pq"), columns={"audio": "wav"})
+
+
+def test_eval_prompts_from_a_data_set_send_member_clips_to_the_serve_engine_as_bytes(sets, tiny_model, text_tok,
+                                                                                    audio_tok):
+    """eval.samples speaks held-out records through Boson's serve engine, which opens reference clips by path or
+    takes their bytes (raw_audio): a reference inside a parquet row goes as its bytes and conditions on the codes
+    of the JSONL twin's file."""
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    from ds_train.data.audio import load_audio
+    from ds_train.generate import prompts_from_manifest, serve_engine
+
+    path, twin = sets["hf_parquet"]
+    got, want = (prompts_from_manifest(str(p), "auto", "sys", 2) for p in (path, twin))
+    assert [p.text for p in got] == [p.text for p in want] and len(got) == 2
+    engine = serve_engine(HiggsAudioModel.from_pretrained(str(tiny_model)).eval(), text_tok, audio_tok)
+    for a, b in zip(got, want):
+        ref = [c for m in a.sample.messages for c in (m.content if isinstance(m.content, list) else [m.content])
+               if hasattr(c, "raw_audio")][0]
+        assert ref.audio_url == "" and ref.raw_audio and clips.split(a.ref_audio)[1] == f"{got.index(a)}/ref_audio"
+        codes = [engine._prepare_inputs(p.sample, force_audio_gen=True)["audio_out_ids"] for p in (a, b)]
+        assert torch.equal(codes[0], codes[1]) and codes[0].shape[1] > 10
+        assert np.array_equal(load_audio(a.target_audio, 16000), load_audio(b.target_audio, 16000))
 
 
 def write_bad_sets(d):

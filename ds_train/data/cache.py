@@ -2,11 +2,14 @@
 
 cache_dir/
   fingerprint.json    what produces the codes (tokenizers, settings); written before any shard
-  digests.dsc         (real path, size, mtime_ns, sha1) of each clip the manifest names: audio is read once
+  digests.dsc         (real path, size, mtime_ns, sha1) of each clip the manifest names: audio is read once (a clip
+                      inside a data set's tar/parquet/Arrow file: `FILE::MEMBER`, with that file's size and mtime)
   shard-00000.dsc ... records [k*S, (k+1)*S) of the manifest in columns (columns.py): token ids, labels, codes,
                       clip starts, durations, per-record offsets and lengths; keys, bad records, paths in its header
-  samples.npy         the index: one int64 row per usable sample (shard, entry, offsets, lengths, manifest line)
-  index.json          fingerprint, manifest digest, counts, bad-sample report; written last
+  samples.npy         the index: one int64 row per usable sample (shard, entry, offsets, lengths, manifest line or,
+                      for a data set of several files, record number)
+  index.json          fingerprint, manifest digest, counts, bad-sample report, the data set's files (`parts`: name
+                      and first record number, to name a sample FILE:ROW); written last
   shard-00000.lock    only while a `prepare` run encodes shard 0 (see prepare.py)
   piece-00000-00013-00026.dsc  only while shard 0 is encoded: the records of it one rank encoded (here 13-25)
 
