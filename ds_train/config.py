@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -71,6 +71,11 @@ class LoraConfig:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
 
+# data.format: how rows of JSON manifests read (auto: each row by its keys), or a data set form (data/formats/).
+DATA_FORMATS = ("auto", "chatml", "tts", "hf", "webdataset", "ljspeech")
+COLUMN_KEYS = ("audio", "text", "speaker", "language", "ref_audio", "ref_text")  # data.columns: TTS key -> column
+
+
 @dataclass
 class DataConfig:
     train_file: Optional[str] = MISSING  # Boson ChatML (JSON list / JSONL) or a plain TTS manifest (JSONL)
@@ -81,7 +86,10 @@ class DataConfig:
     eval_split: Optional[float] = None  # without eval_file: hold out this fraction of the training samples (by speaker)
     # prepared cache; default .ds_train_cache/<manifest stem> next to each manifest (see cache.cache_dirs)
     cache_dir: Optional[str] = None
-    format: str = "auto"  # auto | chatml | tts
+    format: str = "auto"  # auto | chatml | tts | hf | webdataset | ljspeech (see README "Data set formats")
+    # HF datasets and webdataset JSON: the column (key) of each TTS key that is not named as it, e.g.
+    # {text: normalized_text, speaker: speaker_id}; unset keys use their own name.
+    columns: Optional[Dict[str, str]] = None
     system_prompt: str = "Generate audio following instruction."
     max_audio_seconds: float = 30.0
     min_audio_seconds: float = 0.05
@@ -108,7 +116,15 @@ class DataConfig:
             if self.eval_file:
                 raise ConfigError("data.eval_split holds out part of the training data as the eval set: set it or "
                                   "data.eval_file, not both")
-        _choice("data.format", self.format, ("auto", "chatml", "tts"))
+        _choice("data.format", self.format, DATA_FORMATS)
+        if self.columns is not None:
+            unknown = sorted(set(self.columns) - set(COLUMN_KEYS))
+            if unknown:
+                raise ConfigError(f"data.columns maps TTS keys to column names; {', '.join(unknown)} is not one of "
+                                  f"{', '.join(COLUMN_KEYS)}")
+            for key, column in self.columns.items():
+                if not isinstance(column, str) or not column:
+                    raise ConfigError(f"data.columns.{key} must be a column name, got {column!r}")
         _choice("data.plausibility", self.plausibility, ("warn", "error", "off"))
         _positive("data.max_audio_seconds", self.max_audio_seconds)
         _at_least("data.min_audio_seconds", self.min_audio_seconds, 0)

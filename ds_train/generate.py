@@ -12,6 +12,7 @@ or the DeepSpeed engine's module during training (ds_train.samples).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -244,17 +245,18 @@ def _prompt_problem(row, base: Path) -> Optional[str]:
     return None
 
 
-def prompts_from_manifest(path: str, fmt: str, system_prompt: str, n: int,
-                          only: Optional[set[str]] = None) -> list[Prompt]:
-    """The first `n` usable samples of a training/eval manifest (of those whose source is in `only`, when given)
-    as prompts: every turn before the last assistant audio turn, whose clip becomes the target the generated audio
-    is compared with."""
+def prompts_from_manifest(path: str, fmt: str, system_prompt: str, n: int, only: Optional[set[str]] = None,
+                          columns: Optional[dict] = None) -> list[Prompt]:
+    """The first `n` usable samples of a training/eval manifest or data set (of those whose source is in `only`,
+    when given) as prompts: every turn before the last assistant audio turn, whose clip becomes the target the
+    generated audio is compared with."""
     from boson_multimodal.data_types import AudioContent, ChatMLSample
 
+    from ds_train.data import clips
     from ds_train.data.manifest import audio_contents, contents, read_manifest, text_of
 
     prompts = []
-    for rec in read_manifest(path, fmt, system_prompt):
+    for rec in read_manifest(path, fmt, system_prompt, columns=columns):
         if rec.sample is None or (only is not None and rec.source not in only):
             continue
         messages = rec.sample.messages
@@ -265,6 +267,9 @@ def prompts_from_manifest(path: str, fmt: str, system_prompt: str, n: int,
         target = next(c for c in contents(messages[last]) if isinstance(c, AudioContent)).audio_url
         prompt_sample = ChatMLSample(messages=messages[:last])
         earlier = [c.audio_url for c in audio_contents(prompt_sample)]
+        for c in audio_contents(prompt_sample):  # the serve engine reads files only: a member goes as its bytes
+            if clips.split(c.audio_url)[1] is not None and clips.exists(c.audio_url):
+                c.raw_audio, c.audio_url = base64.b64encode(clips.read_bytes(c.audio_url)).decode(), ""
         stem = f"{len(prompts):03d}-{Path(target).stem}"
         prompts.append(Prompt(prompt_sample, stem, (text_of(prompt_sample) or [""])[-1], target,
                               ref_audio=earlier[-1] if earlier else None))

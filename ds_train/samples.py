@@ -162,10 +162,12 @@ def load_prompts(cfg: Config, held_out: Optional[dict[str, set[str]]] = None) ->
         return read_prompts(samples, cfg.data.system_prompt)
     d = cfg.data
     if d.eval_file or not held_out:
-        return prompts_from_manifest(d.eval_file or d.manifests()[0][0], d.format, d.system_prompt, samples)
+        return prompts_from_manifest(d.eval_file or d.manifests()[0][0], d.format, d.system_prompt, samples,
+                                     columns=d.columns)
     prompts = []
     for manifest, sources in held_out.items():
-        prompts += prompts_from_manifest(manifest, d.format, d.system_prompt, samples - len(prompts), only=sources)
+        prompts += prompts_from_manifest(manifest, d.format, d.system_prompt, samples - len(prompts), only=sources,
+                                         columns=d.columns)
         if len(prompts) == samples:
             break
     for k, p in enumerate(prompts):  # numbered across the files, as one manifest's prompts are

@@ -84,7 +84,8 @@ def bench_data(cfg: Config, on_the_fly_seconds: float = 60.0) -> dict:
     # Throughput: the same micro-batches, read from the cache vs made on the fly.
     loader, sampler = build_loader(cached, collator, cfg, 0, 1, sampler=by_tokens)
     cache_rate, cache_first = _measure(loader, sampler, CACHE_MIN_SECONDS, epochs=None)
-    by_key = {r.key: r for r in read_manifest(cfg.data.train_file, cfg.data.format, cfg.data.system_prompt)}
+    by_key = {r.key: r for r in read_manifest(cfg.data.train_file, cfg.data.format, cfg.data.system_prompt,
+                                                  columns=cfg.data.columns)}
     fly = OnTheFlyDataset([by_key[e["key"]] for e in cached.entries], text_tokenizer, audio_tokenizer, model_config,
                           cfg.data.loudness_normalize, whisper)
     fly_loader, fly_sampler = build_loader(fly, collator, cfg, 0, 1, sampler=by_tokens)

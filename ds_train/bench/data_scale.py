@@ -117,7 +117,8 @@ def build_synthetic_cache(cfg: Config, model_config, text_tokenizer, work: Path,
                             "audio_codes": torch.from_numpy(rng.integers(0, 1024, (k, frames), dtype=np.int16)),
                             "audio_starts": torch.zeros(1, dtype=torch.int64),
                             "audio_paths": [str(work / "wavs" / f"{i:08d}.wav")],
-                            "clip_seconds": [float(seconds[i])], "clip_is_out": [True], "trains_audio": True})
+                            "clip_seconds": [float(seconds[i])], "clip_is_out": [True], "trains_audio": True,
+                            "order": i + 1})
         write_shard(cache, s // size, records, fp, entries, [])
     # The digests a real prepare remembers: the relaunch stats each clip (here all absent: a shipped cache).
     write_digests(cache / DIGESTS, {str(work / "wavs" / f"{i:08d}.wav"): (480_000, 1_700_000_000_000_000_000, "0" * 40)

@@ -13,6 +13,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from ds_train.data import clips
 from ds_train.fsutil import file_digest
 
 LIBROSA_RESAMPLER = "soxr_hq"  # librosa.load's default res_type, which the serve engine uses
@@ -25,15 +26,16 @@ class AudioError(ValueError):
 
 
 def load_audio(path: str | os.PathLike, target_sr: int) -> np.ndarray:
-    """Decode once, downmix to mono float32, resample to `target_sr`.
+    """Decode once, downmix to mono float32, resample to `target_sr`. `path` is a file or a member of a data set's
+    tar / parquet / Arrow file (clips.py).
 
     The samples equal `librosa.load(path, sr=target_sr)`, which is how HiggsAudioServeEngine loads a reference clip
     at inference: the codes training conditions on are the codes inference will condition on. (torchaudio's
     resampler differs by ~1e-4 and changed 0.8-1.4% of the reference codes.)
     """
     try:
-        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        wav, sr = sf.read(clips.open_clip(str(path)), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, OSError, LookupError, ValueError) as e:
         raise AudioError(f"cannot decode audio: {e}") from None
     wav = wav.mean(axis=1)
     if wav.size == 0:
@@ -44,10 +46,10 @@ def load_audio(path: str | os.PathLike, target_sr: int) -> np.ndarray:
 
 
 def audio_info(path: str | os.PathLike) -> tuple[int, float]:
-    """(sample rate, seconds) from the header alone."""
+    """(sample rate, seconds) from the header alone (of a member: its bytes are read, the rest of its file is not)."""
     try:
-        info = sf.info(str(path))
-    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        info = sf.info(clips.open_clip(str(path)))
+    except (sf.LibsndfileError, RuntimeError, TypeError, OSError, LookupError, ValueError) as e:
         raise AudioError(f"cannot read audio header: {e}") from None
     return info.samplerate, info.frames / max(info.samplerate, 1)
 

@@ -2,11 +2,14 @@
 
 cache_dir/
   fingerprint.json    what produces the codes (tokenizers, settings); written before any shard
-  digests.dsc         (real path, size, mtime_ns, sha1) of each clip the manifest names: audio is read once
+  digests.dsc         (real path, size, mtime_ns, sha1) of each clip the manifest names: audio is read once (a clip
+                      inside a data set's tar/parquet/Arrow file: `FILE::MEMBER`, with that file's size and mtime)
   shard-00000.dsc ... records [k*S, (k+1)*S) of the manifest in columns (columns.py): token ids, labels, codes,
                       clip starts, durations, per-record offsets and lengths; keys, bad records, paths in its header
-  samples.npy         the index: one int64 row per usable sample (shard, entry, offsets, lengths, manifest line)
-  index.json          fingerprint, manifest digest, counts, bad-sample report; written last
+  samples.npy         the index: one int64 row per usable sample (shard, entry, offsets, lengths, manifest line or,
+                      for a data set of several files, record number)
+  index.json          fingerprint, manifest digest, counts, bad-sample report, the data set's files (`parts`: name
+                      and first record number, to name a sample FILE:ROW); written last
   shard-00000.lock    only while a `prepare` run encodes shard 0 (see prepare.py)
   piece-00000-00013-00026.dsc  only while shard 0 is encoded: the records of it one rank encoded (here 13-25)
 
@@ -33,6 +36,7 @@ from torch.utils.data import Dataset
 
 from ds_train import dist
 from ds_train.config import Config, flatten
+from ds_train.data import clips
 from ds_train.data.audio import tokenizer_fingerprint
 from ds_train.data.collate import to_dataset_sample
 from ds_train.data.columns import read_arrays, write_arrays
@@ -120,8 +124,8 @@ def current_index(cache: Path, fp: dict, manifest_sha1: str, limits, plausibilit
 
 
 class DigestMemo:
-    """SHA-1 of audio files remembered in the cache (digests.dsc), keyed by (real path, size, mtime): a relaunch
-    stats files instead of reading them; a data set moved elsewhere is hashed once more (new paths), never encoded
+    """SHA-1 of audio files remembered in the cache (digests.dsc), keyed by (real path, size, mtime; for a member of a
+    data set's tar / parquet / Arrow file its file's size and mtime): a relaunch stats files instead of reading them; a data set moved elsewhere is hashed once more (new paths), never encoded
     again (the record keys are by content). A file missing when the manifest was read is remembered as missing; a
     clip's duration (its header), once read, is remembered with its digest."""
 
@@ -135,17 +139,19 @@ class DigestMemo:
         self._by_sha1: Optional[dict[str, float]] = None
 
     def __call__(self, path: str) -> Optional[str]:
-        """The file's SHA-1; None when there is no such file."""
-        from ds_train.fsutil import file_digest
-
-        real = os.path.realpath(path)
-        if not os.path.isfile(real):
+        """The clip's SHA-1; None when there is no such file (or member of a data set's file, clips.py)."""
+        real = clips.real(path)
+        try:
+            st = os.stat(clips.holder(real))
+        except OSError:
             self.used[real] = (-1, -1, "", -1.0)
             return None
-        st = os.stat(real)
         seen = self.known.get(real)
         if not (seen and seen[0] == st.st_size and seen[1] == st.st_mtime_ns and seen[2]):
-            sha1 = file_digest(real)
+            if not clips.exists(real):  # a member its file does not hold: missing while that file stays as it is
+                self.used[real] = (st.st_size, st.st_mtime_ns, "", -1.0)
+                return None
+            sha1 = clips.digest(real)
             # A known clip under a new path (the data set moved): its duration is known too.
             seen = (st.st_size, st.st_mtime_ns, sha1, self._seconds_by_sha1().get(sha1, -1.0))
         self.used[real] = seen
@@ -160,9 +166,9 @@ class DigestMemo:
         """The clip's duration: remembered for a file digested unchanged, else read from its header."""
         from ds_train.data.audio import audio_info
 
-        real = os.path.realpath(path)
+        real = clips.real(path)
         seen = self.used.get(real) or self.known.get(real)
-        st = os.stat(real)
+        st = os.stat(clips.holder(real))
         if seen and seen[0] == st.st_size and seen[1] == st.st_mtime_ns and seen[3] >= 0:
             return seen[3]
         seconds = float(audio_info(path)[1])
@@ -202,15 +208,22 @@ def _digest_rows(path: Path):
 
 
 def audio_unchanged(cache: Path) -> bool:
-    """No audio file the cache was made from has changed since (a stat each, no file opened): same size and mtime,
-    or absent now (the cache was shipped without its audio); and none that was missing has appeared."""
+    """No audio file the cache was made from has changed since (a stat each, no file opened; a file that holds many
+    clips, a tar or parquet shard, is stat'ed once): same size and mtime, or absent now (the cache was shipped without
+    its audio); and none that was missing has appeared."""
     path = cache / DIGESTS
     if not path.is_file():
         return True
+    stats: dict[str, Optional[os.stat_result]] = {}
     for real, size, mtime, _, _ in _digest_rows(path):
-        try:
-            st = os.stat(real)
-        except OSError:
+        file = clips.holder(real)
+        if file not in stats:
+            try:
+                stats[file] = os.stat(file)
+            except OSError:
+                stats[file] = None
+        st = stats[file]
+        if st is None:
             continue  # absent here: training reads the cache, not the audio
         if size < 0 or st.st_size != size or st.st_mtime_ns != mtime:
             return False
@@ -233,7 +246,8 @@ def _entries_of(meta: dict, a: dict[str, np.ndarray]) -> list[dict]:
                     "audio_starts": torch.from_numpy(np.array(a["starts"][s0:s0 + ns])),
                     "clip_seconds": a["seconds"][s0:s0 + ns].tolist(),
                     "clip_is_out": a["clip_is_out"][s0:s0 + ns].astype(bool).tolist(),
-                    "trains_audio": bool(a["rows"][j][ROW.index("trains_audio")])})
+                    "trains_audio": bool(a["rows"][j][ROW.index("trains_audio")]),
+                    "order": int(a["rows"][j][ROW.index("line")])})
     return out
 
 
@@ -251,7 +265,7 @@ def _write_entries(path: Path, entries: list[dict], meta: dict) -> None:
         starts = e["audio_starts"].tolist() + [n_frames]
         out = [starts[j + 1] - starts[j] for j, o in enumerate(e["clip_is_out"]) if o]
         rows.append([tok, len(e["input_ids"]), codes, n_frames, clips, len(e["audio_paths"]),
-                     int(e["source"].rsplit(":", 1)[1]), int(e["trains_audio"]), len(out), sum(out)])
+                     int(e["order"]), int(e["trains_audio"]), len(out), sum(out)])
         tok, codes, clips = tok + len(e["input_ids"]), codes + n_frames, clips + len(e["audio_paths"])
     k = int(entries[0]["audio_codes"].shape[0]) if entries else 0
 
@@ -304,7 +318,14 @@ def rejudge(meta: dict, a: dict[str, np.ndarray], limits) -> tuple[list[dict], n
         path, s = meta["entries"][j]["audio_paths"][first - s0], float(seconds[first])
         bad.append({"source": meta["entries"][j]["source"], "reason": f"{duration_problem(s, *limits)}: {path}",
                     "clip": path, "seconds": s})
-    return sorted(bad, key=lambda b: int(b["source"].rsplit(":", 1)[1])), used
+    return sorted(bad, key=lambda b: source_order(b["source"])), used
+
+
+def source_order(source: str) -> tuple[str, int]:
+    """Sorts a data set's sources ("train.jsonl:12", "shard-00003.tar:17") in record order: the readers read a data
+    set's files in the order of their names."""
+    name, _, n = source.rpartition(":")
+    return name, int(n)
 
 
 def write_shard(cache: Path, k: int, records: list[Record], fp: dict, entries: list[dict], bad: list[dict]) -> None:
@@ -412,8 +433,11 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 
 def write_index(cache: Path, fp: dict, manifest: str, num_shards: int, limits, manifest_sha1: str = "",
-                warnings: Optional[list] = None, plausibility: str = "") -> dict:
-    """samples.npy (every usable sample's shard, entry, offsets and lengths) and index.json, from the shards."""
+                warnings: Optional[list] = None, plausibility: str = "", files: Optional[list] = None) -> dict:
+    """samples.npy (every usable sample's shard, entry, offsets and lengths) and index.json, from the shards.
+    `files`: [file name, first record number] of each file of a data set of several (data/formats/): the `line`
+    column holds record numbers then, and a sample's source is FILE:(number - first); default one file, the
+    manifest, whose line numbers are the numbers."""
     bad, no_audio, parts, codebooks = [], [], [], 0
     for k in range(num_shards):
         meta, a = _read_shard(_shard_path(cache, k))
@@ -437,6 +461,7 @@ def write_index(cache: Path, fp: dict, manifest: str, num_shards: int, limits, m
              "manifest_sha1": manifest_sha1, "num_shards": num_shards,
              "audio_seconds": list(limits),  # the duration limits samples.npy applies
              "plausibility": plausibility, "codebooks": codebooks,
+             "parts": files or [[Path(manifest).name, 0]],
              "num_samples": len(samples), "bad": bad, "no_trainable_audio": no_audio, "warnings": warnings or []}
     atomic_write(cache / "index.json", json.dumps(index, indent=1))
     return index
@@ -450,6 +475,8 @@ class _Store:
         self.cache = cache
         self.index = json.loads((cache / "index.json").read_text())
         self.name = self.index["manifest_name"]
+        parts = self.index.get("parts") or [[self.name, 0]]  # caches written before data sets of several files
+        self.part_names, self.part_starts = [p[0] for p in parts], np.array([p[1] for p in parts], np.int64)
         self._samples, self._shards = None, {}
 
     @property
@@ -542,9 +569,11 @@ class CachedDataset(Dataset):
         return store, store.samples[int(self.row[i])]
 
     def source(self, i: int) -> str:
-        """"manifest.jsonl:LINE" of sample i, as error reports name it."""
+        """"manifest.jsonl:LINE" (or "shard-00003.tar:ROW") of sample i, as error reports name it."""
         store, s = self._at(i)
-        return f"{store.name}:{int(s[COL['line']])}"
+        n = int(s[COL["line"]])
+        p = int(np.searchsorted(store.part_starts, n, side="right")) - 1
+        return f"{store.part_names[p]}:{n - int(store.part_starts[p])}"
 
     def sources(self, indices: Optional[Sequence[int]] = None) -> list[str]:
         return [self.source(int(i)) for i in (range(len(self)) if indices is None else indices)]

@@ -61,7 +61,8 @@ def build_data(cfg: Config, model_config, text_tokenizer, out: Path) -> Data:
         eval_set = CachedDataset(prepared[-1].cache_dir, model_config, whisper)
         too_long += fit_max_tokens(eval_set, cfg, cfg.data.eval_file)
     elif cfg.data.eval_split:
-        split = split_eval(parts, [m for m, _ in manifests], cfg.data.eval_split, cfg.train.seed)
+        split = split_eval(parts, [m for m, _ in manifests], cfg.data.eval_split, cfg.train.seed, cfg.data.format,
+                           cfg.data.columns)
         parts, eval_set, held_out = split.train, split.eval, split.held_out
         dist.print0(split.line)
     mix = mix_report(manifests, parts, held_out if cfg.data.eval_split else None)

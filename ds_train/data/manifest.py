@@ -7,6 +7,9 @@ Two inputs:
   the voice-cloning layout Boson's serve engine generates with: system prompt, reference text + reference audio as
   an earlier turn kept out of the loss, then target text and target audio.
 Relative audio paths resolve against the manifest's directory.
+
+The other data set forms (a Hugging Face dataset, webdataset tar shards, an LJSpeech folder: data/formats/) are read
+into TTS rows and go the same way from there.
 """
 
 from __future__ import annotations
@@ -22,49 +25,61 @@ from typing import Callable, Iterator, Optional
 import dacite
 from boson_multimodal.data_types import AudioContent, ChatMLSample, Message, TextContent
 
-from ds_train.fsutil import file_digest
+from ds_train.data import clips, formats
 
 TTS_KEYS = {"audio", "text", "speaker", "language", "ref_audio", "ref_text"}  # checked; any other key is metadata
 
 
 @dataclass
 class Record:
-    source: str  # "manifest.jsonl:12" - what error reports and the cache name a sample by
+    source: str  # "manifest.jsonl:12", "shard-00003.tar:17" - what error reports and the cache name a sample by
     sample: Optional[ChatMLSample]  # None when the record is bad
     key: str  # content hash (sample + its audio files' bytes): the cache reuses work only for identical input
     error: Optional[str] = None
+    order: int = 0  # the record's number in the data set, in record order (a manifest's line; formats.Row)
 
 
 def read_manifest(path: str, fmt: str = "auto", system_prompt: str = "",
-                  digest: Callable[[str], Optional[str]] = None) -> list[Record]:
-    """Every record of the manifest, good or bad, in file order. `digest(path)` names an audio file by its content,
-    None when there is no such file (default: file_digest); the prepared cache passes one that remembers digests
-    across runs."""
-    digest = digest or _file_digest
+                  digest: Callable[[str], Optional[str]] = None, columns: Optional[dict] = None) -> list[Record]:
+    """Every record of the manifest (or data set: data/formats/), good or bad, in record order. `digest(path)` names
+    an audio clip by its content, None when there is no such clip (default: its bytes' SHA-1); the prepared cache
+    passes one that remembers digests across runs. `columns` (data.columns) maps TTS keys to a data set's columns."""
+    digest = digest or _clip_digest
     path = str(path)
-    if not os.path.isfile(path):
+    kind = formats.kind_of(path, fmt)
+    if kind == "json" and not os.path.isfile(path):
         raise FileNotFoundError(f"manifest not found: {path}")
     base = Path(path).resolve().parent
     out = []
-    for source, raw, error in raw_records(path):
+    for row in rows(path, fmt, columns):
+        source, raw, error, order = row.source, row.raw, row.error, row.order
         if error is not None:
-            out.append(Record(source, None, _hash(source, raw), error))
+            out.append(Record(source, None, _hash(source, raw), error, order))
             continue
         try:
-            sample = _to_sample(raw, fmt, system_prompt)
+            sample = _to_sample(raw, fmt if kind == "json" else "tts", system_prompt)
             _resolve_audio(sample, base)
         except (ValueError, TypeError, dacite.DaciteError) as e:
-            out.append(Record(source, None, _hash(source, raw), f"does not fit the schema: {e}"))
+            out.append(Record(source, None, _hash(source, raw), f"does not fit the schema: {e}", order))
             continue
-        out.append(Record(source, sample, _sample_key(sample, digest)))
+        out.append(Record(source, sample, _sample_key(sample, digest), order=order))
     return out
 
 
-def speakers_by_source(path: str) -> dict[str, Optional[str]]:
+def rows(path: str, fmt: str = "auto", columns: Optional[dict] = None) -> Iterator[formats.Row]:
+    """The raw rows of a manifest or data set, numbered in record order (a manifest's are its line numbers)."""
+    kind = formats.kind_of(path, fmt)
+    if kind != "json":
+        return formats.rows(path, kind, columns)
+    return (formats.Row(source, int(source.rsplit(":", 1)[1]), raw, error)
+            for source, raw, error in raw_records(path))
+
+
+def speakers_by_source(path: str, fmt: str = "auto", columns: Optional[dict] = None) -> dict[str, Optional[str]]:
     """{source: speaker or None} of every record: the `speaker` key of a TTS row or a ChatML sample, read without
     converting the records or digesting their audio (the prepared cache keeps no speakers)."""
-    return {source: raw.get("speaker") if isinstance(raw.get("speaker"), str) and raw["speaker"] else None
-            for source, raw, error in raw_records(path) if error is None}
+    return {r.source: r.raw.get("speaker") if isinstance(r.raw.get("speaker"), str) and r.raw["speaker"] else None
+            for r in rows(path, fmt, columns) if r.error is None}
 
 
 def _hash(*parts) -> str:
@@ -82,8 +97,8 @@ def _sample_key(sample: ChatMLSample, digest: Callable[[str], str]) -> str:
     return _hash(d)
 
 
-def _file_digest(path: str) -> Optional[str]:
-    return file_digest(path) if os.path.isfile(path) else None
+def _clip_digest(path: str) -> Optional[str]:
+    return clips.digest(path) if clips.exists(path) else None
 
 
 def raw_records(path: str) -> Iterator[tuple[str, object, Optional[str]]]:
@@ -178,7 +193,7 @@ def _resolve_audio(sample: ChatMLSample, base: Path) -> None:
             raise ValueError("inline raw_audio is not supported; reference audio files by audio_url")
         if not content.audio_url:
             raise ValueError("AudioContent without audio_url")
-        if not os.path.isabs(content.audio_url):
+        if not os.path.isabs(content.audio_url):  # also `shard.tar::KEY.flac`, a member of a relative file
             content.audio_url = os.path.normpath(base / content.audio_url)
 
 

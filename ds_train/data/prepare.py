@@ -31,9 +31,9 @@ from filelock import SoftFileLease, Timeout
 from ds_train import dist
 from ds_train.config import Config
 from ds_train.data.audio import AudioError, audio_info, encode, load_audio, load_audio_tokenizer
+from ds_train.data import formats
 from ds_train.data.cache import (DigestMemo, assemble_shard, cache_dirs, claim_cache, current_index, default_cache_dir,
-                                 fingerprint, lock_path, manifest_digest, read_pieces, stored_bad, write_index,
-                                 write_piece)
+                                 fingerprint, lock_path, read_pieces, stored_bad, write_index, write_piece)
 from ds_train.data.manifest import Record, audio_contents, read_manifest, tokenize
 from ds_train.data.plausibility import plausibility_warnings
 from ds_train.data.validate import check_record, clip_problem
@@ -66,9 +66,10 @@ def prepare(cfg: Config, manifest: str, text_tokenizer, cache_dir: Optional[str]
     cache = Path(cache_dir) if cache_dir else default_cache_dir(manifest)
     fp = fingerprint(cfg, text_tokenizer, cfg.model.audio_tokenizer_path)
     limits = (cfg.data.min_audio_seconds, cfg.data.max_audio_seconds)
-    if not os.path.isfile(manifest):
+    if not formats.exists(manifest):
         raise FileNotFoundError(f"manifest not found: {manifest}")
-    sha1 = manifest_digest(manifest)
+    columns = dict(cfg.data.columns or {})
+    sha1 = formats.source_digest(manifest, formats.kind_of(manifest, cfg.data.format), columns)
     # A relaunch: the manifest's bytes and the fingerprint are those of a complete cache. Nothing is checked and no
     # audio opened (the audio may not even be here: a cache shipped with its manifest trains).
     index = current_index(cache, fp, sha1, limits, cfg.data.plausibility)
@@ -76,7 +77,7 @@ def prepare(cfg: Config, manifest: str, text_tokenizer, cache_dir: Optional[str]
         return _from_index(cfg, cache, manifest, index, t0)
     claim_cache(cache, fp)
     digests = DigestMemo(cache)
-    records = read_manifest(manifest, cfg.data.format, cfg.data.system_prompt, digest=digests)
+    records = read_manifest(manifest, cfg.data.format, cfg.data.system_prompt, digest=digests, columns=columns)
     if not records:
         raise DataError([{"source": os.path.basename(manifest), "reason": "manifest has no records"}], manifest)
     warnings = [] if cfg.data.plausibility == "off" else plausibility_warnings(records, digests.seconds)
@@ -125,7 +126,8 @@ def prepare(cfg: Config, manifest: str, text_tokenizer, cache_dir: Optional[str]
     result = PrepareResult(cache, 0, str(manifest), encoded_shards=len(written), encoded_samples=counts,
                            seconds=time.time() - t0)
     if dist.is_main():
-        index = write_index(cache, fp, manifest, len(shards), limits, sha1, warnings, cfg.data.plausibility)
+        index = write_index(cache, fp, manifest, len(shards), limits, sha1, warnings, cfg.data.plausibility,
+                            _parts(records))
         digests.save()  # with the index: a run that stops on bad data leaves the cache as it found it
         result.bad, result.num_samples = index["bad"], index["num_samples"]
         result.no_trainable_audio = index["no_trainable_audio"]
@@ -135,6 +137,16 @@ def prepare(cfg: Config, manifest: str, text_tokenizer, cache_dir: Optional[str]
     if result.num_samples == 0:
         raise DataError(result.bad or [{"source": manifest, "reason": "no usable samples"}], manifest)
     return result
+
+
+def _parts(records: list[Record]) -> list[list]:
+    """[file, first record number] of each file of the data set, for the cache to name samples FILE:N."""
+    parts = []
+    for rec in records:
+        name, _, n = rec.source.rpartition(":")
+        if not parts or parts[-1][0] != name:
+            parts.append([name, rec.order - int(n)])
+    return parts
 
 
 def _from_index(cfg: Config, cache: Path, manifest: str, index: dict, t0: float) -> PrepareResult:
@@ -214,6 +226,7 @@ def encode_record(rec: Record, text_tokenizer, codes_of) -> dict:
         "clip_seconds": [audio_info(p)[1] for p in paths],  # duration limits are applied to these at load
         "trains_audio": trains_audio,
         "clip_is_out": [t == audio_out for t in kinds],  # audio-out clips are merged into the sequence (its length)
+        "order": rec.order,
     }
 
 

@@ -59,11 +59,13 @@ class EvalSplit:
     line: str  # what was held out, for the log
 
 
-def split_eval(parts: list[CachedDataset], manifests: list[str], fraction: float, seed: int) -> EvalSplit:
-    """Split each file's samples (`parts`, in the order of `manifests`) into training and held-out samples."""
+def split_eval(parts: list[CachedDataset], manifests: list[str], fraction: float, seed: int, fmt: str = "auto",
+               columns: Optional[dict] = None) -> EvalSplit:
+    """Split each file's samples (`parts`, in the order of `manifests`, read as data.format and data.columns say)
+    into training and held-out samples."""
     train, held, held_out, said = [], [], {}, []
     for part, manifest in zip(parts, manifests):
-        by_source = speakers_by_source(manifest)
+        by_source = speakers_by_source(manifest, fmt, columns)
         name = Path(manifest).name
         out = hold_out([by_source.get(s) for s in part.sources()], fraction, seed, name)
         keep = np.ones(len(part), bool)

@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 
 from ds_train.config import Config
+from ds_train.data import clips
 from ds_train.data.audio import AudioError, audio_info, load_audio
 from ds_train.data.manifest import Record, audio_contents, text_of, tokenize
 
@@ -57,10 +58,11 @@ def duration_problem(seconds: float, low: float, high: float) -> Optional[str]:
 
 
 def clip_problem(path: str, cfg: Config) -> Optional[str]:
-    """Why this audio file cannot be trained on, or None. Header checks first, then one full decode."""
+    """Why this audio file (or member of a data set's file, clips.py) cannot be trained on, or None. Header checks
+    first, then one full decode."""
     d = cfg.data
-    if not os.path.isfile(path):
-        return "audio file not found"
+    if not clips.exists(path):
+        return "audio file not found" if clips.split(path)[1] is None else "audio not found in its data set file"
     try:
         sr, seconds = audio_info(path)
     except AudioError as e:
@@ -94,7 +96,10 @@ def _wav_missing_bytes(path: str) -> int:
 
     libsndfile reads a truncated WAV without complaint, as a shorter clip whose transcript no longer matches.
     """
-    with open(path, "rb") as f:
+    clip = clips.open_clip(path)
+    with (open(clip, "rb") if isinstance(clip, str) else clip) as f:
+        total = f.seek(0, os.SEEK_END)
+        f.seek(0)
         head = f.read(12)
         if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
             return 0
@@ -106,5 +111,5 @@ def _wav_missing_bytes(path: str) -> int:
             if chunk[:4] == b"data":
                 if size in (0, 0xFFFFFFFF):  # streaming writers leave the size open
                     return 0
-                return max(0, size - (os.path.getsize(path) - f.tell()))
+                return max(0, size - (total - f.tell()))
             f.seek(size + (size & 1), os.SEEK_CUR)
