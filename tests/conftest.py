@@ -38,6 +38,28 @@ def tiny_model_nodelay(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def text_tok(tiny_model):
+    """The tiny model's text tokenizer, audio tokenizer and config: one of each for the data tests."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model))
+
+
+@pytest.fixture(scope="session")
+def audio_tok(tiny_model):
+    from ds_train.data.audio import load_audio_tokenizer
+
+    return load_audio_tokenizer(str(tiny_model / "audio_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def model_config(tiny_model):
+    from boson_multimodal.model.higgs_audio import HiggsAudioConfig
+
+    return HiggsAudioConfig.from_pretrained(str(tiny_model))
+
+
+@pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """8 train + 2 eval voice-cloning samples (TTS manifest). Its prepared cache is shared by the session."""
     from ds_train.demo.data import make_demo_data

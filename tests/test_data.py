@@ -35,13 +35,6 @@ def make_cfg(model, out, **data):
 
 
 @pytest.fixture(scope="module")
-def text_tok(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tiny_model))
-
-
-@pytest.fixture(scope="module")
 def configs(tiny_model, tiny_model_nodelay):
     from boson_multimodal.model.higgs_audio import HiggsAudioConfig
 

@@ -28,27 +28,6 @@ from test_prepare import make_cfg, new_process
 N = 4  # rows of each data set: the first 4 demo training rows (3 speakers, each with a reference clip)
 
 
-@pytest.fixture(scope="module")
-def text_tok(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tiny_model))
-
-
-@pytest.fixture(scope="module")
-def audio_tok(tiny_model):
-    from ds_train.data.audio import load_audio_tokenizer
-
-    return load_audio_tokenizer(str(tiny_model / "audio_tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def model_config(tiny_model):
-    from boson_multimodal.model.higgs_audio import HiggsAudioConfig
-
-    return HiggsAudioConfig.from_pretrained(str(tiny_model))
-
-
 def demo_rows(demo_data) -> list[dict]:
     rows = [json.loads(line) for line in (demo_data / "train.jsonl").read_text().splitlines()[:N]]
     return [{k: str(demo_data / v) if k in ("audio", "ref_audio") else v for k, v in r.items()} for r in rows]

@@ -28,27 +28,6 @@ from ds_train.data.prepare import LOCK_LEASE_S, encode_clip, encode_record, prep
 from ds_train.errors import EXIT_DATA, CacheMismatchError, DataError
 
 
-@pytest.fixture(scope="module")
-def text_tok(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tiny_model))
-
-
-@pytest.fixture(scope="module")
-def audio_tok(tiny_model):
-    from ds_train.data.audio import load_audio_tokenizer
-
-    return load_audio_tokenizer(str(tiny_model / "audio_tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def model_config(tiny_model):
-    from boson_multimodal.model.higgs_audio import HiggsAudioConfig
-
-    return HiggsAudioConfig.from_pretrained(str(tiny_model))
-
-
 def make_cfg(model, out, **data):
     """A Config; data.train_file is not read (tests hand prepare() the manifest)."""
     d = base_config(model, model, out, data={"train_file": "unused.jsonl", **data})
