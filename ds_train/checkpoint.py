@@ -232,9 +232,13 @@ def _set_rng_state(state: dict) -> None:
 
 
 def check_resume_request(cfg: Config, out_dir: Path) -> None:
-    """A requested resume that finds nothing to resume from is a config error; no collective, so preflight calls it
-    before the process group (a launch outside a launcher stops here with its one line, not in MPI discovery)."""
+    """train.resume against what train.output_dir holds: a fresh start over another run's checkpoints, or a requested
+    resume that finds nothing, is a config error. No collective, so preflight calls it before the process group (a
+    launch outside a launcher stops here with its one line, not in MPI discovery)."""
     mode = cfg.train.resume
+    if mode == "none" and read_latest(out_dir) is not None:
+        raise ConfigError(f"{out_dir} already holds checkpoints of a run; set train.resume=auto to continue it, "
+                          "or choose a new train.output_dir")
     if mode == "auto" and read_latest(out_dir) is None:
         raise ConfigError(f"train.resume=auto but {checkpoint_root(out_dir)} has no complete checkpoint "
                           "(no `latest`); use train.resume=none to start fresh")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ds_train.adapter import check_init_adapter
-from ds_train.checkpoint import check_resume_request, read_latest
+from ds_train.checkpoint import check_resume_request
 from ds_train.config import Config
 from ds_train.errors import ConfigError
 
@@ -90,9 +90,6 @@ def check_output_dir(cfg: Config, for_prepare: bool = False) -> Path:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"train.output_dir {out} is not writable: {e}") from None
-    if not for_prepare and cfg.train.resume == "none" and read_latest(out) is not None:
-        raise ConfigError(f"{out} already holds checkpoints of a run; set train.resume=auto to continue it, "
-                          "or choose a new train.output_dir")
     if not for_prepare:
         check_resume_request(cfg, out)
     return out
