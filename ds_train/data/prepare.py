@@ -3,7 +3,8 @@ training reads. A re-run skips shards that are current.
 
 Two passes. Pass 1 checks every record of every shard still to encode (schema, files, headers, a full decode for
 corrupt/silent clips, text, tokenization) and fails with one report before any encoding starts; the decode is
-read again in pass 2, a cost small next to encoding (see benchmarks/README.md). Pass 2 encodes.
+read again in pass 2, a cost small next to encoding (see benchmarks/README.md). Pass 2 encodes (clips.py: clips
+decoded in worker processes ahead of the audio tokenizer on the rank's device).
 
 Sharing the work: both passes give each rank an even, contiguous part of the records still to do, whatever the shard
 boundaries (26 samples in one shard on 2 ranks: 13 each). Pass 2 goes in rounds. In each, every rank locks one shard
