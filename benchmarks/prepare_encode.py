@@ -1,6 +1,6 @@
 """prepare's pass-2 audio path on this machine (issue 16): clips/s and hours of audio encoded per hour of wall time,
   before  - decode + resample + encode one clip at a time in one process (prepare before data.decode_workers),
-  workers - the same encoder, clips decoded + resampled ahead in worker processes (data.decode_workers),
+  workers - the same encoder, clips decoded + resampled ahead in worker processes (data.decode_workers=--workers),
   batchN  - workers, and N clips of similar length per encoder call (data.encode_batch=N),
 all with the same torch thread count in the encoding process, and the fraction of codes the padded batches change.
 
@@ -93,7 +93,7 @@ def main():
             [encode_clip(path, tok, False) for path in paths]
             walls.setdefault("before", []).append(time.time() - t0)
             differ["before"] = 0.0
-            for batch in [1, *map(int, a.batch.split(","))]:
+            for batch in [1, *(int(b) for b in a.batch.split(",") if b)]:
                 name = "workers" if batch == 1 else f"batch{batch}"
                 clips = ClipCodes(tok, loudness_normalize=False, workers=a.workers, batch=batch)
                 t0 = time.time()

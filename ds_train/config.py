@@ -94,9 +94,10 @@ class DataConfig:
     pin_memory: bool = True  # pinned host batches, copied with non_blocking=True (GPU only; ignored on CPU)
     prefetch_factor: Optional[int] = None
     shard_size: int = 256  # samples per cache shard
-    # prepare: processes decoding + resampling audio ahead of the encoder (0: in the encoding process). One keeps a
-    # 2-core box's second core decoding; raise it when the encoder is on a GPU and decoding is the bottleneck.
-    decode_workers: int = 1
+    # prepare: processes decoding + resampling audio ahead of the encoder (0: in the encoding process). 0 on a CPU box:
+    # decoding is < 1% of CPU encoding there, and a forked worker slowed the encoder (benchmarks/README.md). On GPU
+    # nodes, where the encoder is fast, 1-4 keep it fed.
+    decode_workers: int = 0
     # prepare: clips per audio-tokenizer call. 1 = one by one, the codes inference conditions on. N > 1 pads clips
     # of similar length together, which changes codes (README); a cache records it.
     encode_batch: int = 1

@@ -31,7 +31,7 @@ def encode_clip(path: str, audio_tokenizer, loudness_normalize: bool) -> torch.T
 class ClipCodes:
     """`encode(paths)` the clips of a part, then `clips(path)` is a clip's codes (or raises its AudioError)."""
 
-    def __init__(self, audio_tokenizer, loudness_normalize: bool, workers: int = 1, batch: int = 1):
+    def __init__(self, audio_tokenizer, loudness_normalize: bool, workers: int = 0, batch: int = 1):
         self.tokenizer, self.loudness_normalize = audio_tokenizer, loudness_normalize
         self.workers, self.batch = workers, batch
         self.memo: OrderedDict[str, torch.Tensor] = OrderedDict()  # the CLIP_MEMO most recently used
