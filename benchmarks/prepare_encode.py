@@ -111,7 +111,8 @@ def main():
     for name, wall, differ in runs:
         print(f"| {name} | {wall:.1f} | {a.clips / wall:.2f} | {seconds / wall:.1f} | {differ:.1%} |")
     print(json.dumps({"real_size": a.real_size, "clips": a.clips, "audio_s": seconds, "threads": a.threads,
-                      "workers": a.workers, "decode_s": decode_s, "runs": [{"run": n, "wall_s": w, "differ": d} for n, w, d in runs]}))
+                      "workers": a.workers, "decode_s": decode_s,
+                      "runs": [{"run": n, "wall_s": w, "differ": d} for n, w, d in runs]}))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Pass 2's audio: the codes of the clips of one rank's part of a round (prepare.py).
 
-Decoding and resampling run in `data.decode_workers` worker processes (a torch DataLoader over the part's clips)
-while this process encodes, on the device the rank is bound to. The audio tokenizer takes one clip per call
-(`data.encode_batch=1`, the default: the codes the serve engine conditions on) or, with `data.encode_batch=N`, N
-clips of similar length padded to a common length, which changes codes (audio.encode_padded). Codes of recent
+Decoding and resampling run in this process or, with `data.decode_workers` > 0, in worker processes (a torch
+DataLoader over the part's clips) while this process encodes, on the device the rank is bound to. The audio
+tokenizer takes one clip per call (`data.encode_batch=1`, the default: the codes the serve engine conditions on) or,
+with `data.encode_batch=N`, N clips of similar length padded to a common length, which changes codes
+(audio.encode_padded). Codes of recent
 clips are remembered across parts: a speaker's reference is shared by many records.
 """
 

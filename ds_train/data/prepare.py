@@ -3,8 +3,8 @@ training reads. A re-run skips shards that are current.
 
 Two passes. Pass 1 checks every record of every shard still to encode (schema, files, headers, a full decode for
 corrupt/silent clips, text, tokenization) and fails with one report before any encoding starts; the decode is
-read again in pass 2, a cost small next to encoding (see benchmarks/README.md). Pass 2 encodes (clips.py: clips
-decoded in worker processes ahead of the audio tokenizer on the rank's device).
+read again in pass 2, a cost small next to encoding (see benchmarks/README.md). Pass 2 encodes (clips.py: the audio
+tokenizer on the rank's device; clips decoded ahead in data.decode_workers processes when > 0).
 
 Sharing the work: both passes give each rank an even, contiguous part of the records still to do, whatever the shard
 boundaries (26 samples in one shard on 2 ranks: 13 each). Pass 2 goes in rounds. In each, every rank locks one shard
@@ -103,7 +103,7 @@ def prepare(cfg: Config, manifest: str, text_tokenizer, cache_dir: Optional[str]
     if bad and not cfg.data.skip_bad:
         raise DataError(bad, manifest)
 
-    # Pass 2: decode and resample (in worker processes), encode, write the shards that are missing or stale.
+    # Pass 2: decode and resample (here or in data.decode_workers processes), encode, write missing or stale shards.
     written, encoded, failed = [], 0, []
     if todo:
         tok = audio_tokenizer or load_audio_tokenizer(cfg.model.audio_tokenizer_path, device=str(dist.device()),
