@@ -24,7 +24,7 @@ import soundfile as sf
 import torch
 
 from ds_train.data.audio import load_audio, load_audio_tokenizer
-from ds_train.data.clips import ClipCodes, encode_clip
+from ds_train.data.encoder import ClipCodes, encode_clip
 from ds_train.demo.data import RATE, synth
 
 REAL_SIZE = {"n_filters": 32, "D": 256, "codebook_dim": 64, "target_bandwidths": [0.5, 1, 1.5, 2, 4],

@@ -3,7 +3,7 @@ training reads. A re-run skips shards that are current.
 
 Two passes. Pass 1 checks every record of every shard still to encode (schema, files, headers, a full decode for
 corrupt/silent clips, text, tokenization) and fails with one report before any encoding starts; the decode is
-read again in pass 2, a cost small next to encoding (see benchmarks/README.md). Pass 2 encodes (clips.py: the audio
+read again in pass 2, a cost small next to encoding (see benchmarks/README.md). Pass 2 encodes (encoder.py: the audio
 tokenizer on the rank's device; clips decoded ahead in data.decode_workers processes when > 0).
 
 Sharing the work: both passes give each rank an even, contiguous part of the records still to do, whatever the shard
@@ -35,7 +35,7 @@ from ds_train.data.audio import AudioError, audio_info, load_audio_tokenizer
 from ds_train.data.cache import (DigestMemo, assemble_shard, cache_dirs, claim_cache, current_index, default_cache_dir,
                                  fingerprint, lock_path, manifest_digest, read_pieces, stored_bad, write_index,
                                  write_piece)
-from ds_train.data.clips import CLIP_MEMO, ClipCodes, encode_clip  # noqa: F401 (encode_clip: part of this API)
+from ds_train.data.encoder import CLIP_MEMO, ClipCodes, encode_clip  # noqa: F401 (encode_clip: part of this API)
 from ds_train.data.manifest import Record, audio_contents, read_manifest, tokenize
 from ds_train.data.plausibility import plausibility_warnings
 from ds_train.data.validate import check_record, clip_problem

@@ -1,4 +1,4 @@
-"""ds_train/data/clips.py and the batched encoder of audio.py: decoding in worker processes gives the codes decoding
+"""ds_train/data/encoder.py and the batched encoder of audio.py: decoding in worker processes gives the codes decoding
 in the encoding process gives; padded batches give each clip one-by-one's number of frames but change codes, which is
 why one-by-one stays the default (the fraction that differs is measured and printed); prepare with either."""
 
@@ -11,7 +11,7 @@ import torch
 
 from ds_train.config import DataConfig
 from ds_train.data.audio import AudioError, encode, encode_padded, frames, load_audio
-from ds_train.data.clips import ClipCodes
+from ds_train.data.encoder import ClipCodes
 from ds_train.demo.data import RATE, synth
 from ds_train.errors import CacheMismatchError
 from test_prepare import assert_same_cache, make_cfg, short_set
