@@ -102,6 +102,13 @@ class DataConfig:
     pin_memory: bool = True  # pinned host batches, copied with non_blocking=True (GPU only; ignored on CPU)
     prefetch_factor: Optional[int] = None
     shard_size: int = 256  # samples per cache shard
+    # prepare: processes decoding + resampling audio ahead of the encoder (0: in the encoding process). 0 on a CPU box:
+    # decoding is < 1% of CPU encoding there, and a forked worker slowed the encoder (benchmarks/README.md). On GPU
+    # nodes, where the encoder is fast, 1-4 keep it fed.
+    decode_workers: int = 0
+    # prepare: clips per audio-tokenizer call. 1 = one by one, the codes inference conditions on. N > 1 pads clips
+    # of similar length together, which changes codes (README); a cache records it.
+    encode_batch: int = 1
 
     def __post_init__(self):
         if self.train_files is not None:
@@ -132,6 +139,9 @@ class DataConfig:
             raise ConfigError(f"data.min_audio_seconds ({self.min_audio_seconds}) must be below data.max_audio_seconds "
                               f"({self.max_audio_seconds})")
         _positive("data.shard_size", self.shard_size)
+        _positive("data.encode_batch", self.encode_batch)
+        if self.decode_workers < 0:
+            raise ConfigError(f"data.decode_workers must be >= 0, got {self.decode_workers}")
         if self.prefetch_factor is not None:
             _positive("data.prefetch_factor", self.prefetch_factor)
         if self.max_tokens < 0:

@@ -129,10 +129,69 @@ def weights_digest(path: Path) -> str:
 
 @torch.no_grad()
 def encode(tokenizer, wav: np.ndarray, loudness_normalize: bool = False) -> torch.Tensor:
-    """Codes (n_q, T) for one waveform already at the tokenizer's rate.
-
-    One clip per call on purpose: boson's semantic teacher attends over the whole input without a padding mask,
-    so padding clips into a batch would change their codes.
-    """
+    """Codes (n_q, T) for one waveform already at the tokenizer's rate: boson's own `encode`, the codes inference
+    conditions on. `prepare`'s default (data.encode_batch=1)."""
     codes = tokenizer.encode(wav, sr=tokenizer.sampling_rate, loudness_normalize=loudness_normalize)
     return codes.cpu().long()
+
+
+@torch.no_grad()
+def encode_padded(tokenizer, wavs: list[np.ndarray], loudness_normalize: bool = False) -> list[torch.Tensor]:
+    """Codes (n_q, T_i) of several waveforms in one encoder call: zero-padded on the right to a common length, each
+    trimmed to the T_i one-by-one `encode` gives. The codes are not one-by-one's: the semantic teacher (HuBERT)
+    group-normalises its first conv layer over the whole input and attends without a padding mask, and every conv
+    sees the padding near a clip's end (tests/test_prepare.py measures how many codes differ)."""
+    if loudness_normalize:
+        wavs = [_loudness_normalized(w, tokenizer.sampling_rate) for w in wavs]
+    length = _common_length(tokenizer, max(len(w) for w in wavs))
+    x = torch.from_numpy(np.stack([np.pad(w, (0, length - len(w))) for w in wavs]))
+    codes = tokenizer._xcodec_encode(x.unsqueeze(1).to(tokenizer.device)).audio_codes.cpu().long()
+    return [c[:, :frames(tokenizer, len(w))] for c, w in zip(codes, wavs)]
+
+
+def _loudness_normalized(wav: np.ndarray, sr: int) -> np.ndarray:
+    """What boson's `encode(loudness_normalize=True)` does to a clip before encoding it."""
+    import pyloudnorm as pyln
+
+    return pyln.normalize.loudness(wav, pyln.Meter(sr).integrated_loudness(wav), -23.0)
+
+
+def frames(tokenizer, n_samples: int) -> int:
+    """The number of code frames boson's `encode` gives a clip of `n_samples` (at the tokenizer's rate), from the
+    conv arithmetic of its two branches, as `_xcodec_encode` reconciles them (pure Python: no tensor is made)."""
+    acoustic, semantic = _branch_frames(tokenizer, n_samples)
+    if acoustic != semantic:  # _xcodec_encode encodes the acoustic branch again, padded on both sides
+        acoustic, _ = _branch_frames(tokenizer, n_samples + 2 * 160 * tokenizer.semantic_downsample_factor)
+    return min(acoustic, semantic)
+
+
+def _common_length(tokenizer, n_samples: int) -> int:
+    """The least length >= n_samples at which both branches give the same number of frames: `_xcodec_encode`'s
+    re-encode of a mismatch only works on one clip."""
+    length = n_samples
+    while len(set(_branch_frames(tokenizer, length))) > 1:
+        length += 1
+    return length
+
+
+def _branch_frames(tokenizer, n_samples: int) -> tuple[int, int]:
+    """(acoustic, semantic) frames of `_xcodec_encode` for n_samples, before it reconciles them."""
+    acoustic = _conv_length(tokenizer.encoder, n_samples)
+    n = n_samples
+    if tokenizer.semantic_sample_rate != tokenizer.sample_rate:  # torchaudio's resample: ceil(n * new / old)
+        n = -(-n * tokenizer.semantic_sample_rate // tokenizer.sample_rate)
+    n = int(tokenizer.semantic_model._get_feat_extract_output_lengths(n + 320))  # get_regress_target pads 160 + 160
+    if tokenizer.downsample_mode == "step_down" and tokenizer.semantic_downsample_factor > 1:
+        n = -(-n // tokenizer.semantic_downsample_factor)  # target[:, ::factor]
+    elif tokenizer.downsample_mode == "avg":
+        n = n // tokenizer.semantic_downsample_factor  # AvgPool1d(factor, factor)
+    return acoustic, _conv_length(tokenizer.encoder_semantic, n)
+
+
+def _conv_length(module: torch.nn.Module, n: int) -> int:
+    """Output length of a chain of Conv1d layers (residual branches keep the length, so module order is the chain)."""
+    for conv in module.modules():
+        if isinstance(conv, torch.nn.Conv1d):
+            (k,), (s,), (p,), (d,) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+            n = (n + 2 * p - d * (k - 1) - 1) // s + 1
+    return n

@@ -90,7 +90,9 @@ def fingerprint(cfg: Config, text_tokenizer, audio_tokenizer_path: str) -> dict:
         "text_tokenizer": hashlib.sha1(vocab.encode()).hexdigest(),
         # Not the duration limits: they change which samples are used, never their codes (see rejudge).
         "settings": {"format": d.format, "system_prompt": d.system_prompt, "loudness_normalize": d.loudness_normalize,
-                     "shard_size": d.shard_size},
+                     "shard_size": d.shard_size,
+                     # padded batches change codes; named only when used, so one-by-one caches keep their fingerprint
+                     **({"encode_batch": d.encode_batch} if d.encode_batch != 1 else {})},
     }
 
 

@@ -3,7 +3,8 @@ training reads. A re-run skips shards that are current.
 
 Two passes. Pass 1 checks every record of every shard still to encode (schema, files, headers, a full decode for
 corrupt/silent clips, text, tokenization) and fails with one report before any encoding starts; the decode is
-read again in pass 2, a cost small next to encoding (see benchmarks/README.md). Pass 2 encodes.
+read again in pass 2, a cost small next to encoding (see benchmarks/README.md). Pass 2 encodes (encoder.py: the audio
+tokenizer on the rank's device; clips decoded ahead in data.decode_workers processes when > 0).
 
 Sharing the work: both passes give each rank an even, contiguous part of the records still to do, whatever the shard
 boundaries (26 samples in one shard on 2 ranks: 13 each). Pass 2 goes in rounds. In each, every rank locks one shard
@@ -30,16 +31,16 @@ from filelock import SoftFileLease, Timeout
 
 from ds_train import dist
 from ds_train.config import Config
-from ds_train.data.audio import AudioError, audio_info, encode, load_audio, load_audio_tokenizer
+from ds_train.data.audio import AudioError, audio_info, load_audio_tokenizer
 from ds_train.data import formats
 from ds_train.data.cache import (DigestMemo, assemble_shard, cache_dirs, claim_cache, current_index, default_cache_dir,
                                  fingerprint, lock_path, read_pieces, stored_bad, write_index, write_piece)
+from ds_train.data.encoder import CLIP_MEMO, ClipCodes, encode_clip  # noqa: F401 (encode_clip: part of this API)
 from ds_train.data.manifest import Record, audio_contents, read_manifest, tokenize
 from ds_train.data.plausibility import plausibility_warnings
 from ds_train.data.validate import check_record, clip_problem
 from ds_train.errors import DataError
 PROGRESS_EVERY_S = 30.0
-CLIP_MEMO = 1024  # clips whose check / codes are remembered: a speaker's reference is shared by many records
 # A shard lock whose holder stopped refreshing it (a thread does, every third of this) for this long is taken over;
 # one whose holder process is gone (same host) at once. Generous: NFS may show a refresh a minute late.
 LOCK_LEASE_S = 300.0
@@ -103,15 +104,14 @@ def prepare(cfg: Config, manifest: str, text_tokenizer, cache_dir: Optional[str]
     if bad and not cfg.data.skip_bad:
         raise DataError(bad, manifest)
 
-    # Pass 2: decode, resample, encode, write the shards that are missing or stale.
+    # Pass 2: decode and resample (here or in data.decode_workers processes), encode, write missing or stale shards.
     written, encoded, failed = [], 0, []
     if todo:
         tok = audio_tokenizer or load_audio_tokenizer(cfg.model.audio_tokenizer_path, device=str(dist.device()),
                                                       semantic_model_path=cfg.model.semantic_model_path)
-        codes_of = functools.lru_cache(CLIP_MEMO)(
-            functools.partial(encode_clip, audio_tokenizer=tok, loudness_normalize=cfg.data.loudness_normalize))
-        encode_one = functools.partial(encode_record, text_tokenizer=text_tokenizer, codes_of=codes_of)
-        written, encoded, failed = _Rounds(cache, shards, fp, limits, encode_one).run(todo, found, t0)
+        clips = ClipCodes(tok, cfg.data.loudness_normalize, cfg.data.decode_workers, cfg.data.encode_batch)
+        encode_one = functools.partial(encode_record, text_tokenizer=text_tokenizer, codes_of=clips)
+        written, encoded, failed = _Rounds(cache, shards, fp, limits, encode_one, clips.encode).run(todo, found, t0)
     counts = dist.all_gather_object(encoded)
     if todo:
         by_others = len(todo) - len(written)
@@ -230,12 +230,6 @@ def encode_record(rec: Record, text_tokenizer, codes_of) -> dict:
     }
 
 
-def encode_clip(path: str, audio_tokenizer, loudness_normalize: bool) -> torch.Tensor:
-    """Decode, downmix, resample, encode: codes (n_q, T) as int16 (codes < 1024 fit; a quarter of int64's bytes)."""
-    wav = load_audio(path, audio_tokenizer.sampling_rate)
-    return encode(audio_tokenizer, wav, loudness_normalize).to(torch.int16)
-
-
 def _my_part(work: list) -> list:
     """This rank's contiguous, even part of `work` (parts differ by one item at most)."""
     rank, world = dist.rank(), dist.world_size()
@@ -251,8 +245,9 @@ def shard_lease(cache: Path, k: int) -> SoftFileLease:
 class _Rounds:
     """Pass 2: rounds of lock, encode, assemble, until every shard to do is written, by this run or another."""
 
-    def __init__(self, cache: Path, shards: list[list[Record]], fp: dict, limits, encode_one):
+    def __init__(self, cache: Path, shards: list[list[Record]], fp: dict, limits, encode_one, encode_clips):
         self.cache, self.shards, self.fp, self.limits, self.encode_one = cache, shards, fp, limits, encode_one
+        self.encode_clips = encode_clips  # ClipCodes.encode: the part's clips, decoded ahead, before its records
         self.leases: dict[int, SoftFileLease] = {}  # kept across rounds: a lease times a silent holder
 
     def run(self, todo: list[int], found: dict[int, dict], t0: float) -> tuple[list[int], int, list[tuple]]:
@@ -319,6 +314,7 @@ class _Rounds:
 
     def encode_part(self, part: list[tuple[int, int]]) -> int:
         """Encode this rank's (shard, index) records of a round into one piece file per shard; returns their count."""
+        self.encode_clips(clip.audio_url for k, i in part for clip in audio_contents(self.shards[k][i].sample))
         for k, items in itertools.groupby(part, key=lambda x: x[0]):
             done = []
             for _, i in items:
