@@ -57,7 +57,7 @@ ALIASES = {
 FLAG_ALIASES = {
     "--disable_evaluation": ["data.eval_file=null", "train.eval_every=0"],
     "--bf16": ["model.dtype=bf16"],
-    "--use_lora": ["lora.enabled=true"],
+    "--use_lora": ["train.mode=lora"],
 }
 
 

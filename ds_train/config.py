@@ -35,7 +35,10 @@ class ModelConfig:
     whisper_processor_path: str = "openai/whisper-large-v3-turbo"
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
-    train_audio_mlp: bool = False  # train the DualFFN audio_mlp weights fully (not through LoRA)
+    train_audio_mlp: bool = False  # train.mode=lora: also train the DualFFN audio_mlp weights fully (not through LoRA)
+    # train.mode=full: what trains, as module-path patterns (fnmatch, matched against whole dotted components:
+    # `audio_mlp` is every layers.N.audio_mlp.*, `layers.2[0-7]` eight layers); the rest is frozen. "*": everything.
+    trainable: List[str] = field(default_factory=lambda: ["*"])
     trust_remote_code: bool = False
     # pretrained: load the weights at `path`. random: build the architecture at `path` (an arch JSON such as
     # configs/arch/higgs-v2-3b.json, or a dir with config.json) with random weights, for benchmarks and scale tests.
@@ -53,19 +56,20 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    enabled: bool = True
+    enabled: Optional[bool] = None  # replaced by train.mode; false stops with a message naming it
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
     target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     init_from: Optional[str] = None  # a PEFT adapter dir to continue from (fresh optimizer and schedule)
+    # Modules trained fully beside LoRA and saved in the adapter (peft's modules_to_save), as module-path suffixes,
+    # e.g. [audio_decoder_proj.audio_lm_head, audio_codebook_embeddings].
+    modules_to_save: List[str] = field(default_factory=list)
 
     def __post_init__(self):
         _positive("lora.r", self.r)
         _positive("lora.alpha", self.alpha)
-        if self.init_from and not self.enabled:
-            raise ConfigError("lora.init_from needs lora.enabled=true")
-        if self.enabled and not self.target_modules:
+        if not self.target_modules:
             raise ConfigError("lora.target_modules is empty; list module-path suffixes such as self_attn.q_proj")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
@@ -223,9 +227,15 @@ class LossConfig:
             raise ConfigError("loss.text_weight and loss.audio_weight must be >= 0 and not both 0")
 
 
+TRAIN_MODES = ("lora", "full", "qlora")
+
+
 @dataclass
 class TrainConfig:
     output_dir: str = MISSING
+    # lora: peft LoRA on a frozen base. full: the parameters model.trainable selects train fully (their fp32 masters
+    # and Adam moments partitioned by ZeRO). qlora: LoRA on a 4-bit NF4 frozen base (bitsandbytes).
+    mode: str = "lora"
     deepspeed_config: str = "ds_configs/zero3.json"
     micro_batch_size: int = 1
     grad_accum: int = 1
@@ -239,6 +249,7 @@ class TrainConfig:
     max_consecutive_skips: int = 5  # non-finite loss/grad steps in a row before the run stops
 
     def __post_init__(self):
+        _choice("train.mode", self.mode, TRAIN_MODES)
         _positive("train.micro_batch_size", self.micro_batch_size)
         _positive("train.grad_accum", self.grad_accum)
         _positive("train.log_every", self.log_every)
@@ -349,19 +360,41 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
-        if not self.lora.enabled and not self.model.train_audio_mlp:
-            raise ConfigError("nothing to train: lora.enabled is false and model.train_audio_mlp is false")
-        if self.model.train_audio_mlp and self.lora.enabled and any(
-            t.startswith("audio_mlp.") for t in self.lora.target_modules
-        ):
-            raise ConfigError(
-                "model.train_audio_mlp trains audio_mlp fully, so lora.target_modules must not also target audio_mlp.*"
-            )
+        self._check_mode()
         if self.train.eval_every > 0 and not self.data.has_eval():
             raise ConfigError("train.eval_every > 0 needs data.eval_file or data.eval_split")
         if self.train.eval_on_start and not self.data.has_eval():
             raise ConfigError("train.eval_on_start needs data.eval_file or data.eval_split")
         self._check_best_metric()
+
+    def uses_lora(self) -> bool:
+        return self.train.mode in ("lora", "qlora")
+
+    def _check_mode(self) -> None:
+        """train.mode and the keys that belong to one mode only; the old switch (lora.enabled) names its successor."""
+        mode = self.train.mode
+        if self.lora.enabled is False:
+            raise ConfigError("lora.enabled is replaced by train.mode (lora | full | qlora): for no LoRA set "
+                              "train.mode=full, with model.trainable=[audio_mlp] for what model.train_audio_mlp "
+                              "trained alone")
+        if self.lora.enabled and not self.uses_lora():
+            raise ConfigError(f"lora.enabled=true contradicts train.mode={mode}")
+        if mode == "full":
+            wrong = [k for k, v in (("model.train_audio_mlp", self.model.train_audio_mlp),
+                                    ("lora.init_from", self.lora.init_from),
+                                    ("lora.modules_to_save", self.lora.modules_to_save)) if v]
+            if wrong:
+                raise ConfigError(f"{', '.join(wrong)}: LoRA settings, not used by train.mode=full (model.trainable "
+                                  f"selects what trains, e.g. [audio_mlp])")
+            if not self.model.trainable:
+                raise ConfigError("model.trainable is empty: nothing to train (\"*\" trains everything)")
+        elif self.model.trainable != ["*"]:
+            raise ConfigError(f"model.trainable is for train.mode=full; with train.mode={mode} fully trained "
+                              f"modules are lora.modules_to_save (or model.train_audio_mlp)")
+        if self.model.train_audio_mlp and any(t.startswith("audio_mlp.") for t in self.lora.target_modules):
+            raise ConfigError(
+                "model.train_audio_mlp trains audio_mlp fully, so lora.target_modules must not also target audio_mlp.*"
+            )
 
     def _check_best_metric(self) -> None:
         """checkpoint.best_metric must be a metric this run computes (the default, eval_loss, only when ranking)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import re
 
@@ -19,12 +20,35 @@ def lora_target_regex(targets: list[str]) -> str:
     return r"^(.*\.)?(" + "|".join(re.escape(t) for t in targets) + r")$"
 
 
+def trainable_regex(patterns: list[str]) -> str:
+    """Search regex for model.trainable: each fnmatch pattern must cover whole dotted components of a parameter
+    name ('audio_mlp' matches layers.3.audio_mlp.up_proj.weight, never a hypothetical audio_mlp_gate)."""
+    parts = [fnmatch.translate(p).removeprefix("(?s:").removesuffix(")\\Z") for p in patterns]
+    return r"(^|\.)(" + "|".join(parts) + r")(\.|$)"
+
+
+def select_trainable(model, patterns: list[str]) -> None:
+    """train.mode=full: the parameters `patterns` select train, the rest stays frozen; a pattern that selects
+    nothing is a config error listing the model's top-level modules."""
+    names = [n for n, _ in model.named_parameters()]
+    unmatched = [p for p in patterns if not any(re.search(trainable_regex([p]), n) for n in names)]
+    if unmatched:
+        tops = sorted({n.split(".")[0] for n in names})
+        raise ConfigError(f"model.trainable {unmatched} select no parameter; top-level modules: {tops}, e.g. "
+                          f"audio_mlp, layers.0.self_attn, audio_decoder_proj.audio_lm_head")
+    selected = re.compile(trainable_regex(patterns))
+    for name, p in model.named_parameters():
+        p.requires_grad_(bool(selected.search(name)))
+
+
 def build_model(cfg: Config, ds_config: dict, dtype: torch.dtype):
     """Load, freeze and adapt the model. Under ZeRO-3 every parameter is created partitioned (no rank ever holds
     the whole model) and the checkpoint is loaded shard by shard into the partitions."""
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
     from transformers.integrations import HfDeepSpeedConfig
 
+    if cfg.train.mode == "qlora":
+        raise ConfigError("train.mode=qlora is not available yet")
     if cfg.model.init == "random":
         from ds_train.arch import build_random_model
         from ds_train.preflight import load_model_config
@@ -40,6 +64,8 @@ def build_model(cfg: Config, ds_config: dict, dtype: torch.dtype):
         del hf_ds
     model.config.use_cache = False
     model.requires_grad_(False)
+    if cfg.train.mode == "full":
+        select_trainable(model, cfg.model.trainable)
     model = apply_lora(model, cfg)
     if cfg.lora.init_from:
         load_init_adapter(model, cfg.lora.init_from)
@@ -59,7 +85,7 @@ def build_model(cfg: Config, ds_config: dict, dtype: torch.dtype):
 
 
 def apply_lora(model, cfg: Config):
-    if not cfg.lora.enabled:
+    if not cfg.uses_lora():
         return model
     from peft import LoraConfig, get_peft_model
 

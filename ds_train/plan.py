@@ -89,7 +89,7 @@ def count_model(cfg: Config, model_config) -> ModelCounts:
 
     with torch.device("meta"):
         model = HiggsAudioModel(model_config)
-    pattern = re.compile(lora_target_regex(cfg.lora.target_modules)) if cfg.lora.enabled else None
+    pattern = re.compile(lora_target_regex(cfg.lora.target_modules)) if cfg.uses_lora() else None
     frozen = trainable = largest = 0
     targets = {}
     for name, module in model.named_modules():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import re
+
 import pytest
 
 from conftest import SETTINGS_STEPS, loss_records, read_metrics
@@ -36,7 +38,9 @@ def test_defaults_and_overrides(tmp_path):
     ("train.micro_batch_size=0", "train.micro_batch_size must be > 0"),
     ("model.dtype=fp16", "model.dtype must be one of"),
     ("wandb.mode=maybe", "wandb.mode must be one of"),
-    ("lora.enabled=false", "nothing to train"),
+    ("lora.enabled=false", "lora.enabled is replaced by train.mode"),
+    ("train.mode=freeze", "train.mode must be one of lora, full, qlora"),
+    ("model.trainable=[audio_mlp]", "model.trainable is for train.mode=full"),
     ("train.eval_every=10", "needs data.eval_file"),
     ("train.eval_on_start=true", "needs data.eval_file"),
     ("checkpoint.keep_best=1", "needs data.eval_file"),
@@ -129,6 +133,17 @@ def test_full_audio_mlp_and_lora_on_audio_mlp_contradict():
     assert cfg.model.train_audio_mlp
 
 
+def test_mode_keys_belong_to_their_mode():
+    assert cfg_with("train.mode=full", "model.trainable=[audio_mlp]").model.trainable == ["audio_mlp"]
+    assert cfg_with("lora.enabled=true").uses_lora()  # the old switch, on, still works
+    for extra, key in (("model.train_audio_mlp=true", "model.train_audio_mlp"),
+                       ("lora.modules_to_save=[audio_codebook_embeddings]", "lora.modules_to_save"),
+                       ("lora.enabled=true", "lora.enabled=true contradicts train.mode=full"),
+                       ("model.trainable=[]", "model.trainable is empty")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            cfg_with("train.mode=full", extra)
+
+
 def test_missing_required_are_listed():
     with pytest.raises(ConfigError, match=r"missing required settings: data.train_file \(or data.train_files\), model.audio_tokenizer_path"):
         load_config(None, ["model.path=/m"])
@@ -156,7 +171,7 @@ def test_old_trainer_flags_are_aliases():
     assert cfg.train.output_dir == "./output_expmt_v1"
     assert cfg.checkpoint.every_steps == 5000 and cfg.train.micro_batch_size == 2 and cfg.optim.lr == 5e-5
     assert cfg.train.epochs == 3 and cfg.train.log_every == 50 and cfg.optim.warmup_steps == 500
-    assert cfg.model.dtype == "bf16" and cfg.lora.enabled and cfg.train.eval_every == 0
+    assert cfg.model.dtype == "bf16" and cfg.train.mode == "lora" and cfg.train.eval_every == 0
 
 
 def test_alias_forms_and_unknown_flags():
