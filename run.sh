@@ -133,7 +133,9 @@ explain_exit() {
     4) log "exit 4: training diverged; the last good state is saved: lower optim.lr, then train.resume=auto" ;;
     75) log "exit 75: preempted or interrupted; a checkpoint is saved: relaunch with train.resume=auto" ;;
     *) if [[ "$1" -gt 128 ]]; then
-         log "exit $1: a rank was killed by signal $(( 256 - $1 ))$([[ "$1" == 247 ]] && echo ' (SIGKILL: often the out-of-memory killer)'); train.resume=auto continues from the last checkpoint"
+         # DeepSpeed's launcher exits 256 - N for a rank killed by signal N (247: SIGKILL); a shell reports 128 + N.
+         local sig=$(( $1 >= 192 ? 256 - $1 : $1 - 128 ))
+         log "exit $1: a rank was killed by signal $sig$([[ "$sig" == 9 ]] && echo ' (SIGKILL: often the out-of-memory killer)'); train.resume=auto continues from the last checkpoint"
        else
          log "exit $1: the launcher failed (see above)"
        fi ;;
