@@ -99,7 +99,9 @@ def save(engine, model, cfg: Config, out_dir: Path, state: dict, metrics: Option
         raise CheckpointError(_failed_save_message(root, tag, failures, free, incomplete))
     if dist.is_main():
         ck = cfg.checkpoint
-        _prune(root, tag, ck.keep_last, ck.keep_best, ck.best_metric, ck.best_direction())
+        # early stopping exports the best step's adapter: that checkpoint is always kept
+        keep_best = max(ck.keep_best, 1 if cfg.train.early_stop_patience else 0)
+        _prune(root, tag, ck.keep_last, keep_best, ck.best_metric, ck.best_direction())
     dist.barrier()
     return root / tag
 

@@ -247,6 +247,9 @@ class TrainConfig:
     eval_on_start: bool = False  # also evaluate the untrained adapter at step 0: the baseline for the curve
     resume: str = "none"  # none | auto | PATH of a step-XXXXXX checkpoint dir
     max_consecutive_skips: int = 5  # non-finite loss/grad steps in a row before the run stops
+    # >0: stop after this many evaluations without an improvement of checkpoint.best_metric (by its best_mode); the
+    # run's adapter is then the best step's (ds_train.early_stop)
+    early_stop_patience: int = 0
 
     def __post_init__(self):
         _choice("train.mode", self.mode, TRAIN_MODES)
@@ -257,6 +260,7 @@ class TrainConfig:
         _at_least("train.max_steps", self.max_steps, 0)
         _at_least("train.seed", self.seed, 0)
         _positive("train.max_consecutive_skips", self.max_consecutive_skips)
+        _at_least("train.early_stop_patience", self.early_stop_patience, 0)
         if self.epochs == 0 and self.max_steps == 0:
             raise ConfigError("set train.epochs > 0 or train.max_steps > 0")
         if self.eval_every < 0:
@@ -398,12 +402,14 @@ class Config:
 
     def _check_best_metric(self) -> None:
         """checkpoint.best_metric must be a metric this run computes (the default, eval_loss, only when ranking)."""
-        metric, ck = self.checkpoint.best_metric, self.checkpoint
-        if ck.keep_best == 0 and metric == "eval_loss":
+        metric, ck, patience = self.checkpoint.best_metric, self.checkpoint, self.train.early_stop_patience
+        if ck.keep_best == 0 and not patience and metric == "eval_loss":
             return
         source = f"checkpoint.best_metric={metric}"
         if ck.keep_best:
             source += f" (checkpoint.keep_best={ck.keep_best})"
+        if patience:
+            source += f" (train.early_stop_patience={patience})"
         if metric.startswith("eval_") and not self.data.has_eval():
             raise ConfigError(f"{source} needs data.eval_file or data.eval_split")
         if metric.startswith("samples_") and self.eval.samples is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -22,9 +23,11 @@ from ds_train.config import Config, to_yaml
 from ds_train.data.collate import Batch
 from ds_train.data.loader import Data, build_data
 from ds_train.data.sampler import MicroBatchSampler
+from ds_train.early_stop import FRESH as EARLY_STOP_FRESH, EarlyStop
 from ds_train.ds_config import deepspeed_config, resolve_dtype
 from ds_train.errors import ConfigError
 from ds_train.evaluate import evaluate
+from ds_train.fsutil import staged_dir
 from ds_train.merge import merge
 from ds_train.loss import LossReport, loss_sums, objective, report
 from ds_train.metrics import make_logger, peak_memory_gb, truncate_metrics
@@ -53,7 +56,7 @@ class Run:
     data: Data
     steps: "StepBatches"
     total_steps: int
-    state: dict  # step, epoch, step_in_epoch: the position a checkpoint records
+    state: dict  # step, epoch, step_in_epoch (+ early_stop's): what a checkpoint records
     logger: object
     cuda: bool
 
@@ -91,10 +94,10 @@ def setup(cfg: Config) -> Run:
         # ZeRO-1/2 skip a step with a non-finite grad norm in every dtype, but scan each gradient for inf/NaN only in
         # fp16/bf16; scan in fp32 too. (ZeRO-3 has no such switch: it goes by the norm outside fp16.)
         engine.optimizer.check_grad_overflow = True
-    state = {"step": 0, "epoch": 0, "step_in_epoch": 0}
+    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, **EARLY_STOP_FRESH}
     if resume_from is not None:
         saved = checkpoint.load(engine, resume_from)
-        state = {k: saved[k] for k in state}
+        state = {k: saved.get(k, state[k]) for k in state}  # a checkpoint before early stopping: its state fresh
         dist.print0(f"resumed from {resume_from} at step {state['step']}")
         truncate_metrics(out, state["step"])
     logger = make_logger(cfg, out, total_steps, state["step"])
@@ -113,7 +116,8 @@ def train(cfg: Config) -> dict:
     preemption, skips = PreemptionFlag(), SkipCounter(cfg.train.max_consecutive_skips)
     progress = _progress(run.total_steps, state["step"])
     audio_samples = TrainingSamples(cfg, run.out, run.data.held_out)
-    losses = []
+    early = EarlyStop(cfg, state)
+    losses, stopped = [], None
     if run.data.eval is not None and cfg.train.eval_on_start and state["step"] == 0:
         logger.log({"step": 0, "epoch": 0, **evaluate(engine, run.data.eval, cfg).as_record("eval_")})
     while state["step"] < run.total_steps:
@@ -150,10 +154,16 @@ def train(cfg: Config) -> dict:
             measured.update(evaluate(engine, run.data.eval, cfg).as_record("eval_"))
             logger.log({"step": step, "epoch": state["epoch"], **measured})
         measured.update(audio_samples.run(engine, step, last_step, logger) or {})
+        improved = early.update(step, measured)
+        stopped = early.reason()
         every = cfg.checkpoint.every_steps
-        saved = last_step or (every and step % every == 0)
+        saved = last_step or (every and step % every == 0) or improved or stopped
         if saved:
             checkpoint.save(engine, run.model, cfg, run.out, state, measured)
+        if stopped:
+            logger.log({"step": step, "epoch": state["epoch"], "early_stopped": True})
+            dist.print0(f"stopped early at step {step}: {stopped}")
+            break
         if not last_step and preemption.agreed():
             path = checkpoint.save(engine, run.model, cfg, run.out, state) if not saved else \
                 checkpoint.read_latest(run.out)
@@ -163,7 +173,7 @@ def train(cfg: Config) -> dict:
                         f"{step}; relaunch with train.resume=auto to continue")
             raise Preempted(path)
     progress.close()
-    return finish(run, losses)
+    return finish(run, losses, stopped)
 
 
 @dataclass
@@ -227,14 +237,23 @@ def check_counts(miscounted: list[float], collated: list[float], step: int) -> N
                        "label expansion (a different boson-multimodal version?); tests/test_loss.py shows which.")
 
 
-def finish(run: Run, losses: list[float]) -> dict:
-    """The final adapter; rank 0 names the best checkpoint (checkpoint.best_metric), draws OUTPUT_DIR/curves.png
-    and, with checkpoint.merge, merges the adapter into the base alone after the other ranks have left."""
+def finish(run: Run, losses: list[float], stopped: str | None = None) -> dict:
+    """The final adapter (the best step's when the run `stopped` early); rank 0 names the best checkpoint
+    (checkpoint.best_metric), draws OUTPUT_DIR/curves.png and, with checkpoint.merge, merges the adapter into the
+    base alone after the other ranks have left."""
     cfg, out = run.cfg, run.out
-    export_adapter(run.model, out / "adapter")
+    if stopped:
+        if dist.is_main():
+            best = checkpoint.checkpoint_root(out) / checkpoint.tag_of(run.state["best_step"]) / "adapter"
+            with staged_dir(out / "adapter", replace=lambda _: True) as tmp:
+                shutil.copytree(best, tmp, dirs_exist_ok=True)
+    else:
+        export_adapter(run.model, out / "adapter")
     dist.barrier()
     summary = {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "steps": run.state["step"], "adapter": str(out / "adapter")}
+    if stopped:
+        summary.update(stopped_early=stopped, adapter_step=run.state["best_step"])
     if cfg.checkpoint.merge:
         # Minutes at real size, on CPU: no rank waits for it in a collective. The peers exit here.
         dist.leave_peers()
