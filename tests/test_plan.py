@@ -221,7 +221,8 @@ def test_max_tokens_auto_is_the_plans_own_recommendation(which, ram_gib, tiny_mo
     assert capsys.readouterr().out.startswith(f"data.max_tokens=auto: {budget}, the largest multiple of 256 positions"
                                               f" whose step ds-train plan fits in 90% of {ram_gib / 2:.1f} GiB (cpu)")
     # The margin: this budget's step fits 90% of the device, 256 positions more would not.
-    step = [plan_memory(cfg, model_config, ds_config, 2, n, ram_gib / 2, "cpu").total_gib for n in (budget, budget + 256)]
+    step = [plan_memory(cfg, model_config, ds_config, 2, n, ram_gib / 2, "cpu").total_gib
+            for n in (budget, budget + 256)]
     assert step[0] <= 0.9 * ram_gib / 2 < step[1]
     # `ds-train plan` with auto plans that budget.
     assert plan_command(_auto_cfg(path, init, "data.max_tokens=auto")).positions == budget

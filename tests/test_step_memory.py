@@ -11,9 +11,9 @@ from conftest import REPO
 ARCH = str(REPO / "configs/arch/higgs-v2-3b.json")
 GIB = 2**30
 ALL = 5_771_283_456  # every parameter of the released architecture
-H, I, KV, VOCAB, AUDIO_VOCAB = 3072, 8192, 1024, 128256, 8 * (1024 + 2)
-AUDIO_MLP = 3 * H * I  # gate, up, down of one layer's DualFFN audio path
-LAYER = 2 * H * H + 2 * H * KV + 3 * H * I + AUDIO_MLP + 4 * H  # attention, mlp, audio_mlp, 4 RMSNorms
+H, INTER, KV, VOCAB, AUDIO_VOCAB = 3072, 8192, 1024, 128256, 8 * (1024 + 2)
+AUDIO_MLP = 3 * H * INTER  # gate, up, down of one layer's DualFFN audio path
+LAYER = 2 * H * H + 2 * H * KV + 3 * H * INTER + AUDIO_MLP + 4 * H  # attention, mlp, audio_mlp, 4 RMSNorms
 
 
 def _cfg(*overrides):
@@ -32,7 +32,8 @@ def _counts(*overrides):
 
 
 def test_full_mode_counts_what_model_trainable_selects():
-    assert 28 * LAYER + 2 * VOCAB * H + 2 * AUDIO_VOCAB * H + H == ALL  # the hand count: layers, embeddings, heads, norm
+    # The hand count: layers, text embedding and head, audio codebook embedding and head, final norm.
+    assert 28 * LAYER + 2 * VOCAB * H + 2 * AUDIO_VOCAB * H + H == ALL
     everything = _counts()  # model.trainable=["*"]
     assert (everything.trainable, everything.frozen) == (ALL, 0)
     assert everything.lora_targets_per_layer == {}  # no LoRA intermediates in the activations
