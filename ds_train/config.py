@@ -100,7 +100,9 @@ class DataConfig:
     loudness_normalize: bool = False
     skip_bad: bool = False
     plausibility: str = "warn"  # text length vs audio duration, duplicate rows: warn | error | off
-    max_tokens: int = 0  # >0: token-budget micro-batches (text + audio positions) instead of train.micro_batch_size
+    # >0: token-budget micro-batches (text + audio positions) instead of train.micro_batch_size. auto: the largest
+    # budget `ds-train plan` fits on this device with 10% to spare, resolved at start (ds_train.plan.resolve_max_tokens)
+    max_tokens: Union[int, str] = 0
     num_workers: int = 0
     persistent_workers: bool = False
     pin_memory: bool = True  # pinned host batches, copied with non_blocking=True (GPU only; ignored on CPU)
@@ -148,8 +150,8 @@ class DataConfig:
             raise ConfigError(f"data.decode_workers must be >= 0, got {self.decode_workers}")
         if self.prefetch_factor is not None:
             _positive("data.prefetch_factor", self.prefetch_factor)
-        if self.max_tokens < 0:
-            raise ConfigError(f"data.max_tokens must be >= 0, got {self.max_tokens}")
+        if self.max_tokens != "auto" and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
+            raise ConfigError(f"data.max_tokens must be a number >= 0 or auto, got {self.max_tokens!r}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.num_workers == 0 and (self.persistent_workers or self.prefetch_factor is not None):

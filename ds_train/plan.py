@@ -1,27 +1,14 @@
 """`ds-train plan CONFIG [--hostfile F] [--gpu-memory GB] [--positions N]`: will this run fit, before any GPU is
 touched? Per-device memory of the configured model, LoRA, ZeRO stage/offload and micro-batch, and what to change.
 
-The model is counted exactly from its config (built on the meta device, nothing allocated). Per device:
-  parameters    frozen base x dtype bytes; ZeRO-3: / ranks, plus the gathered working set (up to
-                stage3_max_live_parameters, twice: parameters and all-gather buffers); offload_param: on the host
-  LoRA          trainable x dtype bytes (ZeRO-3: / ranks); offload_param: on the host
-  gradients     trainable x dtype bytes (ZeRO-2/3: / ranks); offload_optimizer: on the host with an fp32 copy
-                (4 bytes per trainable / ranks), and the device keeps the reduce bucket (reduce_bucket_size x dtype)
-  optimizer     AdamW m, v (+ an fp32 master copy in bf16) = 12 (bf16) or 8 (fp32) bytes per trainable / ranks;
-                offload_optimizer: on the host
-  activations   what backward keeps per position and decoder layer (below); with activation checkpointing only each
-                layer's input plus one layer recomputed
-  logits        text head over every position (model.full_text_logits=true) or only the trained ones, the audio head
-                at audio positions: dtype + fp32 copy + log-softmax + gradient
-  runtime       the process itself: 0.85 GiB on CPU (torch, DeepSpeed, transformers, gloo), 0.6 GiB CUDA context
+The memory of one step, component by component, is ds_train/step_memory.py (its docstring has the arithmetic). Here:
+the plan and its recommendations, the fewest GPUs of a size a step needs, data.max_tokens=auto, the command and
+train's check at start.
+
 A round of in-training samples (eval.samples; ds_train.samples) runs between steps, when activations and logits are
 freed. It builds the serve engine's pieces (KV caches, audio tokenizer) and frees them after the round, so they are
 not in the step's total; under ZeRO-3 it gathers the whole model once for the round when that fits next to what the
 rank holds (`samples_gather_fits`), else every decode step gathers it module by module as training does.
-Per position and decoder layer, backward keeps (elements of dtype): 2 norm inputs and outputs (4h), q and the
-attention output (2h), k and v (2 kv), the MLP's gate, up, activation and product (4i), the residual (h), the
-DualFFN's text/audio split copy (h); each RMSNorm also keeps an fp32 copy (2 x 4h bytes); each LoRA target its
-rank-r intermediate, and with lora.dropout > 0 a dropped-out copy of its input; eager attention its T x T weights.
 """
 
 from __future__ import annotations
@@ -32,17 +19,20 @@ from pathlib import Path
 
 from ds_train import dist
 from ds_train.config import Config
-from ds_train.model import lora_target_regex
+from ds_train.errors import ConfigError
+from ds_train.step_memory import GIB, ModelCounts, activation_bytes, count_model, memory_components, step_gib
 
-GIB = 2**30
-# Measured on the project's CPU box: 0.74 GiB (2026-11-22) to ~1.05 GiB (2026-11-21) of RSS before the model, as
-# the page cache holds the libraries' file-backed pages differently; the middle of that range.
-CPU_RUNTIME_GIB = 0.85
-CUDA_CONTEXT_GIB = 0.6
-AUDIO_FRACTION = 0.85  # TTS micro-batches: most positions are audio
 # Of the device, kept free when the whole model is gathered for a round of samples: decoding's own activations and
 # the allocator's slack.
 SAMPLES_HEADROOM = 0.1
+# Of the device, kept free by the token budget plan recommends (= what data.max_tokens=auto picks) and by the GPU
+# count it gives: the plan is an estimate, and the allocator fragments.
+MARGIN = 0.1
+# data.max_tokens budgets are multiples of this: a few MB more or less of the same device (another driver, what
+# another process holds on a CPU box) then mostly resolves `auto` to the same number, so the run resumes unchanged;
+# 256 positions are a small step next to real budgets of thousands.
+BUDGET_STEP = 256
+MAX_BUDGET_STEPS = 2**16  # 16.8M positions: the search's ceiling (a tiny model on a large host)
 
 
 @dataclass
@@ -55,6 +45,8 @@ class Plan:
     device: str
     recommendations: list = field(default_factory=list)
     samples: dict = field(default_factory=dict)  # a round of samples (eval.samples): GiB per device, and the path
+    # GPUs of this capacity a step needs: {"configured" | "offload": (count or None, GiB per device at that count)}
+    gpus: dict = field(default_factory=dict)
 
     @property
     def total_gib(self) -> float:
@@ -65,52 +57,6 @@ class Plan:
         return self.total_gib <= self.capacity_gib
 
 
-@dataclass
-class ModelCounts:
-    frozen: int
-    trainable: int
-    largest_module: int  # parameters of the largest single module (ZeRO-3 gathers one at a time, at least)
-    layers: int
-    hidden: int
-    intermediate: int
-    kv: int
-    heads: int
-    vocab: int
-    audio_vocab: int
-    lora_targets_per_layer: dict  # target -> (in_features, is_audio)
-
-
-def count_model(cfg: Config, model_config) -> ModelCounts:
-    """Exact parameter counts of the configured model + LoRA, from shapes on the meta device."""
-    import re
-
-    import torch
-    from boson_multimodal.model.higgs_audio import HiggsAudioModel
-
-    with torch.device("meta"):
-        model = HiggsAudioModel(model_config)
-    pattern = re.compile(lora_target_regex(cfg.lora.target_modules)) if cfg.uses_lora() else None
-    frozen = trainable = largest = 0
-    targets = {}
-    for name, module in model.named_modules():
-        own = sum(p.numel() for p in module.parameters(recurse=False))
-        largest = max(largest, own)
-        if isinstance(module, torch.nn.Linear) and pattern and pattern.match(name):
-            trainable += cfg.lora.r * (module.in_features + module.out_features)
-            if ".layers.0." in f".{name}":
-                targets[name.split(".layers.0.")[-1]] = (module.in_features, ".audio_mlp." in name)
-    for name, p in model.named_parameters():
-        if cfg.model.train_audio_mlp and ".audio_mlp." in name:
-            trainable += p.numel()
-        else:
-            frozen += p.numel()
-    t = model_config.text_config
-    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-    return ModelCounts(frozen, trainable, largest, t.num_hidden_layers, t.hidden_size, t.intermediate_size,
-                       t.num_key_value_heads * head_dim, t.num_attention_heads, t.vocab_size,
-                       model_config.audio_num_codebooks * (model_config.audio_codebook_size + 2), targets)
-
-
 def plan_memory(cfg: Config, model_config, ds_config: dict, world: int, positions: int, capacity_gib: float,
                 device: str, longest: int | None = None) -> Plan:
     """Predicted per-device memory of one training step; `positions` per micro-batch (padded), `longest` sequence."""
@@ -118,56 +64,13 @@ def plan_memory(cfg: Config, model_config, ds_config: dict, world: int, position
     comp, host = memory_components(cfg, c, ds_config, world, positions, device, longest)
     p = Plan(world, positions, comp, host, capacity_gib, device)
     p.recommendations = recommend(cfg, ds_config, p, c, device, longest)
+    if device != "cpu":
+        p.gpus = gpus_needed(cfg, c, ds_config, p)
     if cfg.eval.samples is not None:
         zero = ds_config.get("zero_optimization", {})
         b = 2 if ds_config.get("bf16", {}).get("enabled") else 4
         p.samples = samples_round(cfg, model_config, p, c, b, int(zero.get("stage", 0)))
     return p
-
-
-def memory_components(cfg: Config, c: ModelCounts, ds_config: dict, world: int, positions: int, device: str,
-                      longest: int | None = None) -> tuple[dict, dict]:
-    """({name: GiB per device}, {name: GiB per rank on the host}) of one training step under `ds_config`."""
-    zero = ds_config.get("zero_optimization", {})
-    stage = int(zero.get("stage", 0))
-    bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
-    b = 2 if bf16 else 4
-    offload_param = (zero.get("offload_param") or {}).get("device", "none") != "none" and stage == 3
-    offload_opt = (zero.get("offload_optimizer") or {}).get("device", "none") != "none"
-    cuda = device != "cpu"
-
-    comp, host = {}, {}
-    # offload_param keeps every rank's partition (frozen base and LoRA) on the host; ZeRO-3 still gathers each
-    # module onto the device for its forward and backward, so the gathered working set stays a device cost.
-    (host if offload_param else comp)["parameters"] = c.frozen * b / (world if stage == 3 else 1) / GIB
-    if stage == 3:
-        # stage3_max_reuse_distance (1e9 in our JSONs) keeps a gathered parameter until backward has used it again,
-        # so up to stage3_max_live_parameters (or the whole model) is gathered at once; measured on CPU, RSS grows
-        # by twice that (the all-gather's flat buffers as well as the parameters): 320M-parameter fp32 copy, 2 ranks,
-        # +3.05 GiB over 1.2 GiB of parameters.
-        live = int(zero.get("stage3_max_live_parameters", 1e9))
-        gathered = max(min(live, c.frozen + c.trainable), c.largest_module)
-        comp["gathered parameters"] = 2 * gathered * b / GIB
-    (host if offload_param else comp)["LoRA"] = c.trainable * b / (world if stage == 3 else 1) / GIB
-    grads = c.trainable * b / (world if stage >= 2 else 1) / GIB
-    if offload_opt:
-        # The reduced gradient partitions accumulate on the host (stage3 grad_partitions_flat_buffer), next to an
-        # fp32 copy the CPU optimizer steps on; the device keeps only the reduce bucket the gradients pass through,
-        # which DeepSpeed allocates whole (reduce_bucket_size elements) on a GPU; on CPU only the touched part of
-        # that torch.empty is resident.
-        host["gradients"] = grads + c.trainable * 4 / (world if stage >= 1 else 1) / GIB
-        bucket = int(zero.get("reduce_bucket_size", 5e8))
-        comp["gradient bucket"] = (bucket if cuda else min(bucket, c.trainable)) * b / GIB
-    else:
-        comp["gradients"] = grads
-    (host if offload_opt else comp)["optimizer"] = c.trainable * (12 if bf16 else 8) / (world if stage >= 1 else 1) / GIB
-    comp["activations"] = activation_bytes(cfg, c, positions, b, longest or positions) / GIB
-    comp["logits"] = logits_bytes(cfg, c, positions, b) / GIB
-    comp["runtime"] = CUDA_CONTEXT_GIB if cuda else CPU_RUNTIME_GIB
-    if not cuda:  # on CPU the "device" is host memory: offloaded state lives there too
-        comp.update({f"{k} (offloaded)": v for k, v in host.items()})
-        host = {}
-    return comp, host
 
 
 def samples_round(cfg: Config, model_config, p: Plan, c: ModelCounts, b: int, stage: int) -> dict:
@@ -228,41 +131,17 @@ def device_usage_gib(ranks_here: int) -> tuple[float, float]:
     return (_mem_total_gib() - _mem_available_gib()) / ranks, _mem_total_gib() / ranks
 
 
-def activation_bytes(cfg: Config, c: ModelCounts, positions: int, b: int, longest: int) -> float:
-    h, i, kv = c.hidden, c.intermediate, c.kv
-    per_layer = (4 * h + 2 * h + 2 * kv + 4 * i + h + h) * b + 2 * 2 * 4 * h
-    for _, (fan_in, is_audio) in c.lora_targets_per_layer.items():
-        share = AUDIO_FRACTION if is_audio else 1.0
-        per_layer += share * (cfg.lora.r * b + (fan_in * b + fan_in if cfg.lora.dropout > 0 else 0))
-    layers = c.layers
-    attn = 0.0
-    if cfg.model.attn_implementation == "eager":
-        attn = c.heads * longest * positions * b  # T x T weights per head (positions/T sequences of length T)
-    if cfg.model.activation_checkpointing:
-        return positions * layers * h * b + positions * per_layer + attn
-    return positions * layers * per_layer + layers * attn
-
-
-def logits_bytes(cfg: Config, c: ModelCounts, positions: int, b: int) -> float:
-    per_entry = b + 4 + 4 + 4  # logits, fp32 copy, log-softmax, gradient
-    text_positions = positions if cfg.model.full_text_logits else min(positions, 64)
-    audio_positions = AUDIO_FRACTION * positions
-    return per_entry * (text_positions * c.vocab + audio_positions * c.audio_vocab)
-
-
 def recommend(cfg, ds_config, p: Plan, c: ModelCounts, device: str, longest: int | None) -> list[str]:
     out = []
     zero = ds_config.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     b = 2 if ds_config.get("bf16", {}).get("enabled") else 4
-    fixed = p.total_gib - p.components["activations"] - p.components["logits"]
-    per_position = (p.components["activations"] + p.components["logits"]) / max(p.positions, 1)
-    if per_position > 0:
-        budget = int((0.9 * p.capacity_gib - fixed) / per_position // 256 * 256)
-        if budget >= 256:
-            out.append(f"data.max_tokens <= {budget} fits at this setting (90% of {p.capacity_gib:.1f} GiB)")
-        else:
-            out.append(f"no micro-batch fits at this setting: {fixed:.1f} GiB before activations")
+    budget = largest_max_tokens(cfg, c, ds_config, p.world, p.capacity_gib, device, longest)
+    if budget:
+        out.append(f"data.max_tokens <= {budget} fits at this setting ({1 - MARGIN:.0%} of {p.capacity_gib:.1f} GiB)")
+    else:
+        fixed = p.total_gib - p.components["activations"] - p.components["logits"]
+        out.append(f"no micro-batch fits at this setting: {fixed:.1f} GiB before activations")
     if not cfg.model.activation_checkpointing:
         ckpt = activation_bytes(_with(cfg, activation_checkpointing=True), c, p.positions, b, p.positions) / GIB
         if not p.fits:
@@ -281,14 +160,70 @@ def recommend(cfg, ds_config, p: Plan, c: ModelCounts, device: str, longest: int
     if stage == 3:
         zero2 = alternative({"stage": 2})
         if zero2 < 0.9 * p.capacity_gib:
-            out.append(f"ZeRO-2 fits (frozen base replicated, {c.frozen * b / GIB:.1f} GiB; {zero2:.1f} GiB per "
-                       "device): ds_configs/zero2.json, no per-layer all-gather")
+            out.append(f"ZeRO-2 fits (parameters replicated, {(c.frozen + c.trainable) * b / GIB:.1f} GiB; {zero2:.1f} "
+                       "GiB per device): ds_configs/zero2.json, no per-layer all-gather")
     if not p.fits and stage < 3:
-        out.append("ZeRO-3 partitions the frozen base: ds_configs/zero3.json")
+        out.append("ZeRO-3 partitions the parameters: ds_configs/zero3.json")
     if not p.fits and stage == 3 and "offload_param" not in zero:
-        offloaded = alternative({**zero, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}})
+        offloaded = alternative(offloaded_zero(zero))
         out.append(f"ZeRO-3 with parameters and optimizer on the host ({offloaded:.1f} GiB per device): "
                    "ds_configs/zero3_offload.json")
+    return out
+
+
+def offloaded_zero(zero: dict) -> dict:
+    """`zero` as ZeRO-3 with parameters and optimizer on the host (what ds_configs/zero3_offload.json sets)."""
+    return {**zero, "stage": 3, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}}
+
+
+def largest_max_tokens(cfg: Config, c: ModelCounts, ds_config: dict, world: int, capacity_gib: float, device: str,
+                       longest: int | None = None) -> int:
+    """The largest data.max_tokens, a multiple of BUDGET_STEP, whose step takes at most (1 - MARGIN) of the device;
+    0 when not even BUDGET_STEP fits. Without `longest` one sequence fills the budget (eager attention's T x T
+    weights: the worst case). The step grows with the budget, so a bisection over multiples finds it."""
+    limit = (1 - MARGIN) * capacity_gib
+
+    def fits(steps: int) -> bool:
+        n = steps * BUDGET_STEP
+        return step_gib(cfg, c, ds_config, world, n, device, longest or n) <= limit
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2  # fits(low); high is tried next
+    while high <= MAX_BUDGET_STEPS and fits(high):
+        low, high = high, 2 * high
+    high = min(high, MAX_BUDGET_STEPS + 1)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low * BUDGET_STEP
+
+
+def fewest_gpus(cfg: Config, c: ModelCounts, ds_config: dict, positions: int, capacity_gib: float,
+                most: int = 4096) -> int | None:
+    """The fewest GPUs of `capacity_gib` on which a step of `positions` takes at most (1 - MARGIN) of each (ZeRO
+    partitions shrink with more ranks; activations, logits, the gathered set and the runtime do not); None when no
+    count up to `most` does."""
+    limit = (1 - MARGIN) * capacity_gib
+    return next((w for w in range(1, most + 1)
+                 if step_gib(cfg, c, ds_config, w, positions, "gpu", positions) <= limit), None)
+
+
+def gpus_needed(cfg: Config, c: ModelCounts, ds_config: dict, p: Plan) -> dict:
+    """fewest_gpus at the plan's positions under the configured ZeRO section and, unless it offloads already, under
+    it offloaded (offloaded_zero): {label: (count or None, GiB per device, GiB of host RAM over all ranks)}."""
+    zero = ds_config.get("zero_optimization", {})
+    sections = {Path(cfg.train.deepspeed_config).name: zero}
+    offloads = int(zero.get("stage", 0)) == 3 and all((zero.get(k) or {}).get("device", "none") != "none"
+                                                     for k in ("offload_param", "offload_optimizer"))
+    if not offloads:
+        sections["ZeRO-3 + offload (zero3_offload.json)"] = offloaded_zero(zero)
+    out = {}
+    for label, z in sections.items():
+        ds = {**ds_config, "zero_optimization": z}
+        n = fewest_gpus(cfg, c, ds, p.positions, p.capacity_gib)
+        comp, host = memory_components(cfg, c, ds, n or p.world, p.positions, "gpu", p.positions)
+        out[label] = (n, sum(comp.values()), sum(host.values()) * (n or p.world))
     return out
 
 
@@ -347,7 +282,7 @@ def _meminfo_gib(key: str) -> float:
 def positions_of(cfg: Config, longest: int | None, positions: int | None) -> int:
     if positions:
         return positions
-    if cfg.data.max_tokens:
+    if cfg.data.max_tokens:  # resolved from auto by now (resolve_max_tokens, or plan_command)
         return cfg.data.max_tokens
     if longest:
         return cfg.train.micro_batch_size * longest
@@ -369,9 +304,57 @@ def plan_command(cfg: Config, hostfile: str | None = None, gpu_memory: float | N
     capacity, device = device_capacity(gpu_memory, local)
     if gpu_memory:
         device = "gpu"
+    if cfg.data.max_tokens == "auto":
+        cfg = _with_budget(cfg, *auto_budget(cfg, model_config, ds_config, world, capacity, device))
     p = plan_memory(cfg, model_config, ds_config, world, positions_of(cfg, None, positions), capacity, device)
     print(format_plan(p, cfg))
     return p
+
+
+def auto_budget(cfg: Config, model_config, ds_config: dict, world: int, capacity_gib: float,
+                device: str) -> tuple[int, str]:
+    """data.max_tokens=auto on this device: (largest_max_tokens, the line that says so; 0 and why when none fits)."""
+    c = count_model(cfg, model_config)
+    budget = largest_max_tokens(cfg, c, ds_config, world, capacity_gib, device)
+    if budget:
+        return budget, (f"data.max_tokens=auto: {budget}, the largest multiple of {BUDGET_STEP} positions whose step "
+                        f"ds-train plan fits in {1 - MARGIN:.0%} of {capacity_gib:.1f} GiB ({device})")
+    fixed = step_gib(cfg, c, ds_config, world, 0, device, 0)
+    return 0, (f"data.max_tokens=auto: not even {BUDGET_STEP} positions fit {1 - MARGIN:.0%} of {capacity_gib:.1f} "
+               f"GiB ({device}): the step holds {fixed:.1f} GiB before activations; run `ds-train plan` for what "
+               f"to change")
+
+
+def _with_budget(cfg: Config, budget: int, line: str) -> Config:
+    import copy
+
+    if not budget:
+        raise ConfigError(line)
+    print(line)
+    other = copy.deepcopy(cfg)
+    other.data.max_tokens = budget
+    return other
+
+
+def resolve_max_tokens(cfg: Config, model_config, ds_config: dict) -> None:
+    """data.max_tokens=auto -> auto_budget's number, in `cfg` itself, so the saved config.yaml, the W&B/TensorBoard
+    config, the checkpoints' META and the resume comparison (checkpoint.CONTINUATION_KEYS) all hold the number.
+    Rank 0 reads its device and decides, every rank takes its answer (readings may differ per rank: MemAvailable on
+    CPU). Call after the process group exists and before the config is saved or compared."""
+    import torch
+
+    if cfg.data.max_tokens != "auto":
+        return
+    answer = None
+    if dist.is_main():
+        cuda = torch.cuda.is_available()
+        capacity, device = device_capacity(None, 1 if cuda else local_ranks())
+        answer = auto_budget(cfg, model_config, ds_config, dist.world_size(), capacity, device)
+    budget, line = dist.broadcast_object(answer)
+    if not budget:
+        raise ConfigError(line)
+    dist.print0(line)
+    cfg.data.max_tokens = budget
 
 
 def format_plan(p: Plan, cfg: Config) -> str:
@@ -385,12 +368,24 @@ def format_plan(p: Plan, cfg: Config) -> str:
     lines.append(f"  {'total per device':28s} {p.total_gib:8.2f} GiB of {p.capacity_gib:.1f} GiB ({p.device}): "
                  f"{verdict}")
     lines += [f"  recommend: {r}" for r in p.recommendations]
+    if p.gpus:  # the fewest GPUs of this size, e.g. "full fine-tune needs 2 x 80 GiB GPUs with zero3.json ..."
+        lines.append(f"  {cfg.train.mode} fine-tune needs "
+                     + "; ".join(_gpus_line(label, *v, p.capacity_gib) for label, v in p.gpus.items()))
     if p.samples:
         s = p.samples
         gathered = f", the whole model {s['model']:.2f} GiB" if s["path"] == "gathered once" else ""
         lines.append(f"  samples round: KV caches {s['KV caches']:.2f} GiB + audio tokenizer {s['audio tokenizer']:.2f}"
                      f" GiB (freed after the round){gathered}; parameters {s['path']}")
     return "\n".join(lines)
+
+
+def _gpus_line(label: str, count: int | None, gib: float, host_gib: float, capacity_gib: float) -> str:
+    if count is None:
+        return (f"no number of {capacity_gib:.0f} GiB GPUs with {label}: {gib:.1f} GiB per device does not shrink "
+                "with more")
+    host = f", {host_gib:.1f} GiB of host RAM in all" if host_gib else ""
+    gpus = f"{count} x {capacity_gib:.0f} GiB GPU{'s' if count > 1 else ''}"
+    return f"{gpus} with {label} ({gib:.1f} GiB per device{host})"
 
 
 def check_at_start(cfg: Config, model_config, ds_config: dict, longest: int) -> Plan | None:

@@ -33,6 +33,7 @@ from ds_train.loss import LossReport, loss_sums, objective, report
 from ds_train.metrics import make_logger, peak_memory_gb, truncate_metrics
 from ds_train.model import build_model, torch_dtype
 from ds_train.plan import check_at_start as check_memory_plan
+from ds_train.plan import resolve_max_tokens
 from ds_train.plot import plot_curves
 from ds_train.preflight import preflight
 from ds_train.resilience import Diverged, Preempted, PreemptionFlag, SkipCounter
@@ -71,6 +72,8 @@ def setup(cfg: Config) -> Run:
     out, cuda = pre.out_dir, torch.cuda.is_available()
     ds_config = deepspeed_config(cfg, dist.world_size(), cuda)  # world size from the launcher's environment
     dist.init_distributed()  # binds this rank's GPU
+    # data.max_tokens=auto becomes a number here, before the config is saved, logged or compared with a checkpoint's
+    resolve_max_tokens(cfg, pre.model_config, ds_config)
     checkpoint.check_shared_dir(out)  # before anything reads `latest` or rank 0 writes there
     resume_from = checkpoint.find_resume(cfg, out)  # collective: each rank validates its own shards
     seed_everything(cfg.train.seed)

@@ -73,6 +73,9 @@ def test_defaults_and_overrides(tmp_path):
                                       "not both"),
     ("data.eval_split=1", "data.eval_split must be in (0, 1), got 1.0"),
     ("data.eval_split=0", "data.eval_split must be in (0, 1), got 0.0"),
+    # Issue 17 item 5: a token budget, or auto (the largest ds-train plan fits the device).
+    ("data.max_tokens=-1", "data.max_tokens must be a number >= 0 or auto, got -1"),
+    ("data.max_tokens=most", "data.max_tokens must be a number >= 0 or auto, got 'most'"),
     ("data.eval_split=0.1 data.eval_file=/d/e.jsonl", "data.eval_split holds out part of the training data as the eval "
                                                       "set: set it or data.eval_file, not both"),
 ])

@@ -145,3 +145,163 @@ def test_plan_command_and_the_check_at_start_on_every_shipped_config(monkeypatch
             assert cpu.components["parameters (offloaded)"] == pytest.approx(p.host_components["parameters"])
         else:
             assert not p.host_components
+
+
+def test_full_fine_tune_on_80gb_gpus_zero3_and_offload(monkeypatch, capsys):
+    """The fewest 80 GiB GPUs the full fine-tune of the released architecture needs at 4096 positions, with at most
+    90% of each in use: ZeRO-3 partitions 16 bytes per parameter (bf16 weight and gradient, fp32 master, Adam m and
+    v) over the ranks next to what does not shrink (gathered set, activations, logits, runtime); with offload the
+    partitions are host memory and one GPU holds the rest."""
+    from ds_train.plan import plan_command
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    p = plan_command(_cfg("train.mode=full", "train.deepspeed_config=ds_configs/zero3.json"), gpu_memory=80.0)
+    out = capsys.readouterr().out
+    partitioned = ("parameters", "trained parameters", "gradients", "fp32 masters", "Adam moments")
+    at_8 = sum(p.components[k] for k in partitioned)
+    assert at_8 == pytest.approx(5_771_283_456 * 16 / 8 / GIB)
+    rest = p.total_gib - at_8
+    by_hand = min(w for w in range(1, 65) if rest + at_8 * 8 / w <= 0.9 * 80.0)
+    assert by_hand == 2  # 1: 96.3 GiB; 2: 53.3 GiB + 12.4 GiB
+    count, gib, host = p.gpus["zero3.json"]
+    assert (count, gib) == (2, pytest.approx(rest + at_8 * 4))
+    offload = p.gpus["ZeRO-3 + offload (zero3_offload.json)"]
+    assert offload[0] == 1 and offload[2] == pytest.approx(5_771_283_456 * (2 + 2 + 4 + 4 + 8) / GIB)
+    assert f"full fine-tune needs 2 x 80 GiB GPUs with zero3.json ({gib:.1f} GiB per device); 1 x 80 GiB GPU with " \
+           f"ZeRO-3 + offload (zero3_offload.json) ({offload[1]:.1f} GiB per device, {offload[2]:.1f} GiB of host " \
+           "RAM in all)" in out
+
+
+def _tiny_or_scaled(which, tiny_model, tmp_path):
+    """(model.path, model.init) of the tiny checkpoint or a scaled-down copy of the released architecture."""
+    if which == "tiny":
+        return str(tiny_model), "pretrained"
+    from ds_train.arch import make_arch_dir
+
+    scale = dict(layers=2, hidden=256, intermediate=512, heads=4, kv_heads=2)
+    return str(make_arch_dir(ARCH, str(tmp_path / "scaled"), scale)), "random"
+
+
+def _auto_cfg(path, init, *overrides):
+    from ds_train.config import load_config
+
+    return load_config(overrides=[f"model.path={path}", f"model.init={init}", "model.audio_tokenizer_path=x",
+                                  "data.train_file=x", "train.output_dir=x",
+                                  f"train.deepspeed_config={REPO / 'ds_configs/zero3.json'}", *overrides])
+
+
+def _this_box(monkeypatch, ram_gib):
+    """2 local ranks on a CPU box with `ram_gib` of RAM available. Mocked: /proc/meminfo's MemAvailable, which on
+    this shared machine changes from one reading to the next."""
+    import ds_train.plan as plan
+
+    for key in ("WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(key, "2")
+    monkeypatch.setattr(plan, "_mem_available_gib", lambda: ram_gib)
+
+
+@pytest.mark.parametrize("which, ram_gib", [("tiny", 4.0), ("scaled", 6.0)])
+def test_max_tokens_auto_is_the_plans_own_recommendation(which, ram_gib, tiny_model, tmp_path, monkeypatch, capsys):
+    """data.max_tokens=auto picks what `ds-train plan` recommends on the same device: the largest multiple of 256
+    positions whose step takes at most 90% of it (here RAM / 2 local ranks), printed, and in the config itself."""
+    from ds_train.ds_config import deepspeed_config
+    from ds_train.plan import plan_command, plan_memory, resolve_max_tokens
+    from ds_train.preflight import load_model_config
+
+    path, init = _tiny_or_scaled(which, tiny_model, tmp_path)
+    _this_box(monkeypatch, ram_gib)
+    recommended = plan_command(_auto_cfg(path, init)).recommendations
+    budget = int([r for r in recommended if r.startswith("data.max_tokens <=")][0].split("<=")[1].split()[0])
+    capsys.readouterr()
+
+    cfg = _auto_cfg(path, init, "data.max_tokens=auto")
+    model_config, ds_config = load_model_config(path), deepspeed_config(cfg, 2, cuda=False)
+    resolve_max_tokens(cfg, model_config, ds_config)
+    assert cfg.data.max_tokens == budget and budget % 256 == 0 and budget >= 1024
+    assert capsys.readouterr().out.startswith(f"data.max_tokens=auto: {budget}, the largest multiple of 256 positions"
+                                              f" whose step ds-train plan fits in 90% of {ram_gib / 2:.1f} GiB (cpu)")
+    # The margin: this budget's step fits 90% of the device, 256 positions more would not.
+    step = [plan_memory(cfg, model_config, ds_config, 2, n, ram_gib / 2, "cpu").total_gib
+            for n in (budget, budget + 256)]
+    assert step[0] <= 0.9 * ram_gib / 2 < step[1]
+    # `ds-train plan` with auto plans that budget.
+    assert plan_command(_auto_cfg(path, init, "data.max_tokens=auto")).positions == budget
+
+
+def test_max_tokens_auto_that_fits_nothing_names_what_the_step_holds(tiny_model, monkeypatch):
+    from ds_train.ds_config import deepspeed_config
+    from ds_train.errors import ConfigError
+    from ds_train.plan import resolve_max_tokens
+    from ds_train.preflight import load_model_config
+
+    _this_box(monkeypatch, 1.6)  # 0.8 GiB a rank: less than the 0.85 GiB the runtime itself takes
+    cfg = _auto_cfg(str(tiny_model), "pretrained", "data.max_tokens=auto")
+    with pytest.raises(ConfigError, match=r"data.max_tokens=auto: not even 256 positions fit 90% of 0.8 GiB \(cpu\): "
+                                          r"the step holds 0.9 GiB before activations"):
+        resolve_max_tokens(cfg, load_model_config(str(tiny_model)), deepspeed_config(cfg, 2, cuda=False))
+
+
+def test_train_resolves_auto_before_the_config_is_saved_or_compared(tiny_model, tmp_path, monkeypatch):
+    """train.setup turns auto into the number before anything reads the output dir's checkpoints (the resume
+    comparison of checkpoint.CONTINUATION_KEYS) or writes config.yaml / the W&B config. Mocked: the process group
+    (one process here) and what follows the first collective."""
+    import ds_train.train as train
+
+    class Reached(Exception):
+        pass
+
+    seen = {}
+
+    def check_shared_dir(out):
+        seen["max_tokens"], seen["config.yaml"] = cfg.data.max_tokens, (out / "config.yaml").exists()
+        raise Reached
+
+    _this_box(monkeypatch, 4.0)
+    monkeypatch.setattr(train.dist, "init_distributed", lambda: None)
+    monkeypatch.setattr(train.checkpoint, "check_shared_dir", check_shared_dir)
+    from ds_train.config import load_config
+
+    cfg = load_config(overrides=[f"model.path={tiny_model}", f"model.audio_tokenizer_path={tiny_model}/audio_tokenizer",
+                                 "data.train_file=x", f"train.output_dir={tmp_path / 'out'}", "data.max_tokens=auto",
+                                 f"train.deepspeed_config={REPO / 'ds_configs/zero3.json'}"])
+    with pytest.raises(Reached):
+        train.setup(cfg)
+    assert isinstance(seen["max_tokens"], int) and seen["max_tokens"] >= 1024 and not seen["config.yaml"]
+
+
+def _resolve_on_rank(rank, tiny_model, init_file, ram_gib, results):
+    """One rank of a 2-rank gloo group whose own RAM reading is `ram_gib[rank]` (mocked MemAvailable)."""
+    import os
+
+    import torch.distributed
+
+    import ds_train.plan as plan
+    from ds_train.ds_config import deepspeed_config
+    from ds_train.preflight import load_model_config
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    plan._mem_available_gib = lambda: ram_gib[rank]
+    cfg = _auto_cfg(tiny_model, "pretrained", "data.max_tokens=auto")
+    plan.resolve_max_tokens(cfg, load_model_config(tiny_model), deepspeed_config(cfg, 2, cuda=False))
+    results[rank] = cfg.data.max_tokens
+    torch.distributed.destroy_process_group()
+
+
+def test_max_tokens_auto_is_rank_0s_number_on_every_rank(tiny_model, tmp_path):
+    """Readings differ per rank (MemAvailable moves; GPUs of one job may differ): rank 0 decides, every rank takes
+    its number, so all samplers plan the same micro-batches. A real 2-process gloo group, no DeepSpeed."""
+    import torch.multiprocessing as mp
+
+    from ds_train.ds_config import deepspeed_config
+    from ds_train.plan import count_model, largest_max_tokens
+    from ds_train.preflight import load_model_config
+
+    results = mp.Manager().dict()
+    mp.spawn(_resolve_on_rank, args=(str(tiny_model), str(tmp_path / "init"), (4.0, 8.0), results), nprocs=2)
+    cfg = _auto_cfg(str(tiny_model), "pretrained")
+    rank_0 = largest_max_tokens(cfg, count_model(cfg, load_model_config(str(tiny_model))),
+                                deepspeed_config(cfg, 2, cuda=False), 2, 4.0 / 2, "cpu")
+    rank_1 = largest_max_tokens(cfg, count_model(cfg, load_model_config(str(tiny_model))),
+                                deepspeed_config(cfg, 2, cuda=False), 2, 8.0 / 2, "cpu")
+    assert rank_0 != rank_1 and dict(results) == {0: rank_0, 1: rank_0}

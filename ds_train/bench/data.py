@@ -23,7 +23,7 @@ from ds_train import dist
 from ds_train.config import Config
 from ds_train.data.cache import CachedDataset
 from ds_train.data.collate import make_collator, to_dataset_sample
-from ds_train.data.loader import build_loader
+from ds_train.data.loader import build_loader, token_budget
 from ds_train.data.manifest import read_manifest
 from ds_train.data.prepare import encode_clip, encode_record, prepare
 from ds_train.data.sampler import MicroBatchSampler
@@ -72,7 +72,7 @@ def bench_data(cfg: Config, on_the_fly_seconds: float = 60.0) -> dict:
     lengths = cached.lengths
 
     # Padding efficiency.
-    max_tokens = cfg.data.max_tokens or max(max(lengths), 16 * int(np.median(lengths)))
+    max_tokens = token_budget(cfg) or max(max(lengths), 16 * int(np.median(lengths)))
     by_tokens = MicroBatchSampler(lengths, 0, 1, 1, cfg.train.seed, max_tokens=max_tokens)
     per_batch = len(lengths) / len(by_tokens.plan())
     fixed_size = max(1, round(per_batch))

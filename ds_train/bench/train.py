@@ -36,6 +36,7 @@ from ds_train.config import Config
 from ds_train.ds_config import deepspeed_config, resolve_dtype
 from ds_train.loss import IGNORE, compute_loss
 from ds_train.model import build_model, count_parameters, torch_dtype
+from ds_train.plan import resolve_max_tokens
 
 H100_BF16_TFLOPS = 989.0
 
@@ -58,6 +59,7 @@ def bench_train(cfg: Config, opts: BenchOptions) -> dict:
     cuda = torch.cuda.is_available()
     ds_config = deepspeed_config(cfg, dist.world_size(), cuda)
     dist.init_distributed()  # binds this rank's GPU
+    resolve_max_tokens(cfg, model_config, ds_config)  # data.max_tokens=auto: as train resolves it
     batches = _batch_source(cfg, opts, model_config)
     dtype = torch_dtype(resolve_dtype(cfg, cuda))
     total = opts.warmup + opts.steps

@@ -80,7 +80,7 @@ def build_data(cfg: Config, model_config, text_tokenizer, out: Path) -> Data:
     if eval_set is not None:
         # Evaluation keeps every sample (no dropping, no shuffling); ranks may differ by a micro-batch.
         eval_sampler = MicroBatchSampler(eval_set.lengths, rank, world, 1, cfg.train.seed,
-                                         micro_batch_size=cfg.train.micro_batch_size, max_tokens=cfg.data.max_tokens,
+                                         micro_batch_size=cfg.train.micro_batch_size, max_tokens=token_budget(cfg),
                                          shuffle=False, drop_remainder=False)
         eval_loader, _ = build_loader(eval_set, collator, cfg, rank, world, sampler=eval_sampler)
         eval_data = EvalData(eval_loader, eval_sampler, eval_loader.collate_fn)
@@ -109,7 +109,7 @@ def mix_report(manifests: list[tuple[str, float]], parts: list[CachedDataset],
 def fit_max_tokens(dataset: CachedDataset, cfg: Config, manifest: str) -> int:
     """Samples longer than data.max_tokens fit no micro-batch: name their manifest lines before any training
     (DataError), or with data.skip_bad drop them from `dataset` and return how many."""
-    limit = cfg.data.max_tokens
+    limit = token_budget(cfg)
     if not limit:
         return 0
     long = np.flatnonzero(dataset.length_array() > limit).tolist()
@@ -127,11 +127,20 @@ def fit_max_tokens(dataset: CachedDataset, cfg: Config, manifest: str) -> int:
     return len(long)
 
 
+def token_budget(cfg: Config) -> int:
+    """data.max_tokens as a number: `auto` is resolved at start by train and bench-train (plan.resolve_max_tokens),
+    which know the device; a command that reads it unresolved needs a number."""
+    if cfg.data.max_tokens == "auto":
+        raise ConfigError("data.max_tokens=auto is resolved by `ds-train train` on its device; this command needs a "
+                          "number (`ds-train plan` prints the one auto picks)")
+    return cfg.data.max_tokens
+
+
 def train_sampler(dataset: CachedDataset, cfg: Config, rank: int, world: int,
                   mix: Optional[list[tuple[int, float]]] = None) -> MicroBatchSampler:
     """The training plan of `dataset` for `rank` of `world` (with `mix`: its files' (samples, weight))."""
     return MicroBatchSampler(dataset.lengths, rank, world, cfg.train.grad_accum, cfg.train.seed,
-                             micro_batch_size=cfg.train.micro_batch_size, max_tokens=cfg.data.max_tokens, mix=mix)
+                             micro_batch_size=cfg.train.micro_batch_size, max_tokens=token_budget(cfg), mix=mix)
 
 
 def build_loader(dataset: CachedDataset, collator, cfg, rank: int, world: int,
