@@ -99,7 +99,7 @@ def count_model(cfg: Config, model_config) -> ModelCounts:
             trainable += cfg.lora.r * (module.in_features + module.out_features)
             if ".layers.0." in f".{name}":
                 targets[name.split(".layers.0.")[-1]] = (module.in_features, ".audio_mlp." in name)
-    saved = [s for s in cfg.lora.modules_to_save] if cfg.uses_lora() else []
+    saved = cfg.lora.modules_to_save if cfg.uses_lora() else []
     for name, p in model.named_parameters():
         if (cfg.model.train_audio_mlp and ".audio_mlp." in name) or any(f".{s}." in f".{name}" for s in saved):
             trainable += p.numel()

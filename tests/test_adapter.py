@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from ds_train.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from ds_train.export import consolidate
+from ds_train.export import consolidate, load_lora
 
 from conftest import ATTENTION, base_config, launch, write_config
 
@@ -100,6 +100,7 @@ def test_plain_peft_loads_it_and_the_merged_model_computes_the_same(run, tiny_mo
         wrapper = peft_model.get_base_model().get_submodule(module)
         assert torch.equal(wrapper.modules_to_save["default"].weight, saved[f"base_model.model.{module}.weight"])
         assert not torch.equal(wrapper.original_module.weight, wrapper.modules_to_save["default"].weight)
+    load_lora(load(tiny_model), adapter)  # `ds-train generate`'s loader: every tensor loaded as saved
     merged = load(run / "merged")
     merged_weights = load_file(run / "merged" / "model.safetensors")
     for module in SAVED:
