@@ -118,7 +118,8 @@ def load_init_adapter(model, init_from: str) -> None:
               for k in sorted(saved.keys() & params.keys())
               if tuple(saved[k].shape) != tuple(getattr(params[k], "ds_shape", params[k].shape))]
     if extra or lacking or shapes:
-        found = ([f"{len(extra)} tensor(s) for modules this run does not adapt or save, e.g. {extra[0]}"] if extra else []) \
+        found = ([f"{len(extra)} tensor(s) for modules this run does not adapt or save, e.g. {extra[0]}"]
+                 if extra else []) \
             + ([f"{len(lacking)} adapted module(s) it has no tensor for, e.g. {lacking[0]}"] if lacking else []) \
             + ([f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]}"] if shapes else [])
         raise ConfigError(f"lora.init_from={init_from} does not match this model and lora.target_modules: "

@@ -109,3 +109,24 @@ def test_plain_peft_loads_it_and_the_merged_model_computes_the_same(run, tiny_mo
     torch.testing.assert_close(audio_logits(merged, batch), reference, rtol=1e-5, atol=1e-5)
     with peft_model.disable_adapter():  # the comparison above sees the adapter
         assert (audio_logits(peft_model, batch) - reference).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_init_from_loads_the_saved_modules(run, tiny_model):
+    """lora.init_from continues from such an adapter: LoRA tensors and the whole modules (here on one process, no
+    ZeRO: load_init_adapter's gather is then a no-op)."""
+    from ds_train.adapter import load_init_adapter
+    from ds_train.config import load_config
+    from ds_train.model import apply_lora
+
+    cfg = load_config(None, [f"model.path={tiny_model}", f"model.audio_tokenizer_path={tiny_model}/audio_tokenizer",
+                             "data.train_file=unused.jsonl", "train.output_dir=unused", "lora.r=8", "lora.alpha=16",
+                             f"lora.target_modules=[{','.join(ATTENTION)}]",
+                             "lora.modules_to_save=[audio_lm_head,audio_codebook_embeddings]"])
+    model = apply_lora(load(tiny_model), cfg)
+    load_init_adapter(model, str(run / "adapter"))
+    saved, params = load_file(run / "adapter" / ADAPTER_WEIGHTS), dict(model.named_parameters())
+    for key in KEYS:
+        assert torch.equal(params[key], saved[key])
+    assert torch.equal(params["base_model.model.layers.0.self_attn.q_proj.lora_B.default.weight"],
+                       saved["base_model.model.layers.0.self_attn.q_proj.lora_B.weight"])
