@@ -3,7 +3,10 @@
 
 ADAPTER_DIR/
   adapter_config.json          peft LoraConfig
-  adapter_model.safetensors    LoRA tensors, fp32, under the keys peft saves and loads
+  adapter_model.safetensors    LoRA tensors, fp32, under the keys peft saves and loads; with lora.modules_to_save
+                               also those modules' weights, whole, under peft 0.17's keys for them (the parameter's
+                               name in the PeftModel: base_model.model.audio_codebook_embeddings.weight), which the
+                               config's modules_to_save (full module paths) tells PeftModel.from_pretrained to load
   base_trainable.safetensors   fully trained base weights (model.train_audio_mlp), merged by `ds-train merge`
 """
 
@@ -51,15 +54,17 @@ def write_adapter(model, full: dict, out_dir: Path) -> None:
 
     if not full or any(t.numel() == 0 for t in full.values()):
         raise RuntimeError(f"adapter export to {out_dir}: no trainable tensors, or an empty one")
+    modules = model.peft_config[ADAPTER_NAME].modules_to_save if hasattr(model, "peft_config") else None
     lora = {n: t for n, t in full.items() if "lora_" in n}
-    base = {strip_peft_prefix(n): t for n, t in full.items() if "lora_" not in n}
+    saved = {n: t for n, t in full.items() if in_modules(n, modules)}
+    base = {strip_peft_prefix(n): t for n, t in full.items() if n not in lora and n not in saved}
     with staged_dir(out_dir, replace=lambda _: True) as tmp:
         if lora:
-            state = get_peft_model_state_dict(model, state_dict=lora)
-            if len(state) != len(lora) or any(t.numel() == 0 for t in state.values()):
-                raise RuntimeError(f"adapter export lost tensors: {len(lora)} trainable LoRA tensors, "
-                                   f"{len(state)} exported")
-            model.peft_config["default"].save_pretrained(str(tmp))
+            state = {**get_peft_model_state_dict(model, state_dict=lora), **saved}
+            if len(state) != len(lora) + len(saved) or any(t.numel() == 0 for t in state.values()):
+                raise RuntimeError(f"adapter export lost tensors: {len(lora)} trainable LoRA tensors and "
+                                   f"{len(saved)} of lora.modules_to_save, {len(state)} exported")
+            model.peft_config[ADAPTER_NAME].save_pretrained(str(tmp))
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS),
                       metadata={"format": "pt"})
         if base:
@@ -70,6 +75,12 @@ def write_adapter(model, full: dict, out_dir: Path) -> None:
 def strip_peft_prefix(name: str) -> str:
     """Parameter name in the PeftModel -> its name in HiggsAudioModel."""
     return name.removeprefix("base_model.model.")
+
+
+def in_modules(name: str, modules) -> bool:
+    """Whether the parameter `name` (in the PeftModel) belongs to one of `modules` (paths in HiggsAudioModel, as
+    the adapter config's modules_to_save lists them). Its key in adapter_model.safetensors is `name` itself."""
+    return any(strip_peft_prefix(name).startswith(m + ".") for m in modules or ())
 
 
 def adapter_key(name: str) -> str:
@@ -99,13 +110,16 @@ def load_init_adapter(model, init_from: str) -> None:
     from safetensors.torch import load_file
 
     saved = load_file(str(Path(init_from) / ADAPTER_WEIGHTS))
+    modules = model.peft_config[ADAPTER_NAME].modules_to_save
     params = {adapter_key(n): p for n, p in model.named_parameters() if "lora_" in n}
+    params.update({n: p for n, p in model.named_parameters() if in_modules(n, modules)})
     extra, lacking = sorted(saved.keys() - params.keys()), sorted(params.keys() - saved.keys())
     shapes = [f"{k}: {tuple(saved[k].shape)} vs {tuple(getattr(params[k], 'ds_shape', params[k].shape))}"
               for k in sorted(saved.keys() & params.keys())
               if tuple(saved[k].shape) != tuple(getattr(params[k], "ds_shape", params[k].shape))]
     if extra or lacking or shapes:
-        found = ([f"{len(extra)} tensor(s) for modules this run does not adapt, e.g. {extra[0]}"] if extra else []) \
+        found = ([f"{len(extra)} tensor(s) for modules this run does not adapt or save, e.g. {extra[0]}"]
+                 if extra else []) \
             + ([f"{len(lacking)} adapted module(s) it has no tensor for, e.g. {lacking[0]}"] if lacking else []) \
             + ([f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]}"] if shapes else [])
         raise ConfigError(f"lora.init_from={init_from} does not match this model and lora.target_modules: "
@@ -113,4 +127,7 @@ def load_init_adapter(model, init_from: str) -> None:
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
         for key, p in params.items():  # on every rank: without ZeRO-3 each holds its own full copy
             p.data.copy_(saved[key].to(p.dtype))
-    dist.print0(f"lora.init_from: {len(saved)} LoRA tensors from {init_from}; the optimizer starts fresh")
+    whole = sum(1 for k in saved if "lora_" not in k)
+    dist.print0(f"lora.init_from: {len(saved) - whole} LoRA tensors"
+                + (f" and {whole} of lora.modules_to_save" if whole else "") + f" from {init_from}; the optimizer "
+                "starts fresh")

@@ -10,7 +10,7 @@ writes the tensors under the names PEFT saves and loads.
 
 OUT_DIR/
   adapter_config.json          from the checkpoint's adapter/ (or rebuilt from the config saved in the shards)
-  adapter_model.safetensors    LoRA tensors, fp32
+  adapter_model.safetensors    LoRA tensors and the lora.modules_to_save weights, fp32 (adapter.py's layout)
   base_trainable.safetensors   fully trained base weights (model.train_audio_mlp), when there are any
 
 The adapter files are loaded onto a base model here too (load_base_trainable, load_lora) for `ds-train generate`;
@@ -20,6 +20,7 @@ The adapter files are loaded onto a base model here too (load_base_trainable, lo
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Optional
 import torch
 
 from ds_train.adapter import (ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, BASE_TRAINABLE, adapter_key,
-                              strip_peft_prefix)
+                              in_modules, strip_peft_prefix)
 from ds_train.checkpoint import check_shards, resolve_step_dir, shard_files
 from ds_train.errors import CheckpointError
 from ds_train.fsutil import staged_dir
@@ -43,14 +44,17 @@ def consolidate(checkpoint_dir, out_dir, tag: Optional[str] = None) -> Path:
     step_dir = resolve_step_dir(Path(checkpoint_dir), tag)
     saved_config = check_shards(step_dir)
     tensors = fp32_trainable_tensors(step_dir)
+    empty = [n for n, t in tensors.items() if t.numel() == 0]
+    if not tensors or empty:
+        raise CheckpointError(f"{step_dir} holds no trainable tensors, or empty ones: {empty[:5]}")
+    modules = saved_modules(step_dir, saved_config, tensors)
     lora = {adapter_key(n): t for n, t in tensors.items() if "lora_" in n}
-    base = {strip_peft_prefix(n): t for n, t in tensors.items() if "lora_" not in n}
-    if not lora and not base:
-        raise CheckpointError(f"{step_dir} holds no trainable tensors")
+    lora.update({n: t for n, t in tensors.items() if in_modules(n, modules)})  # under their own names, as peft's
+    base = {strip_peft_prefix(n): t for n, t in tensors.items() if "lora_" not in n and not in_modules(n, modules)}
     out_dir = Path(out_dir)
     with staged_dir(out_dir, replace=lambda d: all(p.name in ADAPTER_FILES for p in d.iterdir())) as tmp:
         if lora:
-            write_adapter_config(step_dir, saved_config, tmp)
+            write_adapter_config(step_dir, saved_config, modules, tmp)
             save_file(lora, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         if base:
             save_file(base, str(tmp / BASE_TRAINABLE), metadata={"format": "pt"})
@@ -69,7 +73,23 @@ def fp32_trainable_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
     return {name: t.contiguous().clone() for name, t in lazy.items() if name not in buffer_names}
 
 
-def write_adapter_config(step_dir: Path, saved_config: dict, out: Path) -> None:
+def saved_modules(step_dir: Path, saved_config: dict, tensors: dict) -> list[str]:
+    """Full paths of the lora.modules_to_save modules: from the adapter config exported at save time, or the
+    saved run's suffixes resolved against the shards' tensor names."""
+    exported = step_dir / "adapter" / ADAPTER_CONFIG
+    if exported.is_file():
+        return json.loads(exported.read_text()).get("modules_to_save") or []
+    suffixes = saved_config.get("lora", {}).get("modules_to_save") or []
+    paths = {p for n in tensors if "lora_" not in n for p in prefixes(strip_peft_prefix(n))}
+    return sorted(p for p in paths if any(p == s or p.endswith("." + s) for s in suffixes))
+
+
+def prefixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def write_adapter_config(step_dir: Path, saved_config: dict, modules: list[str], out: Path) -> None:
     """The adapter config exported at save time; rebuilt from the saved run config when that is gone."""
     exported = step_dir / "adapter" / ADAPTER_CONFIG
     if exported.is_file():
@@ -84,7 +104,8 @@ def write_adapter_config(step_dir: Path, saved_config: dict, out: Path) -> None:
     lora = saved_config["lora"]
     LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], bias="none",
                target_modules=lora_target_regex(lora["target_modules"]),
-               base_model_name_or_path=saved_config.get("model", {}).get("path")).save_pretrained(str(out))
+               base_model_name_or_path=saved_config.get("model", {}).get("path"),
+               modules_to_save=modules or None).save_pretrained(str(out))
 
 
 # ---- loading an adapter onto a base model (ds-train generate) ----

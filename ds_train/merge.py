@@ -7,7 +7,8 @@ fp32 took 4 bytes per parameter (23 GB at real size).
 
 The result is byte for byte what PeftModel.from_pretrained(base loaded in fp32) + merge_and_unload(safe_merge=True)
 + .to(dtype) + save_pretrained wrote (peft 0.17.1, transformers 4.46.3; tests/test_merge.py keeps that reference):
-- values: per weight, w = base.to(fp32); a fully trained weight (base_trainable.safetensors) replaces it;
+- values: per weight, w = base.to(fp32); a fully trained weight (base_trainable.safetensors, or a module of the
+  adapter config's modules_to_save in adapter_model.safetensors) replaces it;
   w += (B @ A [transposed with fan_in_fan_out]) * scaling, in fp32 (scaling = alpha / r, or alpha / sqrt(r) with
   use_rslora; rank_pattern / alpha_pattern per module, as peft resolves them); then w.to(dtype). LoRA deltas are
   small next to the weights: adding them in bf16 would round most away.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ds_train.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_TRAINABLE
+from ds_train.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_TRAINABLE, in_modules
 from ds_train.errors import CheckpointError
 from ds_train.fsutil import staged_dir
 
@@ -61,6 +62,12 @@ def merge(base_model_dir, adapter_dir, out_dir, dtype: str = "bf16", max_shard_s
     shapes = {n: t.to(DTYPES[dtype]) if t.is_floating_point() else t for n, t in skeleton.state_dict().items()}
     trained = check_base_trainable(load_file(str(adapter_dir / BASE_TRAINABLE)), shapes,
                                    adapter_dir / BASE_TRAINABLE) if has_base else {}
+    if has_lora:
+        saved = check_base_trainable(saved_module_weights(skeleton, adapter_dir), shapes, adapter_dir / ADAPTER_WEIGHTS)
+        twice = sorted(trained.keys() & saved.keys())
+        if twice:
+            raise CheckpointError(f"{adapter_dir}: {twice[:5]} are in both {BASE_TRAINABLE} and modules_to_save")
+        trained.update(saved)
     lora = lora_deltas(skeleton, adapter_dir) if has_lora else {}
     split = split_torch_state_dict_into_shards(shapes, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
@@ -130,12 +137,12 @@ def lora_deltas(skeleton, adapter_dir: Path) -> dict[str, tuple]:
     from safetensors.torch import load_file
 
     config = LoraConfig.from_pretrained(str(adapter_dir))
-    unsupported = [f"{k}={getattr(config, k)}" for k in ("use_dora", "lora_bias", "modules_to_save")
-                   if getattr(config, k, None)]
+    unsupported = [f"{k}={getattr(config, k)}" for k in ("use_dora", "lora_bias") if getattr(config, k, None)]
     if unsupported:
         raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG}: {', '.join(unsupported)} is not supported by "
                               "`ds-train merge` (ds_train never writes it)")
-    weights = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    weights = {k: t for k, t in load_file(str(adapter_dir / ADAPTER_WEIGHTS)).items()
+               if not in_modules(k, config.modules_to_save)}  # whole modules: saved_module_weights
     targets = {name: module for name, module in skeleton.named_modules()
                if name and check_target_module_exists(config, name)}
     not_linear = sorted(n for n, m in targets.items() if not isinstance(m, torch.nn.Linear))
@@ -162,6 +169,30 @@ def lora_deltas(skeleton, adapter_dir: Path) -> dict[str, tuple]:
     if missing or shapes:
         raise CheckpointError(f"adapter {adapter_dir} does not fit the base model: keys in only one of adapter "
                               f"file / model: {missing[:5]}; shape mismatches: {shapes[:5]}")
+    return out
+
+
+def saved_module_weights(skeleton, adapter_dir: Path) -> dict:
+    """{base weight name: tensor} of the adapter config's modules_to_save, stored whole in the adapter file under
+    peft's keys (PEFT_PREFIX + name); each module's every state_dict entry must be there, as peft's loader needs."""
+    from peft import LoraConfig
+    from safetensors import safe_open
+
+    modules = LoraConfig.from_pretrained(str(adapter_dir)).modules_to_save or []
+    known = dict(skeleton.named_modules())
+    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as f:
+        keys = {k.removeprefix(PEFT_PREFIX) for k in f.keys() if in_modules(k, modules)}
+        out = {}
+        for m in modules:
+            if m not in known:
+                raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG}: modules_to_save names {m}, which the base "
+                                      "model lacks (adapter trained on another model?)")
+            expected = {f"{m}.{k}" for k in known[m].state_dict()}
+            got = {k for k in keys if k.startswith(m + ".")}
+            if got != expected:
+                raise CheckpointError(f"{adapter_dir / ADAPTER_WEIGHTS}: module {m} of modules_to_save has tensors "
+                                      f"{sorted(got)[:5]}, the base model {sorted(expected)[:5]}")
+            out.update({k: f.get_tensor(PEFT_PREFIX + k) for k in expected})
     return out
 
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ds_train import dist
-from ds_train.adapter import load_init_adapter
+from ds_train.adapter import ADAPTER_NAME, load_init_adapter
 from ds_train.config import Config
 from ds_train.ds_config import zero_stage
 from ds_train.errors import ConfigError
@@ -94,9 +94,60 @@ def apply_lora(model, cfg: Config):
     if unmatched:
         suffixes = sorted({".".join(n.split(".")[-2:]) for n in names if n.endswith("_proj")})
         raise ConfigError(f"lora.target_modules {unmatched} match no module; available: {suffixes}")
+    saved = modules_to_save(model, cfg)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=lora_target_regex(cfg.lora.target_modules), bias="none")
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    # lora.modules_to_save train in place, not through peft's ModulesToSaveWrapper: under ZeRO-3 its deep copy is
+    # a second, whole module on every rank until deepspeed.initialize partitions it, beside the frozen original,
+    # and peft's own state dict of it is the empty [0] partition (peft#2450). Named in the config only after
+    # injection (so peft wraps nothing here), the saved adapter_config.json tells plain peft to wrap them on load,
+    # and adapter.write_adapter stores them under the keys peft loads them from.
+    model.peft_config[ADAPTER_NAME].modules_to_save = saved or None
+    for name in saved:
+        model.get_base_model().get_submodule(name).requires_grad_(True)
+    return model
+
+
+def modules_to_save(model, cfg: Config) -> list[str]:
+    """lora.modules_to_save resolved to full module paths, checked: each suffix matches a module; none is, holds
+    or sits in a LoRA target (or a fully trained audio_mlp); none has buffers (peft's wrapper would save them) or
+    a parameter tied to one outside it (training it alone would untie them, or train both)."""
+    modules = dict(model.named_modules())
+    saved = []
+    for suffix in cfg.lora.modules_to_save:
+        found = [n for n in modules if n and (n == suffix or n.endswith("." + suffix))]
+        if not found:
+            candidates = sorted({".".join(n.split(".")[-2:]) for n, m in modules.items()
+                                 if n and ".layers." not in f".{n}." and any(True for _ in m.parameters(False))})
+            raise ConfigError(f"lora.modules_to_save {suffix!r} matches no module; modules outside the decoder "
+                              f"layers that own weights: {candidates}")
+        saved += [n for n in found if n not in saved]
+    # plain peft picks the modules to wrap on load by str.endswith on their paths
+    clash = [f"{n} (by {s})" for s in saved for n in modules if n != s and n.endswith(s)]
+    if clash:
+        raise ConfigError(f"lora.modules_to_save: peft would also wrap {clash[:3]} when loading the adapter")
+    targets = [n for n in modules if re.match(lora_target_regex(cfg.lora.target_modules), n)]
+    if cfg.model.train_audio_mlp:
+        targets += [n for n in modules if n.endswith(".audio_mlp")]
+    overlap = [f"{s} / {t}" for s in saved for t in targets if s == t or t.startswith(s + ".") or s.startswith(t + ".")]
+    if overlap:
+        raise ConfigError(f"lora.modules_to_save overlaps lora.target_modules or model.train_audio_mlp ({overlap[:3]}):"
+                          f" a module trains either fully or through LoRA, not both")
+    with_buffers = [n for n in saved if any(True for _ in modules[n].buffers())]
+    if with_buffers:
+        raise ConfigError(f"lora.modules_to_save {with_buffers}: modules with buffers are not supported")
+    names_of = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    for s in saved:
+        for p in modules[s].parameters():
+            outside = [n for n in names_of[id(p)] if not n.startswith(s + ".")]
+            if outside:
+                raise ConfigError(f"lora.modules_to_save {s!r}: its weight is tied to {outside[0]} (the same tensor); "
+                                  f"training it fully would train both, and peft's saved copy would untie them. "
+                                  f"Leave it out, or untie the weights in the base model first")
+    return sorted(saved)  # as consolidate rebuilds it from the shards' names
 
 
 def base_model(model):

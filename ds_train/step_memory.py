@@ -53,7 +53,7 @@ class ModelCounts:
 
 def count_model(cfg: Config, model_config) -> ModelCounts:
     """Exact parameter counts of the configured model, from shapes on the meta device: trainable = LoRA (+ audio_mlp
-    with model.train_audio_mlp), or in train.mode=full the parameters model.trainable selects."""
+    with model.train_audio_mlp, + lora.modules_to_save), or in train.mode=full the parameters model.trainable selects."""
     import re
 
     import torch
@@ -72,8 +72,10 @@ def count_model(cfg: Config, model_config) -> ModelCounts:
             trainable += cfg.lora.r * (module.in_features + module.out_features)
             if ".layers.0." in f".{name}":
                 targets[name.split(".layers.0.")[-1]] = (module.in_features, ".audio_mlp." in name)
+    saved = cfg.lora.modules_to_save if cfg.uses_lora() else []
     for name, p in model.named_parameters():
-        if full.search(name) if full else cfg.model.train_audio_mlp and ".audio_mlp." in name:
+        if full.search(name) if full else ((cfg.model.train_audio_mlp and ".audio_mlp." in name)
+                                            or any(f".{s}." in f".{name}" for s in saved)):
             trainable += p.numel()
         else:
             frozen += p.numel()

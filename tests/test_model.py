@@ -157,3 +157,58 @@ def test_startup_checks(tiny_model, tmp_path):
         check_audio_tokenizer(_cfg(tiny_model, f"model.audio_tokenizer_path={other}"), mc)
     with pytest.raises(ConfigError, match="does not exist"):
         check_audio_tokenizer(_cfg(tiny_model, "model.audio_tokenizer_path=./missing/tok"), mc)
+
+
+# ---- lora.modules_to_save: checked at start (the 2-rank run that trains them is in test_adapter.py) ----
+
+def _with_saved(model_dir, *saved, extra=()):
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    cfg = _cfg(model_dir, f"lora.modules_to_save=[{','.join(saved)}]", *extra)
+    return apply_lora(HiggsAudioModel.from_pretrained(str(model_dir)), cfg)
+
+
+def test_modules_to_save_train_whole_in_place_beside_lora(tiny_model):
+    model = _with_saved(tiny_model, "audio_lm_head", "audio_codebook_embeddings")
+    saved = ["audio_codebook_embeddings", "audio_decoder_proj.audio_lm_head"]  # suffixes resolved, sorted
+    assert model.peft_config["default"].modules_to_save == saved
+    trained = {n.removeprefix("base_model.model.") for n, p in model.named_parameters()
+               if p.requires_grad and "lora_" not in n}
+    assert trained == {f"{s}.weight" for s in saved}  # in place: no peft wrapper, no copy, names unchanged
+
+
+@pytest.mark.parametrize("saved, extra, message", [
+    (["audio_head"], (), r"'audio_head' matches no module; .*\['audio_codebook_embeddings', "
+                         r"'audio_decoder_proj.audio_lm_head', 'audio_decoder_proj.text_lm_head'"),
+    (["audio_lm_head"], ("lora.target_modules=[self_attn.q_proj,audio_lm_head]",),
+     r"overlaps .*audio_decoder_proj.audio_lm_head / audio_decoder_proj.audio_lm_head"),
+    (["audio_decoder_proj"], ("lora.target_modules=[self_attn.q_proj,text_lm_head]",),
+     r"overlaps .*audio_decoder_proj / audio_decoder_proj.text_lm_head"),
+    (["layers.0.audio_mlp.up_proj"], ("lora.target_modules=[self_attn.q_proj]", "model.train_audio_mlp=true"),
+     r"overlaps .*layers.0.audio_mlp.up_proj / layers.0.audio_mlp"),
+])
+def test_modules_to_save_bad_entries_are_config_errors(tiny_model, saved, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        _with_saved(tiny_model, *saved, extra=extra)
+
+
+HEADS = ["embed_tokens", "audio_decoder_proj.text_lm_head", "audio_codebook_embeddings",
+         "audio_decoder_proj.audio_lm_head"]
+
+
+def test_boson_ties_no_head_and_a_tied_module_to_save_is_refused(tiny_model):
+    """HiggsAudioConfig says tie_word_embeddings=True, but HiggsAudioModel (boson 0.1.1) has no
+    get_output_embeddings, so transformers ties nothing: the four vocab-sized matrices are separate tensors. A
+    base that did tie one (here tied by hand) must not be trained as a module to save: that would train both,
+    and peft's saved copy would untie them."""
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    base = HiggsAudioModel.from_pretrained(str(tiny_model))
+    assert base.config.tie_word_embeddings
+    assert len(list(base.named_parameters(remove_duplicate=False))) == len(list(base.named_parameters()))
+    pointers = [base.get_submodule(h).weight.data_ptr() for h in HEADS]
+    assert len(set(pointers)) == len(HEADS)
+    base.audio_decoder_proj.audio_lm_head.weight = base.audio_codebook_embeddings.weight  # same shape
+    with pytest.raises(ConfigError, match=r"'audio_decoder_proj.audio_lm_head': its weight is tied to "
+                                          r"audio_codebook_embeddings.weight"):
+        apply_lora(base, _cfg(tiny_model, "lora.modules_to_save=[audio_lm_head]"))

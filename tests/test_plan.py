@@ -38,6 +38,15 @@ def test_counts_of_the_released_architecture_with_default_lora():
     assert c.largest_module == 128256 * 3072  # embedding / text head: what ZeRO-3 gathers at once at least
 
 
+def test_modules_to_save_count_as_trainable():
+    from ds_train.plan import count_model
+    from ds_train.preflight import load_model_config
+
+    c = count_model(_cfg("lora.modules_to_save=[audio_lm_head,audio_codebook_embeddings]"), load_model_config(ARCH))
+    heads = 2 * 8 * 1026 * 3072  # 8 codebooks x (1024 codes + bos + eos) rows of 3072, head and embedding
+    assert (c.trainable, c.frozen) == (24_313_856 + heads, 5_771_283_456 - heads)
+
+
 def test_zero3_partitions_the_base_and_recommends_zero2_on_an_80gb_gpu():
     p = _plan(_cfg("train.deepspeed_config=ds_configs/zero3.json"), world=8, positions=4096, capacity=80.0)
     assert p.components["parameters"] == pytest.approx(5_771_283_456 * 2 / 8 / GIB)
