@@ -53,7 +53,7 @@ class ModelCounts:
 
 def count_model(cfg: Config, model_config) -> ModelCounts:
     """Exact parameter counts of the configured model, from shapes on the meta device: trainable = LoRA (+ audio_mlp
-    with model.train_audio_mlp, + lora.modules_to_save), or in train.mode=full the parameters model.trainable selects."""
+    with model.train_audio_mlp, + lora.modules_to_save), or in train.mode=full what model.trainable selects."""
     import re
 
     import torch
