@@ -1,8 +1,9 @@
 """Offline exports, no GPU and no process group.
 
-`ds-train consolidate`: the ZeRO-3 shards of one checkpoint -> a PEFT adapter dir.
+`ds-train consolidate`: the ZeRO-3 shards of one checkpoint -> a PEFT adapter dir (train.mode=lora), or a full model
+dir (train.mode=full).
 
-No base model is loaded: the shards hold only the trainable tensors (frozen weights are excluded
+LoRA: no base model is loaded: the shards hold only the trainable tensors (frozen weights are excluded
 at save time), so time and memory grow with the adapter, not the model. The shard arithmetic is DeepSpeed's own
 (zero_to_fp32, lazy mode, optimizer files memory-mapped so the Adam moments are never read); this module first
 checks every rank's files, so a missing or damaged one is named instead of surfacing as an index error, then
@@ -13,6 +14,12 @@ OUT_DIR/
   adapter_model.safetensors    LoRA tensors, fp32
   base_trainable.safetensors   fully trained base weights (model.train_audio_mlp), when there are any
 
+Full fine-tuning: the same fp32 tensors, materialised one at a time, go through merge.py's model dir writer with the
+frozen ones read from the base named in the saved config (model.path, or --base): bf16 (or fp32) safetensors, sharded,
+the base's config and non-weight files copied, loadable by HiggsAudioServeEngine and `ds-train generate`. The
+optimizer files are memory-mapped; the pages read for a shard are dropped once it is written, so peak memory is one
+output shard, not the 4 bytes per parameter of the fp32 state.
+
 The adapter files are loaded onto a base model here too (load_base_trainable, load_lora) for `ds-train generate`;
 `ds-train merge` is ds_train/merge.py.
 """
@@ -20,6 +27,8 @@ The adapter files are loaded onto a base model here too (load_base_trainable, lo
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
 import shutil
 import sys
 from pathlib import Path
@@ -33,8 +42,11 @@ from ds_train.checkpoint import check_shards, resolve_step_dir, shard_files
 from ds_train.errors import CheckpointError
 from ds_train.fsutil import staged_dir
 
-def consolidate(checkpoint_dir, out_dir, tag: Optional[str] = None) -> Path:
-    """Rebuild the trainable tensors of a ZeRO-3 checkpoint into a PEFT adapter dir at `out_dir` (atomically).
+def consolidate(checkpoint_dir, out_dir, tag: Optional[str] = None, base: Optional[str] = None,
+                dtype: str = "bf16", max_shard_size: str = "5GB") -> Path:
+    """Rebuild the trainable tensors of a ZeRO-3 checkpoint into a PEFT adapter dir at `out_dir` (atomically); of a
+    full fine-tuning run (train.mode=full), into a model dir of `dtype` on the base model `base` (default: the run's
+    model.path).
 
     `checkpoint_dir` is a step-XXXXXX dir, or OUTPUT_DIR/checkpoints with `latest` (or `tag`) naming one.
     """
@@ -42,6 +54,8 @@ def consolidate(checkpoint_dir, out_dir, tag: Optional[str] = None) -> Path:
 
     step_dir = resolve_step_dir(Path(checkpoint_dir), tag)
     saved_config = check_shards(step_dir)
+    if saved_config.get("train", {}).get("mode") == "full":
+        return consolidate_full(step_dir, saved_config, Path(out_dir), base, dtype, max_shard_size)
     tensors = fp32_trainable_tensors(step_dir)
     lora = {adapter_key(n): t for n, t in tensors.items() if "lora_" in n}
     base = {strip_peft_prefix(n): t for n, t in tensors.items() if "lora_" not in n}
@@ -57,8 +71,30 @@ def consolidate(checkpoint_dir, out_dir, tag: Optional[str] = None) -> Path:
     return out_dir
 
 
+def consolidate_full(step_dir: Path, saved_config: dict, out_dir: Path, base: Optional[str], dtype: str,
+                     max_shard_size: str) -> Path:
+    """A full fine-tuning checkpoint -> a model dir: its trained tensors over the base's (see the module docstring)."""
+    from ds_train.merge import local_model_dir, write_model_dir
+
+    base = base or saved_config.get("model", {}).get("path")
+    if not base:
+        raise CheckpointError(f"{step_dir}: the shards carry no run config naming the base model; pass --base")
+    lazy = lazy_fp32_trainable_tensors(step_dir)
+    if not lazy:
+        raise CheckpointError(f"{step_dir} holds no trainable tensors")
+    flat_groups = [t for lazy_t in list(lazy.values())[:1] for group in lazy_t.flat_groups for t in group]
+    return write_model_dir(local_model_dir(base), out_dir, lazy, {}, dtype, max_shard_size,
+                           {"checkpoint": str(step_dir.resolve())}, after_shard=lambda: drop_pages(flat_groups))
+
+
 def fp32_trainable_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
     """{full parameter name: fp32 tensor} of the trainable parameters, as DeepSpeed's zero_to_fp32 rebuilds them."""
+    return {name: t.contiguous().clone() for name, t in lazy_fp32_trainable_tensors(step_dir).items()}
+
+
+def lazy_fp32_trainable_tensors(step_dir: Path) -> dict:
+    """{full parameter name: zero_to_fp32's lazy tensor}: .shape, and .contiguous() rebuilds the fp32 tensor from
+    the memory-mapped partitions of every rank."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     buffer_names = set(torch.load(shard_files(step_dir, 0)[0], map_location="cpu", weights_only=False,
@@ -66,7 +102,24 @@ def fp32_trainable_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports progress with print()
         lazy = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name,
                                                         exclude_frozen_parameters=True, lazy_mode=True)
-    return {name: t.contiguous().clone() for name, t in lazy.items() if name not in buffer_names}
+    return {name: t for name, t in lazy.items() if name not in buffer_names}
+
+
+MADV_DONTNEED = 4
+
+
+def drop_pages(tensors: list) -> None:
+    """Release the pages of memory-mapped checkpoint tensors already read. torch maps the file private and we never
+    write to it, so a dropped page is refaulted from the file if read again; without this every page read stays in
+    the process (the whole fp32 state by the end: 23 GB at real size)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    for t in tensors:
+        storage = t.untyped_storage()
+        start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        lo, hi = -(-start // page) * page, end // page * page
+        if hi > lo:
+            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)
 
 
 def write_adapter_config(step_dir: Path, saved_config: dict, out: Path) -> None:

@@ -25,6 +25,7 @@ from ds_train.data.sampler import MicroBatchSampler
 from ds_train.ds_config import deepspeed_config, resolve_dtype
 from ds_train.errors import ConfigError
 from ds_train.evaluate import evaluate
+from ds_train.export import consolidate
 from ds_train.merge import merge
 from ds_train.loss import LossReport, loss_sums, objective, report
 from ds_train.metrics import make_logger, peak_memory_gb, truncate_metrics
@@ -228,17 +229,23 @@ def check_counts(miscounted: list[float], collated: list[float], step: int) -> N
 
 
 def finish(run: Run, losses: list[float]) -> dict:
-    """The final adapter; rank 0 names the best checkpoint (checkpoint.best_metric), draws OUTPUT_DIR/curves.png
-    and, with checkpoint.merge, merges the adapter into the base alone after the other ranks have left."""
+    """The trained result; rank 0 names the best checkpoint (checkpoint.best_metric) and draws
+    OUTPUT_DIR/curves.png. LoRA: the final adapter, and with checkpoint.merge the merge into the base. Full
+    fine-tuning: the final checkpoint (the last step always saves one) consolidated into OUTPUT_DIR/merged. Merge and
+    consolidation run on rank 0 alone, after the other ranks have left."""
     cfg, out = run.cfg, run.out
-    export_adapter(run.model, out / "adapter")
-    dist.barrier()
     summary = {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-               "steps": run.state["step"], "adapter": str(out / "adapter")}
-    if cfg.checkpoint.merge:
+               "steps": run.state["step"]}
+    dtype = "bf16" if run.cuda else "fp32"
+    if cfg.uses_lora():
+        export_adapter(run.model, out / "adapter")
+        dist.barrier()
+        summary["adapter"] = str(out / "adapter")
+    if cfg.checkpoint.merge or not cfg.uses_lora():
         # Minutes at real size, on CPU: no rank waits for it in a collective. The peers exit here.
         dist.leave_peers()
-        summary["merged"] = str(merge(cfg.model.path, out / "adapter", out / "merged", "bf16" if run.cuda else "fp32"))
+        summary["merged"] = str(merge(cfg.model.path, out / "adapter", out / "merged", dtype) if cfg.uses_lora()
+                                else consolidate(checkpoint.read_latest(out), out / "merged", dtype=dtype))
     if dist.is_main():
         metric = cfg.checkpoint.best_metric
         best = checkpoint.best(out, metric, cfg.checkpoint.best_direction())
