@@ -17,8 +17,8 @@ OUT_DIR/
 Full fine-tuning: the same fp32 tensors, materialised one at a time, go through merge.py's model dir writer with the
 frozen ones read from the base named in the saved config (model.path, or --base): bf16 (or fp32) safetensors, sharded,
 the base's config and non-weight files copied, loadable by HiggsAudioServeEngine and `ds-train generate`. The
-optimizer files are memory-mapped; the pages read for a shard are dropped once it is written, so peak memory is one
-output shard, not the 4 bytes per parameter of the fp32 state.
+optimizer files are memory-mapped; the pages read for a tensor are released once it is rebuilt, so peak memory is one
+output shard plus the largest tensor in fp32, not the 4 bytes per parameter of the fp32 state.
 
 The adapter files are loaded onto a base model here too (load_base_trainable, load_lora) for `ds-train generate`;
 `ds-train merge` is ds_train/merge.py.
@@ -27,8 +27,6 @@ The adapter files are loaded onto a base model here too (load_base_trainable, lo
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import mmap
 import shutil
 import sys
 from pathlib import Path
@@ -40,7 +38,7 @@ from ds_train.adapter import (ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, BA
                               strip_peft_prefix)
 from ds_train.checkpoint import check_shards, resolve_step_dir, shard_files
 from ds_train.errors import CheckpointError
-from ds_train.fsutil import staged_dir
+from ds_train.fsutil import drop_mapped_pages, staged_dir
 
 def consolidate(checkpoint_dir, out_dir, tag: Optional[str] = None, base: Optional[str] = None,
                 dtype: str = "bf16", max_shard_size: str = "5GB") -> Path:
@@ -83,8 +81,22 @@ def consolidate_full(step_dir: Path, saved_config: dict, out_dir: Path, base: Op
     if not lazy:
         raise CheckpointError(f"{step_dir} holds no trainable tensors")
     flat_groups = [t for lazy_t in list(lazy.values())[:1] for group in lazy_t.flat_groups for t in group]
-    return write_model_dir(local_model_dir(base), out_dir, lazy, {}, dtype, max_shard_size,
-                           {"checkpoint": str(step_dir.resolve())}, after_shard=lambda: drop_pages(flat_groups))
+    trained = {name: Released(t, flat_groups) for name, t in lazy.items()}
+    return write_model_dir(local_model_dir(base), out_dir, trained, {}, dtype, max_shard_size,
+                           {"checkpoint": str(step_dir.resolve())})
+
+
+class Released:
+    """A lazy zero_to_fp32 tensor whose checkpoint pages are released as soon as it is rebuilt (into fresh memory):
+    without that every page read would stay in the process, the whole fp32 state by the end."""
+
+    def __init__(self, lazy, flat_groups: list):
+        self.lazy, self.flat_groups, self.shape = lazy, flat_groups, lazy.shape
+
+    def contiguous(self) -> torch.Tensor:
+        tensor = self.lazy.contiguous()
+        drop_mapped_pages(self.flat_groups)
+        return tensor
 
 
 def fp32_trainable_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
@@ -103,23 +115,6 @@ def lazy_fp32_trainable_tensors(step_dir: Path) -> dict:
         lazy = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name,
                                                         exclude_frozen_parameters=True, lazy_mode=True)
     return {name: t for name, t in lazy.items() if name not in buffer_names}
-
-
-MADV_DONTNEED = 4
-
-
-def drop_pages(tensors: list) -> None:
-    """Release the pages of memory-mapped checkpoint tensors already read. torch maps the file private and we never
-    write to it, so a dropped page is refaulted from the file if read again; without this every page read stays in
-    the process (the whole fp32 state by the end: 23 GB at real size)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    page = mmap.PAGESIZE
-    for t in tensors:
-        storage = t.untyped_storage()
-        start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-        lo, hi = -(-start // page) * page, end // page * page
-        if hi > lo:
-            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)
 
 
 def write_adapter_config(step_dir: Path, saved_config: dict, out: Path) -> None:

@@ -1,4 +1,6 @@
 """`ds-train merge` and checkpoint.merge: base HiggsAudioModel dir + adapter dir -> a drop-in model dir, streamed.
+The writer (write_model_dir) is the one owner of the model dir format: `consolidate` of a full fine-tuning
+checkpoint (ds_train/export.py) writes through it too, its trained tensors in place of base_trainable's.
 
 The base is never loaded as a model. Each output shard is built tensor by tensor from the base's safetensors files
 (read with pread, not mmap, so pages already merged do not stay in the process), written, and dropped: peak memory
@@ -60,12 +62,11 @@ def merge(base_model_dir, adapter_dir, out_dir, dtype: str = "bf16", max_shard_s
 
 
 def write_model_dir(base_dir: Path, out_dir: Path, trained, lora: dict, dtype: str, max_shard_size: str,
-                    provenance: dict, skeleton=None, trained_file=None, after_shard=None) -> Path:
+                    provenance: dict, skeleton=None, trained_file=None) -> Path:
     """The model dir writer (`merge`, and `consolidate` of a full fine-tuning checkpoint): the base's weights with
     `trained` replacing some (name -> tensor, or a lazy one with .shape and .contiguous(), materialised one at a time)
     and `lora` deltas added, cast to `dtype`, sharded, the base's non-weight files copied; atomically. The base's
-    weight files are read only for the tensors `trained` lacks (a run that trained every weight needs none).
-    `after_shard()` runs once each shard is written (consolidate drops the checkpoint pages it read)."""
+    weight files are read only for the tensors `trained` lacks (a run that trained every weight needs none)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
@@ -88,8 +89,6 @@ def write_model_dir(base_dir: Path, out_dir: Path, trained, lora: dict, dtype: s
             shard = {name: merged_tensor(name, base, trained, lora, shapes[name].dtype) for name in names}
             save_file(shard, str(tmp / filename), metadata={"format": "pt"})
             del shard
-            if after_shard is not None:
-                after_shard()
         if split.is_sharded:
             index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
