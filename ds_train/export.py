@@ -77,6 +77,10 @@ def consolidate_full(step_dir: Path, saved_config: dict, out_dir: Path, base: Op
     base = base or saved_config.get("model", {}).get("path")
     if not base:
         raise CheckpointError(f"{step_dir}: the shards carry no run config naming the base model; pass --base")
+    if saved_config.get("model", {}).get("init") == "random" and not Path(base).is_dir():
+        raise CheckpointError(f"{step_dir}: the run built its model from {base} (model.init=random), not a model dir to "
+                              "take config and tokenizer files from; pass --base with a dir of that architecture "
+                              "(`ds-train make-arch`; without --weights it serves when every weight was trained)")
     lazy = lazy_fp32_trainable_tensors(step_dir)
     if not lazy:
         raise CheckpointError(f"{step_dir} holds no trainable tensors")
