@@ -153,3 +153,22 @@ def test_resume_on_one_rank_gives_the_two_rank_losses(full_run, tiny_model, tmp_
     assert sorted(got) == list(range(1, 13))
     for s in range(9, 13):
         assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=1e-5), (s, got[s]["loss"], want[s]["loss"])
+
+
+def test_model_dir_of_every_weight_trained_needs_no_base_weights(tiny_model, tmp_path):
+    # model.init=random with model.trainable=["*"]: the base dir (a make-arch dir) has config and tokenizers but no
+    # weights; every tensor comes from the checkpoint, so none is read from it.
+    from ds_train.merge import write_model_dir
+
+    base = shutil.copytree(tiny_model, tmp_path / "arch", ignore=shutil.ignore_patterns("*.safetensors"))
+    trained = {n: t.float() * 2 for n, t in load_file(tiny_model / "model.safetensors").items()}
+    out = write_model_dir(base, tmp_path / "model", trained, {}, "bf16", "1MB", {"checkpoint": "test"})
+    got = model_dir_tensors(out)
+    assert got.keys() == trained.keys()
+    assert all(torch.equal(got[n], trained[n].to(torch.bfloat16)) for n in trained)
+    del trained["norm.weight"]  # one weight not trained: it must come from the base, which has none
+    from ds_train.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="has neither model.safetensors"):
+        write_model_dir(base, tmp_path / "model2", trained, {}, "bf16", "1MB", {"checkpoint": "test"})
+    assert not (tmp_path / "model2").exists()
