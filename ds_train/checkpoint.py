@@ -3,7 +3,8 @@
 OUTPUT_DIR/checkpoints/
   step-000123/          DeepSpeed ZeRO shards (trainable parameters only) + our client state
     rng-rank00000.pt    each rank's RNG states
-    adapter/            PEFT adapter of this step (adapter_config.json + adapter_model.safetensors)
+    adapter/            PEFT adapter of this step (adapter_config.json + adapter_model.safetensors); train.mode=lora
+                        only: a full fine-tuning step is the shards alone (`ds-train consolidate` makes a model dir)
     ds_train_meta.json  written by rank 0 once every rank's files are on disk: the dir is complete
   latest                names the newest complete checkpoint; written last, atomically
 """
@@ -78,7 +79,8 @@ def save(engine, model, cfg: Config, out_dir: Path, state: dict, metrics: Option
     rng = root / tag / f"rng-rank{dist.rank():05d}.pt"
     _write_or_record(failed, lambda: (faults.before_write(state["step"], rng), torch.save(_rng_state(), rng),
                                       faults.after_write(state["step"], Path(out_dir), rng)))
-    _write_or_record(failed, lambda: export_adapter(model, root / tag / "adapter"), always=True)  # collective
+    if cfg.uses_lora():  # a full fine-tuning export would gather the whole model on rank 0 at every save
+        _write_or_record(failed, lambda: export_adapter(model, root / tag / "adapter"), always=True)  # collective
     _write_or_record(failed, lambda: _fsync_rank_files(root / tag, dist.rank()))
     faults.crash_if("after_shards", state["step"])
     # Every rank has stopped writing: its files are on disk (fsynced) before `latest` may name them, or it failed.
@@ -434,8 +436,9 @@ def zero3_shard_problems(step_dir: Path) -> tuple[list[str], dict]:
 def _my_ranks(world: int) -> range:
     """The ranks of a `world`-rank checkpoint whose files this process validates: in a process group its own rank
     and every world_size-th after it (a checkpoint of more ranks than this run), outside one (consolidate, tools)
-    all of them. Each file is then read by one process, not by every rank."""
-    if not dist.in_process_group():
+    all of them (also rank 0 alone after dist.leave_peers: the end-of-run consolidation). Each file is then read by
+    one process, not by every rank."""
+    if not torch.distributed.is_initialized():
         return range(world)
     return range(dist.rank(), world, dist.world_size())
 

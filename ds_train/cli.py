@@ -20,7 +20,8 @@ USAGE = """ds-train <command> ...
 
   train CONFIG.yaml [key=value ...] [--old_trainer_flag value ...]   fine-tune (run under `deepspeed`)
   prepare CONFIG.yaml [key=value ...]        check the data and encode audio once into the cache
-  consolidate CHECKPOINT_DIR OUT_DIR [--tag TAG]   ZeRO shards -> PEFT adapter, offline, no GPU
+  consolidate CHECKPOINT_DIR OUT_DIR [--tag TAG]   ZeRO shards -> PEFT adapter, offline, no GPU; train.mode=full:
+              [--base DIR] [--dtype bf16|fp32] [--max-shard-size 5GB]   -> a model dir
   merge BASE_MODEL_DIR ADAPTER_DIR OUT_DIR [--dtype bf16|fp32] [--max-shard-size 5GB]
                                              adapter -> drop-in HiggsAudioModel dir, one shard in memory
   generate MODEL_DIR [--adapter DIR] (--text TEXT [--ref-audio WAV --ref-text TEXT] | --prompts JSONL) --out DIR
@@ -129,10 +130,15 @@ def cmd_consolidate(words):
     p.add_argument("checkpoint_dir")
     p.add_argument("out_dir")
     p.add_argument("--tag", default=None)
+    full = "train.mode=full checkpoints (a model dir): "
+    p.add_argument("--base", default=None, help=full + "base model dir for the frozen weights and non-weight files "
+                   "(default: the run's model.path)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help=full + "weight dtype")
+    p.add_argument("--max-shard-size", default="5GB", help=full + "largest weight file written")
     a = p.parse_args(words)
     from ds_train.export import consolidate
 
-    print(consolidate(a.checkpoint_dir, a.out_dir, a.tag))
+    print(consolidate(a.checkpoint_dir, a.out_dir, a.tag, a.base, a.dtype, a.max_shard_size))
 
 
 def cmd_merge(words):

@@ -1,4 +1,6 @@
 """`ds-train merge` and checkpoint.merge: base HiggsAudioModel dir + adapter dir -> a drop-in model dir, streamed.
+The writer (write_model_dir) is the one owner of the model dir format: `consolidate` of a full fine-tuning
+checkpoint (ds_train/export.py) writes through it too, its trained tensors in place of base_trainable's.
 
 The base is never loaded as a model. Each output shard is built tensor by tensor from the base's safetensors files
 (read with pread, not mmap, so pages already merged do not stay in the process), written, and dropped: peak memory
@@ -19,6 +21,7 @@ The result is byte for byte what PeftModel.from_pretrained(base loaded in fp32) 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -41,11 +44,9 @@ PEFT_PREFIX = "base_model.model."
 def merge(base_model_dir, adapter_dir, out_dir, dtype: str = "bf16", max_shard_size: str = "5GB") -> Path:
     """Merge the LoRA adapter (and base_trainable.safetensors, if any) of `adapter_dir` into the base model;
     write a drop-in model dir at `out_dir` (atomically), one shard in memory at a time. Returns `out_dir`."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_dtype(dtype)
     base_dir, adapter_dir, out_dir = local_model_dir(str(base_model_dir)), Path(adapter_dir), Path(out_dir)
     has_lora = (adapter_dir / ADAPTER_CONFIG).is_file()
     has_base = (adapter_dir / BASE_TRAINABLE).is_file()
@@ -55,25 +56,42 @@ def merge(base_model_dir, adapter_dir, out_dir, dtype: str = "bf16", max_shard_s
         raise CheckpointError(f"{adapter_dir} holds neither a LoRA adapter ({ADAPTER_CONFIG}) nor {BASE_TRAINABLE}")
 
     skeleton = model_skeleton(base_dir)
-    tied = len(list(skeleton.named_parameters(remove_duplicate=False))) - len(list(skeleton.named_parameters()))
-    if tied:  # HiggsAudioModel ties none (no get_output_embeddings); save_pretrained would drop the copies
-        raise CheckpointError(f"{base_dir}: the model ties {tied} weight(s) to others; `ds-train merge` writes "
-                              "models without tied weights only")
-    shapes = {n: t.to(DTYPES[dtype]) if t.is_floating_point() else t for n, t in skeleton.state_dict().items()}
-    trained = check_base_trainable(load_file(str(adapter_dir / BASE_TRAINABLE)), shapes,
-                                   adapter_dir / BASE_TRAINABLE) if has_base else {}
+    trained = load_file(str(adapter_dir / BASE_TRAINABLE)) if has_base else {}
     if has_lora:
-        saved = check_base_trainable(saved_module_weights(skeleton, adapter_dir), shapes, adapter_dir / ADAPTER_WEIGHTS)
+        saved = saved_module_weights(skeleton, adapter_dir)
         twice = sorted(trained.keys() & saved.keys())
         if twice:
             raise CheckpointError(f"{adapter_dir}: {twice[:5]} are in both {BASE_TRAINABLE} and modules_to_save")
         trained.update(saved)
     lora = lora_deltas(skeleton, adapter_dir) if has_lora else {}
+    return write_model_dir(base_dir, out_dir, trained, lora, dtype, max_shard_size,
+                           {"adapter": str(adapter_dir.resolve())}, skeleton, trained_file=adapter_dir)
+
+
+def write_model_dir(base_dir: Path, out_dir: Path, trained, lora: dict, dtype: str, max_shard_size: str,
+                    provenance: dict, skeleton=None, trained_file=None) -> Path:
+    """The model dir writer (`merge`, and `consolidate` of a full fine-tuning checkpoint): the base's weights with
+    `trained` replacing some (name -> tensor, or a lazy one with .shape and .contiguous(), materialised one at a time)
+    and `lora` deltas added, cast to `dtype`, sharded, the base's non-weight files copied; atomically. The base's
+    weight files are read only for the tensors `trained` lacks (a run that trained every weight needs none)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    check_dtype(dtype)
+    skeleton = skeleton if skeleton is not None else model_skeleton(base_dir)
+    tied = len(list(skeleton.named_parameters(remove_duplicate=False))) - len(list(skeleton.named_parameters()))
+    if tied:  # HiggsAudioModel ties none (no get_output_embeddings); save_pretrained would drop the copies
+        raise CheckpointError(f"{base_dir}: the model ties {tied} weight(s) to others; ds_train writes models "
+                              "without tied weights only")
+    shapes = {n: t.to(DTYPES[dtype]) if t.is_floating_point() else t for n, t in skeleton.state_dict().items()}
+    check_trained(trained, shapes, trained_file or "the trained weights")
     split = split_torch_state_dict_into_shards(shapes, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
-    with BaseWeights(base_dir) as base, \
+    from_base = {n: shapes[n] for n in shapes if n not in trained}
+    with (BaseWeights(base_dir) if from_base else contextlib.nullcontext()) as base, \
             staged_dir(out_dir, replace=lambda d: (d / MERGE_INFO).is_file()) as tmp:
-        base.check_has(shapes)
+        if from_base:
+            base.check_has(from_base)
         for filename, names in split.filename_to_tensors.items():
             shard = {name: merged_tensor(name, base, trained, lora, shapes[name].dtype) for name in names}
             save_file(shard, str(tmp / filename), metadata={"format": "pt"})
@@ -83,14 +101,20 @@ def merge(base_model_dir, adapter_dir, out_dir, dtype: str = "bf16", max_shard_s
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         write_configs(skeleton, DTYPES[dtype], tmp)
         copy_non_weight_files(base_dir, tmp)
-        (tmp / MERGE_INFO).write_text(json.dumps({"base_model": str(base_dir), "adapter": str(adapter_dir.resolve()),
-                                                  "dtype": dtype}, indent=1) + "\n")
+        (tmp / MERGE_INFO).write_text(json.dumps({"base_model": str(base_dir), **provenance, "dtype": dtype},
+                                                 indent=1) + "\n")
     return out_dir
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
 def merged_tensor(name: str, base: "BaseWeights", trained: dict, lora: dict, dtype: torch.dtype) -> torch.Tensor:
     """One weight of the merged model, in peft's order of operations (see the module docstring)."""
-    w = trained[name] if name in trained else base.read(name)  # our own copy: changed in place below
+    # our own copy (a fresh tensor from a lazy one, or the adapter file's, used once): changed in place below
+    w = trained[name].contiguous() if name in trained else base.read(name)
     if name not in lora:
         return w if w.dtype == dtype else w.to(torch.float32).to(dtype)
     w = w.to(torch.float32)
@@ -196,17 +220,16 @@ def saved_module_weights(skeleton, adapter_dir: Path) -> dict:
     return out
 
 
-def check_base_trainable(state: dict, shapes: dict, path: Path) -> dict:
-    """Fully trained base weights (names as in HiggsAudioModel), checked against the base model's."""
-    unknown = sorted(set(state) - set(shapes))
+def check_trained(trained, shapes: dict, what) -> None:
+    """Trained weights (names as in HiggsAudioModel) must be weights of the base model, of their shapes."""
+    unknown = sorted(set(trained) - set(shapes))
     if unknown:
-        raise CheckpointError(f"{path} names weights the base model lacks: {unknown[:5]} "
-                              "(adapter trained on another model?)")
-    for name, value in state.items():
-        if shapes[name].shape != value.shape:
-            raise CheckpointError(f"{path}: {name} has shape {tuple(value.shape)}, the base model "
+        raise CheckpointError(f"{what} names weights the base model lacks: {unknown[:5]} "
+                              "(trained on another model?)")
+    for name, value in trained.items():
+        if tuple(shapes[name].shape) != tuple(value.shape):
+            raise CheckpointError(f"{what}: {name} has shape {tuple(value.shape)}, the base model "
                                   f"{tuple(shapes[name].shape)}")
-    return state
 
 
 # safetensors dtype names -> torch (the ones a model checkpoint holds)

@@ -189,8 +189,10 @@ def final_summary(summary: dict) -> str:
     """What a person reads at the end of a run (the JSON line after it is for scripts)."""
     loss = (f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
             if summary.get("first_loss") is not None else "no finite loss")
-    lines = [f"done: {summary['steps']} steps, {loss}", f"adapter: {summary['adapter']}"]
-    if summary.get("merged"):
+    lines = [f"done: {summary['steps']} steps, {loss}"]
+    if summary.get("adapter"):
+        lines.append(f"adapter: {summary['adapter']}")
+    if summary.get("merged"):  # train.mode=full: the trained model
         lines.append(f"merged:  {summary['merged']}")
     if summary.get("best_checkpoint"):
         lines.append(f"best:    {summary['best_checkpoint']} ({summary['best_metric']} {summary['best_value']:.4f})")

@@ -27,6 +27,7 @@ from ds_train.early_stop import FRESH as EARLY_STOP_FRESH, EarlyStop
 from ds_train.ds_config import deepspeed_config, resolve_dtype
 from ds_train.errors import ConfigError
 from ds_train.evaluate import evaluate
+from ds_train.export import consolidate
 from ds_train.fsutil import staged_dir
 from ds_train.merge import merge
 from ds_train.loss import LossReport, loss_sums, objective, report
@@ -241,26 +242,32 @@ def check_counts(miscounted: list[float], collated: list[float], step: int) -> N
 
 
 def finish(run: Run, losses: list[float], stopped: str | None = None) -> dict:
-    """The final adapter (the best step's when the run `stopped` early); rank 0 names the best checkpoint
-    (checkpoint.best_metric), draws OUTPUT_DIR/curves.png and, with checkpoint.merge, merges the adapter into the
-    base alone after the other ranks have left."""
+    """The trained result: the last step's, or the best step's when the run `stopped` early. Rank 0 names the best
+    checkpoint (checkpoint.best_metric) and draws OUTPUT_DIR/curves.png. LoRA: the adapter, and with checkpoint.merge
+    the merge into the base. Full fine-tuning: the result's checkpoint (the last step and an improving step always
+    save one) consolidated into OUTPUT_DIR/merged. Merge and consolidation run on rank 0 alone, after the other ranks
+    have left."""
     cfg, out = run.cfg, run.out
-    if stopped:
-        if dist.is_main():
-            best = checkpoint.checkpoint_root(out) / checkpoint.tag_of(run.state["best_step"]) / "adapter"
-            with staged_dir(out / "adapter", replace=lambda _: True) as tmp:
-                shutil.copytree(best, tmp, dirs_exist_ok=True)
-    else:
-        export_adapter(run.model, out / "adapter")
-    dist.barrier()
     summary = {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-               "steps": run.state["step"], "adapter": str(out / "adapter")}
+               "steps": run.state["step"]}
+    result = None  # the checkpoint whose weights are the result, when not the live model's
     if stopped:
-        summary.update(stopped_early=stopped, adapter_step=run.state["best_step"])
-    if cfg.checkpoint.merge:
+        result = checkpoint.checkpoint_root(out) / checkpoint.tag_of(run.state["best_step"])
+        summary.update(stopped_early=stopped, result_step=run.state["best_step"])
+    dtype = "bf16" if run.cuda else "fp32"
+    if cfg.uses_lora():
+        if not stopped:
+            export_adapter(run.model, out / "adapter")
+        elif dist.is_main():
+            with staged_dir(out / "adapter", replace=lambda _: True) as tmp:
+                shutil.copytree(result / "adapter", tmp, dirs_exist_ok=True)
+        dist.barrier()
+        summary["adapter"] = str(out / "adapter")
+    if cfg.checkpoint.merge or not cfg.uses_lora():
         # Minutes at real size, on CPU: no rank waits for it in a collective. The peers exit here.
         dist.leave_peers()
-        summary["merged"] = str(merge(cfg.model.path, out / "adapter", out / "merged", "bf16" if run.cuda else "fp32"))
+        summary["merged"] = str(merge(cfg.model.path, out / "adapter", out / "merged", dtype) if cfg.uses_lora()
+                                else consolidate(result or checkpoint.read_latest(out), out / "merged", dtype=dtype))
     if dist.is_main():
         metric = cfg.checkpoint.best_metric
         best = checkpoint.best(out, metric, cfg.checkpoint.best_direction())
