@@ -65,17 +65,25 @@ def test_zero3_is_refused_at_start_naming_the_config(tiny_model, demo_data, tmp_
 
 
 @pytest.mark.slow
-def test_qlora_trains_on_two_ranks_and_merges_into_the_bf16_base(tiny_model, demo_data, tmp_path):
+def test_qlora_trains_on_two_ranks_resumes_and_merges_into_the_bf16_base(tiny_model, demo_data, tmp_path):
+    def config(out, **train):
+        cfg = base_config(tiny_model, demo_data, out, optim={"lr": 0.01, "scheduler": "constant"},
+                          train={"mode": "qlora", "deepspeed_config": str(REPO / "ds_configs/zero2.json"),
+                                 "micro_batch_size": 2, "max_steps": 12, "epochs": 20, **train},
+                          checkpoint={"merge": True, "every_steps": 6})
+        cfg["model"]["dtype"] = "bf16"
+        return write_config(out.parent / f"{out.name}.yaml", cfg)
+
     out = tmp_path / "run"
-    cfg = base_config(tiny_model, demo_data, out, optim={"lr": 0.01, "scheduler": "constant"},
-                      train={"mode": "qlora", "deepspeed_config": str(REPO / "ds_configs/zero2.json"),
-                             "micro_batch_size": 2, "max_steps": 12, "epochs": 20},
-                      checkpoint={"merge": True})
-    cfg["model"]["dtype"] = "bf16"
-    proc = launch(["train", str(write_config(tmp_path / "q.yaml", cfg))])
+    proc = launch(["train", str(config(out))])
     assert f"qlora: {TINY_LINEARS} decoder-layer Linear weights quantized to 4-bit NF4" in proc.stdout
     got = losses(out)
     assert len(got) == 12 and got[-1] < got[0] - 0.5, got  # measured 12.54 -> 11.44
+    # The checkpoint holds the LoRA weights and optimizer only (frozen 4-bit base excluded): resuming at step 6
+    # requantizes the same base and continues with the same losses.
+    resumed = tmp_path / "resumed"
+    launch(["train", str(config(resumed, resume=str(out / "checkpoints" / "step-000006")))])
+    assert losses(resumed) == pytest.approx(got[6:], rel=1e-6)
 
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert len(adapter) == 2 * (3 * 4 + 2 * 3)  # an ordinary PEFT LoRA adapter: A and B of the 18 default targets
