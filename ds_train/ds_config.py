@@ -64,6 +64,10 @@ def deepspeed_config(cfg: Config, world_size: int, cuda: bool, path: Optional[st
         raise ConfigError(f"{path}: remove the 'scheduler' section; set optim.scheduler / optim.warmup_steps instead")
 
     zero = ds.setdefault("zero_optimization", {})
+    if cfg.train.mode == "qlora":
+        from ds_train.qlora import check_qlora_setup
+
+        check_qlora_setup(zero_stage(ds), path)
     if not cuda:
         # Pinned host memory needs a GPU driver.
         for off in ("offload_param", "offload_optimizer"):

@@ -1,4 +1,5 @@
-"""HiggsAudioModel + text tokenizer, loaded partitioned under ZeRO-3, frozen, adapted with peft LoRA."""
+"""HiggsAudioModel + text tokenizer, loaded partitioned under ZeRO-3, frozen (4-bit for train.mode=qlora: qlora.py),
+adapted with peft LoRA."""
 
 from __future__ import annotations
 
@@ -47,8 +48,6 @@ def build_model(cfg: Config, ds_config: dict, dtype: torch.dtype):
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
     from transformers.integrations import HfDeepSpeedConfig
 
-    if cfg.train.mode == "qlora":
-        raise ConfigError("train.mode=qlora is not available yet")
     if cfg.model.init == "random":
         from ds_train.arch import build_random_model
         from ds_train.preflight import load_model_config
@@ -64,6 +63,11 @@ def build_model(cfg: Config, ds_config: dict, dtype: torch.dtype):
         del hf_ds
     model.config.use_cache = False
     model.requires_grad_(False)
+    if cfg.train.mode == "qlora":
+        from ds_train.qlora import fully_trained, quantize_base
+
+        n = quantize_base(model, fully_trained(cfg), dtype, dist.device())
+        dist.print0(f"qlora: {n} decoder-layer Linear weights quantized to 4-bit NF4 (compute dtype {dtype})")
     if cfg.train.mode == "full":
         select_trainable(model, cfg.model.trainable)
     model = apply_lora(model, cfg)
@@ -173,10 +177,11 @@ def _checkpointed(forward, *args, **kwargs):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total); partitioned ZeRO-3 parameters count at their full size."""
+    """(trainable, total); partitioned ZeRO-3 parameters and packed 4-bit ones count at their full size."""
     trainable = total = 0
     for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())
+        quant = getattr(p, "quant_state", None)
+        n = quant.shape.numel() if quant is not None else getattr(p, "ds_numel", p.numel())
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
