@@ -51,8 +51,9 @@ set_env_defaults() {
 }
 
 slurm_hostfile() {
-  # Inside a SLURM allocation: one line per node, slots = GPUs per node.
-  local file="$1" slots="${SLURM_GPUS_ON_NODE:-$(local_procs)}"
+  # Inside a SLURM allocation: one line per node, slots = GPUs per node; without GPUs (a CPU partition) the
+  # allocation's tasks per node, else what local_procs finds.
+  local file="$1" slots="${SLURM_GPUS_ON_NODE:-${SLURM_NTASKS_PER_NODE:-$(local_procs)}}"
   scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=${slots}/" >"$file"
   log "wrote $file from SLURM_JOB_NODELIST ($(wc -l <"$file") nodes x $slots slots)"
 }
