@@ -36,7 +36,7 @@ SlurmctldHost=${NAME}-ctl($BRIDGE_IP)
 SlurmctldPort=$port
 SlurmdPort=$((port + 1))
 AuthType=auth/munge
-AuthInfo=socket=$SLURM_DIR/munge/socket
+AuthInfo=socket=$SLURM_DIR/munge/socket,cred_expire=10
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
@@ -59,6 +59,9 @@ MpiDefault=none
 SwitchType=switch/none
 ReturnToService=2
 JobRequeue=1
+# cred_expire (AuthInfo) is also how long a requeued job waits before it may start again: 10 s, not 120; and
+# the scheduler looks for startable jobs every 2 s, not 60 (seen: a requeued job idle for 76 s).
+SchedulerParameters=sched_interval=2
 MinJobAge=600
 PlugStackConfig=$SLURM_DIR/plugstack.conf
 MailProg=/bin/true

@@ -612,12 +612,16 @@ cmd_stop_ssh() {
     for i in 0 1; do
         pid=HOST_PID_$i
         pid=${!pid}
-        # The unshare holding the host (only while its command line names this instance's sshd config): its
-        # --kill-child takes sshd, PID 1 of the host, and every ssh session with it.
+        # The unshare holding the host (only while its command line names this instance's sshd config). It
+        # ignores SIGTERM; its child sshd, PID 1 of the host, does not, and takes every ssh session with it.
         [[ -n $pid ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$dir/sshd_$i.conf" &&
-            kill -TERM "$pid"
+            pkill -TERM -P "$pid"
         deadline=$((SECONDS + 10))
         while [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+    done
+    for i in 0 1; do
+        pid=HOST_PID_$i
+        ! kill -0 "${!pid}" 2>/dev/null || die "stop-ssh: sshd of host $i still running"
     done
     log "stop-ssh: sshd of $1 stopped"
 }
