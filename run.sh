@@ -10,9 +10,9 @@
 # Preemption: SIGTERM, SIGUSR1 or Ctrl-C to run.sh (or to any rank) makes every rank save a checkpoint at the next
 # step boundary and exit with code 75.
 # Exit codes: 0 done, 1 unexpected error, 2 config, 3 data/checkpoint, 4 diverged, 75 preempted; a rank killed by a
-# signal N gives 256-N (247: SIGKILL). run.sh explains a failing code in one line. Under SLURM ask for the signal ahead of the time limit and let it reach run.sh:
-#   #SBATCH --signal=B:USR1@120        (B: signal the batch shell; `exec ./run.sh train ...` in the script)
-# then requeue / relaunch with train.resume=auto.
+# signal N gives 256-N (247: SIGKILL). run.sh explains a failing code in one line. Under SLURM: scripts/train.sbatch
+# (--signal=B:USR1@120 relayed to run.sh; on 75 the job requeues itself and resumes with train.resume=auto). Several
+# nodes start over ssh (pdsh), or with srun (one run.sh per node) when ssh to a node fails or DS_LAUNCHER=srun.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -58,8 +58,10 @@ slurm_hostfile() {
   log "wrote $file from SLURM_JOB_NODELIST ($(wc -l <"$file") nodes x $slots slots)"
 }
 
+# How forward_preemption reaches ranks that are not our descendants (set by launch).
 PDSH_HOSTS=""
 RANK_PATTERN=""
+SRUN_LAUNCH=0
 
 hostfile_hosts() { grep -v '^\s*\(#\|$\)' "$1" | awk '{print $1}'; }
 
@@ -107,14 +109,15 @@ launch() {
       # nodes as the hostfile (written from the same node list) does.
       local nodes; nodes=$(hostfile_hosts "$hostfile" | wc -l)
       log "srun --nodes $nodes --ntasks-per-node 1: one run.sh per node, each starts its node's ranks"
-      # shellcheck disable=SC2016  # $SLURM_NODEID expands in each task
       # Not --kill-on-bad-exit: the first node to exit 75 (preempted, checkpoint saved) would get the others
       # killed mid-exit (143). --wait: once one node has exited, the rest get 60 s (a crashed node's peers fail in
       # their next collective anyway).
+      # shellcheck disable=SC2016  # $SLURM_NODEID expands in each task
       launcher=(srun --nodes "$nodes" --ntasks "$nodes" --ntasks-per-node 1 --kill-on-bad-exit=0 --wait=60
                 bash -c 'DS_TRAIN_NODE_RANK=$SLURM_NODEID exec "$0" "$@"' "$ROOT/run.sh" "$sub" "${args[@]}"
                 --hostfile "$hostfile" --master_port "$port")
       log "${launcher[*]}"
+      SRUN_LAUNCH=1
       run_launcher "${launcher[@]}"
       return
     else
@@ -122,9 +125,11 @@ launch() {
       set_env_defaults "$(local_procs)"
       # Ranks on other hosts inherit these through DeepSpeed's .deepspeed_env mechanism.
       "$PY" -m ds_train.launch write-env || return 2
-      # A preemption signal goes to the ranks on every host (forward_preemption).
-      PDSH_HOSTS=$(hostfile_hosts "$hostfile" | paste -sd,)
-      RANK_PATTERN="-m ds_train $sub ${args[0]:-}"
+      if [[ "${DS_LAUNCHER:-pdsh}" == pdsh ]]; then
+        # A preemption signal goes to the ranks on every host (forward_preemption).
+        PDSH_HOSTS=$(hostfile_hosts "$hostfile" | paste -sd,)
+        RANK_PATTERN="-m ds_train $sub ${args[0]:-}"
+      fi
     fi
   else
     local n; n=$(local_procs)
@@ -216,10 +221,14 @@ forward_preemption() {
     # kills pdsh and every host's launcher at once (exit 1, no checkpoint). Signal the ranks where they run.
     log "preemption signal: USR1 to the ranks on $PDSH_HOSTS"
     pdsh -S -R ssh -w "$PDSH_HOSTS" "pkill -USR1 -u $(id -u) -f -- $(printf '%q' "$RANK_PATTERN")" || true
-  elif [[ -z "${DS_TRAIN_NODE_RANK:-}" ]]; then
-    # srun: it passes USR1 to every process of each node's step, the ranks included.
+  elif [[ "$SRUN_LAUNCH" == 1 ]]; then
+    # srun passes USR1 to every process of each node's step, the ranks included.
     log "preemption signal: USR1 to srun"
     kill -USR1 "$1" 2>/dev/null || true
+  elif [[ -z "${DS_TRAIN_NODE_RANK:-}" ]]; then
+    # Another DS_LAUNCHER (mpich, impi; untested): its runner relays SIGTERM as it can.
+    log "preemption signal: relaying SIGTERM to the DeepSpeed runner"
+    kill -TERM "$1" 2>/dev/null || true
   fi
 }
 
