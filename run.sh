@@ -10,9 +10,9 @@
 # Preemption: SIGTERM, SIGUSR1 or Ctrl-C to run.sh (or to any rank) makes every rank save a checkpoint at the next
 # step boundary and exit with code 75.
 # Exit codes: 0 done, 1 unexpected error, 2 config, 3 data/checkpoint, 4 diverged, 75 preempted; a rank killed by a
-# signal N gives 256-N (247: SIGKILL). run.sh explains a failing code in one line. Under SLURM ask for the signal ahead of the time limit and let it reach run.sh:
-#   #SBATCH --signal=B:USR1@120        (B: signal the batch shell; `exec ./run.sh train ...` in the script)
-# then requeue / relaunch with train.resume=auto.
+# signal N gives 256-N (247: SIGKILL). run.sh explains a failing code in one line. Under SLURM: scripts/train.sbatch
+# (--signal=B:USR1@120 relayed to run.sh; on 75 the job requeues itself and resumes with train.resume=auto). Several
+# nodes start over ssh (pdsh), or with srun (one run.sh per node) when ssh to a node fails or DS_LAUNCHER=srun.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -51,11 +51,17 @@ set_env_defaults() {
 }
 
 slurm_hostfile() {
-  # Inside a SLURM allocation: one line per node, slots = GPUs per node.
-  local file="$1" slots="${SLURM_GPUS_ON_NODE:-$(local_procs)}"
+  # Inside a SLURM allocation: one line per node, slots = GPUs per node; without GPUs (a CPU partition) the
+  # allocation's tasks per node, else what local_procs finds.
+  local file="$1" slots="${SLURM_GPUS_ON_NODE:-${SLURM_NTASKS_PER_NODE:-$(local_procs)}}"
   scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=${slots}/" >"$file"
   log "wrote $file from SLURM_JOB_NODELIST ($(wc -l <"$file") nodes x $slots slots)"
 }
+
+# How forward_preemption reaches ranks that are not our descendants (set by launch).
+PDSH_HOSTS=""
+RANK_PATTERN=""
+SRUN_LAUNCH=0
 
 hostfile_hosts() { grep -v '^\s*\(#\|$\)' "$1" | awk '{print $1}'; }
 
@@ -93,11 +99,37 @@ launch() {
       # One node: no ssh needed.
       launcher+=(--hostfile "$hostfile" --no_ssh --node_rank 0 --master_addr 127.0.0.1)
       set_env_defaults "$(grep -v '^\s*\(#\|$\)' "$hostfile" | sed -n 's/.*slots=\([0-9]*\).*/\1/p' | head -1)"
+    elif [[ -n "${DS_TRAIN_NODE_RANK:-}" ]]; then
+      # One node's share of an srun launch (below): this node's ranks, rendezvous at the first host.
+      launcher+=(--hostfile "$hostfile" --no_ssh --node_rank "$DS_TRAIN_NODE_RANK"
+                 --master_addr "$(hostfile_hosts "$hostfile" | head -1)")
+      set_env_defaults "$(local_procs)"
+    elif use_srun "$hostfile"; then
+      # Every node runs this script once (srun, no ssh), which starts that node's ranks; SLURM_NODEID orders the
+      # nodes as the hostfile (written from the same node list) does.
+      local nodes; nodes=$(hostfile_hosts "$hostfile" | wc -l)
+      log "srun --nodes $nodes --ntasks-per-node 1: one run.sh per node, each starts its node's ranks"
+      # Not --kill-on-bad-exit: the first node to exit 75 (preempted, checkpoint saved) would get the others
+      # killed mid-exit (143). --wait: once one node has exited, the rest get 60 s (a crashed node's peers fail in
+      # their next collective anyway).
+      # shellcheck disable=SC2016  # $SLURM_NODEID expands in each task
+      launcher=(srun --nodes "$nodes" --ntasks "$nodes" --ntasks-per-node 1 --kill-on-bad-exit=0 --wait=60
+                bash -c 'DS_TRAIN_NODE_RANK=$SLURM_NODEID exec "$0" "$@"' "$ROOT/run.sh" "$sub" "${args[@]}"
+                --hostfile "$hostfile" --master_port "$port")
+      log "${launcher[*]}"
+      SRUN_LAUNCH=1
+      run_launcher "${launcher[@]}"
+      return
     else
       launcher+=(--hostfile "$hostfile" --launcher "${DS_LAUNCHER:-pdsh}")
       set_env_defaults "$(local_procs)"
       # Ranks on other hosts inherit these through DeepSpeed's .deepspeed_env mechanism.
       "$PY" -m ds_train.launch write-env || return 2
+      if [[ "${DS_LAUNCHER:-pdsh}" == pdsh ]]; then
+        # A preemption signal goes to the ranks on every host (forward_preemption).
+        PDSH_HOSTS=$(hostfile_hosts "$hostfile" | paste -sd,)
+        RANK_PATTERN="-m ds_train $sub ${args[0]:-}"
+      fi
     fi
   else
     local n; n=$(local_procs)
@@ -106,9 +138,35 @@ launch() {
     if [[ "$n" -gt 0 ]] && ! command -v nvidia-smi >/dev/null 2>&1; then export LOCAL_SIZE="$n"; fi
   fi
   log "${launcher[*]} --module ds_train $sub ${args[*]:-}"
+  run_launcher "${launcher[@]}" --module ds_train "$sub" "${args[@]}"
+}
+
+# Several nodes in a SLURM allocation: srun instead of ssh when DS_LAUNCHER=srun, or when DS_LAUNCHER is unset and
+# ssh (what pdsh would use) cannot reach every host.
+use_srun() {
+  [[ "${DS_LAUNCHER:-}" == srun ]] && return 0
+  [[ -z "${DS_LAUNCHER:-}" && -n "${SLURM_JOB_ID:-}" ]] || return 1
+  local host
+  for host in $(hostfile_hosts "$1"); do
+    if ! ssh -o BatchMode=yes -o ConnectTimeout=5 "$host" true </dev/null >/dev/null 2>&1; then
+      log "ssh to $host failed: launching with srun (DS_LAUNCHER=pdsh forces ssh)"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# run_launcher CMD...: run the launcher, relaying preemption signals, and return its exit code.
+run_launcher() {
   # Its own session: a Ctrl-C in the terminal reaches run.sh alone (DeepSpeed's launcher would kill the ranks
   # before they save); run.sh turns it into the preemption signal below.
-  setsid "${launcher[@]}" --module ds_train "$sub" "${args[@]}" &
+  if [[ -n "${DS_TRAIN_NODE_RANK:-}" ]]; then
+    # srun passes a signal to every process of the step: DeepSpeed's launchers would die of USR1 (exit 138) while
+    # the ranks save. They ignore it; the ranks set their own handler.
+    ( trap '' USR1; exec setsid "$@" ) &
+  else
+    setsid "$@" &
+  fi
   local child=$! rc=0
   # shellcheck disable=SC2064  # expand $child now
   trap "forward_preemption $child" TERM USR1 INT HUP
@@ -160,9 +218,17 @@ forward_preemption() {
     log "preemption signal: asking ranks $(echo $ranks) to checkpoint and stop"
     # shellcheck disable=SC2086
     kill -USR1 $ranks 2>/dev/null || true
-  else
-    # Multi-node (pdsh): DeepSpeed's runner relays SIGTERM to every host's launcher, which relays it to its
-    # ranks and gives them 30 s.
+  elif [[ -n "$PDSH_HOSTS" ]]; then
+    # Multi-node over ssh: the ranks are not our descendants. DeepSpeed's runner must not get the signal: it
+    # kills pdsh and every host's launcher at once (exit 1, no checkpoint). Signal the ranks where they run.
+    log "preemption signal: USR1 to the ranks on $PDSH_HOSTS"
+    pdsh -S -R ssh -w "$PDSH_HOSTS" "pkill -USR1 -u $(id -u) -f -- $(printf '%q' "$RANK_PATTERN")" || true
+  elif [[ "$SRUN_LAUNCH" == 1 ]]; then
+    # srun passes USR1 to every process of each node's step, the ranks included.
+    log "preemption signal: USR1 to srun"
+    kill -USR1 "$1" 2>/dev/null || true
+  elif [[ -z "${DS_TRAIN_NODE_RANK:-}" ]]; then
+    # Another DS_LAUNCHER (mpich, impi; untested): its runner relays SIGTERM as it can.
     log "preemption signal: relaying SIGTERM to the DeepSpeed runner"
     kill -TERM "$1" 2>/dev/null || true
   fi

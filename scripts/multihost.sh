@@ -14,6 +14,11 @@
 #                                            prints a file to `source`
 #   scripts/multihost.sh down [NAME...]       tear down NAME, or with no NAME
 #                                            every instance whose owner is gone
+#   scripts/multihost.sh stop-ssh NAME        stop both hosts' sshd (a cluster
+#                                            where nodes cannot ssh to each other)
+#   --slurm (after run/up)                    also a SLURM cluster: munged +
+#                                            slurmctld here, one slurmd per host
+#                                            (scripts/multihost-slurm.sh)
 #
 # Exit status:
 #   CMD's status   for `run` once the hosts were up
@@ -45,6 +50,9 @@ readonly NET_BASE=10.231
 readonly NS_IFNAME=mh0
 readonly STATE_ROOT=${TMPDIR:-/tmp}
 readonly SSHD_PORT=22
+SLURM=0
+# shellcheck source=scripts/multihost-slurm.sh
+source "$(dirname "${BASH_SOURCE[0]}")/multihost-slurm.sh"
 
 log() { printf 'multihost: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit "$EXIT_HARNESS"; }
@@ -93,6 +101,7 @@ check_tools() {
 
 check_prereqs() {
     [[ $(uname -s) == Linux ]] || skip "needs Linux network namespaces (this is $(uname -s))"
+    ((SLURM)) && slurm_add_tools
     check_tools
     [[ $EUID -eq 0 ]] || skip "needs root to create network namespaces (running as uid $EUID)"
     SSHD_BIN=$(find_tool sshd)
@@ -209,12 +218,12 @@ make_ssh_material() {
     cp "$WORK/id_ed25519.pub" "$WORK/authorized_keys"
     # Pin the host key for both addresses: no trust-on-first-use prompts and
     # nothing is ever written to /root/.ssh.
-    printf '%s,%s %s\n' "${HOST_IPS[0]}" "${HOST_IPS[1]}" \
+    printf '%s,%s,%s,%s %s\n' "${HOST_IPS[0]}" "${HOST_IPS[1]}" "${NAME}-host0" "${NAME}-host1" \
         "$(cut -d' ' -f1,2 "$WORK/ssh_host_ed25519_key.pub")" >"$WORK/known_hosts"
 
     cat >"$WORK/ssh_config" <<EOF
 # Private ssh client config for multihost instance $NAME (generated).
-Host ${HOST_IPS[0]} ${HOST_IPS[1]}
+Host ${HOST_IPS[0]} ${HOST_IPS[1]} ${NAME}-host0 ${NAME}-host1
     User root
     Port $SSHD_PORT
     IdentityFile $WORK/id_ed25519
@@ -374,6 +383,7 @@ setup() {
     make_ssh_material
     start_sshds
     write_outputs
+    ((SLURM)) && start_slurm
     SETUP_DONE=1
     log "up: $NAME on ${NET_BASE}.${SUBNET_X}.0/24, hosts ${HOST_IPS[*]}"
 }
@@ -439,6 +449,7 @@ cmd_group_pids() {
 teardown_dir() {
     local dir=$1 NAME='' BRIDGE='' NETNS_0='' NETNS_1='' VETH_0='' VETH_1='' \
         HOST_PID_0='' HOST_PID_1='' CMD_PGID='' ETC_NETNS_0='' ETC_NETNS_1='' \
+        SLURM_DIR='' MUNGED_PID='' SLURMCTLD_PID='' SLURMD_PID_0='' SLURMD_PID_1='' \
         ns link etc leftover=0
     [[ -f $dir/state.env ]] || { rm -rf "$dir"; return 0; }
     # shellcheck disable=SC1091
@@ -448,6 +459,8 @@ teardown_dir() {
     [[ -n $CMD_PGID && -n $NAME ]] && kill_until_gone cmd_group_pids "$CMD_PGID" "$NAME"
     [[ -n $NETNS_0 ]] && kill_netns_processes "$NETNS_0" "$HOST_PID_0"
     [[ -n $NETNS_1 ]] && kill_netns_processes "$NETNS_1" "$HOST_PID_1"
+    # The slurmds (and any job) were in the namespaces, gone now; then the controller, then munge.
+    [[ -n $SLURM_DIR ]] && stop_slurm_daemons "$SLURM_DIR" "$SLURMCTLD_PID" "$MUNGED_PID"
     # Delete the root-side veth ends explicitly: deleting a namespace frees
     # its veth pairs only later (the kernel does netns cleanup in a
     # workqueue), while deleting one end removes the pair at once.
@@ -540,6 +553,7 @@ on_signal() {
 }
 
 cmd_run() {
+    [[ ${1:-} == --slurm ]] && { SLURM=1; shift; }
     [[ ${1:-} == -- ]] && shift
     (($# > 0)) || usage
     MODE=run
@@ -571,6 +585,7 @@ cmd_run() {
 }
 
 cmd_up() {
+    [[ ${1:-} == --slurm ]] && SLURM=1
     MODE=up
     # Tear down only if setup fails half-way; on success leave it running.
     trap on_exit EXIT
@@ -585,6 +600,30 @@ multihost instance $NAME is up. Use it with:
 Tear it down with:
   $0 down $NAME
 EOF
+}
+
+# Stop the sshd of both hosts of instance $1, leaving everything else (slurmds) up.
+cmd_stop_ssh() {
+    local dir i pid HOST_PID_0='' HOST_PID_1='' deadline
+    dir=$(state_dir_of "${1:?stop-ssh needs an instance NAME}")
+    [[ -f $dir/state.env ]] || { log "no instance $1 ($dir)"; return 1; }
+    # shellcheck disable=SC1091
+    source "$dir/state.env"
+    for i in 0 1; do
+        pid=HOST_PID_$i
+        pid=${!pid}
+        # The unshare holding the host (only while its command line names this instance's sshd config). It
+        # ignores SIGTERM; its child sshd, PID 1 of the host, does not, and takes every ssh session with it.
+        [[ -n $pid ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$dir/sshd_$i.conf" &&
+            pkill -TERM -P "$pid"
+        deadline=$((SECONDS + 10))
+        while [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+    done
+    for i in 0 1; do
+        pid=HOST_PID_$i
+        ! kill -0 "${!pid}" 2>/dev/null || die "stop-ssh: sshd of host $i still running"
+    done
+    log "stop-ssh: sshd of $1 stopped"
 }
 
 cmd_down() {
@@ -619,6 +658,7 @@ main() {
         run) cmd_run "$@" ;;
         up) cmd_up "$@" ;;
         down) [[ $EUID -eq 0 ]] || skip "needs root"; cmd_down "$@" ;;
+        stop-ssh) cmd_stop_ssh "$@" ;;
         -h | --help | help | '') usage ;;
         *) log "unknown subcommand '$sub'"; usage ;;
     esac
