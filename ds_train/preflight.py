@@ -104,6 +104,25 @@ def check_judges(cfg: Config) -> None:
                               "(e.g. `huggingface-cli download ORG/NAME --local-dir DIR`) and point the key at DIR")
 
 
+def check_full_run_base(cfg: Config) -> None:
+    """A full fine-tuning run ends by consolidating into OUTPUT_DIR/merged, which takes the config and tokenizer files,
+    and every weight model.trainable left frozen, from model.path: with model.init=random that must be a model dir
+    holding them, or the run would fail after training."""
+    from ds_train.merge import WEIGHT_SUFFIXES
+
+    if cfg.train.mode != "full" or cfg.model.init != "random":
+        return
+    path = Path(cfg.model.path)
+    make = f"`ds-train make-arch ARCH.json DIR{'' if cfg.model.trainable == ['*'] else ' --weights'}`"
+    if not path.is_dir():
+        raise ConfigError(f"model.path={path}: a full fine-tuning run (train.mode=full) with model.init=random ends by "
+                          f"writing OUTPUT_DIR/merged from a model dir's config and tokenizer files; write one with "
+                          f"{make} and set model.path to it")
+    if cfg.model.trainable != ["*"] and not any(p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir()):
+        raise ConfigError(f"model.path={path} holds no weights, and model.trainable={cfg.model.trainable} leaves some "
+                          f"frozen: OUTPUT_DIR/merged takes them from model.path; write it with {make}")
+
+
 @dataclass
 class Preflight:
     model_config: object  # HiggsAudioConfig

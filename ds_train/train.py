@@ -36,7 +36,7 @@ from ds_train.model import build_model, torch_dtype
 from ds_train.plan import check_at_start as check_memory_plan
 from ds_train.plan import resolve_max_tokens
 from ds_train.plot import plot_curves
-from ds_train.preflight import preflight
+from ds_train.preflight import check_full_run_base, preflight
 from ds_train.resilience import Diverged, Preempted, PreemptionFlag, SkipCounter
 from ds_train.samples import TrainingSamples
 
@@ -70,6 +70,7 @@ def setup(cfg: Config) -> Run:
     # Everything that can be wrong with the config or inputs fails here, before the process group (what needs the
     # ranks together, whether they share the output dir and which checkpoint is intact, is checked right after it).
     pre = preflight(cfg)
+    check_full_run_base(cfg)
     out, cuda = pre.out_dir, torch.cuda.is_available()
     ds_config = deepspeed_config(cfg, dist.world_size(), cuda)  # world size from the launcher's environment
     dist.init_distributed()  # binds this rank's GPU

@@ -172,3 +172,27 @@ def test_model_dir_of_every_weight_trained_needs_no_base_weights(tiny_model, tmp
     with pytest.raises(CheckpointError, match="has neither model.safetensors"):
         write_model_dir(base, tmp_path / "model2", trained, {}, "bf16", "1MB", {"checkpoint": "test"})
     assert not (tmp_path / "model2").exists()
+
+
+def test_a_random_init_full_run_without_a_base_dir_stops_at_start(tiny_model, tmp_path):
+    # OUTPUT_DIR/merged at the end of a full run takes config, tokenizers and frozen weights from model.path: with
+    # model.init=random an arch JSON, or a weightless dir while some weights stay frozen, must stop before training.
+    from ds_train.config import load_config
+    from ds_train.errors import ConfigError
+    from ds_train.preflight import check_full_run_base
+
+    weightless = shutil.copytree(tiny_model, tmp_path / "arch", ignore=shutil.ignore_patterns("*.safetensors"))
+
+    def check(path, trainable=None, mode="full"):
+        check_full_run_base(load_config(None, [
+            f"model.path={path}", "model.init=random", "model.audio_tokenizer_path=/a", "data.train_file=t.jsonl",
+            "train.output_dir=/o", f"train.mode={mode}"]
+            + ([f"model.trainable={json.dumps(trainable)}"] if trainable else [])))
+
+    with pytest.raises(ConfigError, match=r"arch\.json: a full fine-tuning run .* `ds-train make-arch ARCH.json DIR`"):
+        check(tmp_path / "arch.json", ["*"])
+    with pytest.raises(ConfigError, match=r"holds no weights, and model.trainable=\['layers'\] .* --weights"):
+        check(weightless, ["layers"])
+    check(weightless, ["*"])  # every weight trained: the dir's config and tokenizers suffice
+    check(tiny_model, ["layers"])  # a dir with weights
+    check(tmp_path / "arch.json", mode="lora")  # LoRA writes an adapter, not a model dir
