@@ -56,7 +56,8 @@ class PairTerms:
 
 
 def pair_terms(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> PairTerms:
-    """DPO terms of pairs laid out chosen, rejected, chosen, ... in `policy` and `reference` (sample log-likelihoods)."""
+    """DPO terms of pairs laid out chosen, rejected, chosen, ... in `policy` and `reference` (sample
+    log-likelihoods)."""
     rewards = beta * (policy - reference.to(policy.dtype))
     chosen, rejected = rewards[0::2], rewards[1::2]
     return PairTerms(-F.logsigmoid(chosen - rejected), chosen, rejected)
@@ -88,7 +89,8 @@ class DpoReport:
 
     def as_record(self, prefix: str = "") -> dict:
         record = {f"{prefix}loss": self.loss, f"{prefix}dpo_loss": self.dpo_loss,
-                  f"{prefix}dpo_chosen_reward": self.chosen_reward, f"{prefix}dpo_rejected_reward": self.rejected_reward,
+                  f"{prefix}dpo_chosen_reward": self.chosen_reward,
+                  f"{prefix}dpo_rejected_reward": self.rejected_reward,
                   f"{prefix}dpo_margin": self.chosen_reward - self.rejected_reward,
                   f"{prefix}dpo_accuracy": self.accuracy}
         if self.sft is not None:
