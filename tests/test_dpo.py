@@ -160,15 +160,17 @@ def test_dpo_loss_matches_brute_force(tiny_model, demo_data, tmp_path):
         alone.counts.tolist()
 
 
-def _dpo_run(tiny_model, demo_data, pairs: Path, root: Path, nprocs: int, accum: int) -> Path:
-    root.mkdir(parents=True)
+def _dpo_run(tiny_model, demo_data, pairs: Path, root: Path, nprocs: int, accum: int, resume: str = "none") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     out = root / "run"
     cfg = base_config(tiny_model, demo_data, out, train={"max_steps": STEPS, "epochs": 99, "objective": "dpo",
-                                                         "grad_accum": accum},
+                                                         "grad_accum": accum, "resume": resume},
                       optim={"lr": LR, "warmup_steps": 0, "scheduler": "constant"},
-                      loss={"dpo_beta": BETA, "dpo_sft_weight": 0.1})
+                      loss={"dpo_beta": BETA, "dpo_sft_weight": 0.1},
+                      checkpoint={"every_steps": 3, "keep_last": 5})
     cfg["data"] = {"pairs_file": str(pairs), "eval_file": str(demo_data / "eval.jsonl")}
-    launch(["train", str(write_config(root / "run.yaml", cfg))], nprocs=nprocs)
+    proc = launch(["train", str(write_config(root / "run.yaml", cfg))], nprocs=nprocs)
+    assert resume == "none" or f"resumed from {out / 'checkpoints' / 'step-000003'} at step 3" in proc.stdout
     return out
 
 
@@ -179,12 +181,18 @@ STEPS, LR = 8, 0.005
 def test_dpo_learns_the_oracle_preference_the_same_on_1_and_2_ranks(tiny_model, demo_data, tmp_path):
     """Chosen = each prompt's own clip, rejected = another prompt's: DPO must come to prefer the chosen one (accuracy
     1, a growing margin: log p(A) - log p(B) grows by margin / beta, the reference being fixed), the eval loss keeps
-    being logged, and 1 rank x 2 accumulation steps gives the losses of 2 ranks."""
+    being logged, 1 rank x 2 accumulation steps gives the losses of 2 ranks, and a run resumed from step 3 (the
+    middle of epoch 2: 2 steps per epoch) gives the uninterrupted run's losses and adapter."""
+    from conftest import assert_same_adapter
+    from test_checkpoint import rewind
+
     # Two prompts, each pair twice (2 pairs a step): a preference the tiny model can learn in a few steps (its
     # clips are memorisable, not generalisable: different prompts at every step teach it nothing in 8 steps).
     pairs = write_pairs(demo_data, tmp_path / "data" / "pairs.jsonl", prompts=[0, 2, 0, 2])
     two = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "two", nprocs=2, accum=1)
     one = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "one", nprocs=1, accum=2)  # the cache is current
+    rewind(two, tmp_path / "resumed" / "run", 3)
+    resumed = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "resumed", nprocs=2, accum=1, resume="auto")
     records = loss_records(two)
     assert sorted(records) == list(range(1, STEPS + 1))
     first, last = records[1], records[STEPS]
@@ -197,7 +205,10 @@ def test_dpo_learns_the_oracle_preference_the_same_on_1_and_2_ranks(tiny_model, 
     assert any("eval_loss" in r for r in json.loads("[" + ",".join(
         (two / "metrics.jsonl").read_text().splitlines()) + "]"))
     assert (two / "adapter" / "adapter_config.json").is_file() and (two / "curves.png").is_file()
-    ones = loss_records(one)
+    ones, again = loss_records(one), loss_records(resumed)
+    assert sorted(again) == sorted(records)
     for step in records:
         for key in ("loss", "dpo_loss", "dpo_margin", "dpo_accuracy", "sft_loss"):
             assert ones[step][key] == pytest.approx(records[step][key], rel=1e-5, abs=1e-7), (step, key)
+            assert again[step][key] == pytest.approx(records[step][key], rel=1e-5, abs=1e-7), (step, key)
+    assert_same_adapter(resumed / "adapter", two / "adapter")
