@@ -212,3 +212,15 @@ def test_dpo_learns_the_oracle_preference_the_same_on_1_and_2_ranks(tiny_model, 
             assert ones[step][key] == pytest.approx(records[step][key], rel=1e-5, abs=1e-7), (step, key)
             assert again[step][key] == pytest.approx(records[step][key], rel=1e-5, abs=1e-7), (step, key)
     assert_same_adapter(resumed / "adapter", two / "adapter")
+
+
+def test_report_record_and_console_line():
+    from ds_train.dpo import DpoReport
+    from ds_train.loss import report
+    from ds_train.metrics import console_line
+
+    sft = report([6.0, 8.0, 4.0], [3, 2, 2], 1.0, 1.0)  # text 2, codebooks 4 and 2: audio 3, loss 5
+    record = {"step": 3, **DpoReport(0.9, 0.4, 1.5, -0.5, 0.75, sft).as_record()}
+    assert record["dpo_margin"] == 2.0 and record["sft_loss"] == 5.0 and record["sft_codebook_losses"] == [4.0, 2.0]
+    assert console_line(record, 10, None) == "step 3/10 | loss 0.9000 (dpo 0.4000) | margin 2.000 | accuracy 0.75"
+    assert "sft_loss" not in DpoReport(0.4, 0.4, 1.5, -0.5, 0.75, None).as_record()
