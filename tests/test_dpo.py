@@ -224,3 +224,31 @@ def test_report_record_and_console_line():
     assert record["dpo_margin"] == 2.0 and record["sft_loss"] == 5.0 and record["sft_codebook_losses"] == [4.0, 2.0]
     assert console_line(record, 10, None) == "step 3/10 | loss 0.9000 (dpo 0.4000) | margin 2.000 | accuracy 0.75"
     assert "sft_loss" not in DpoReport(0.4, 0.4, 1.5, -0.5, 0.75, None).as_record()
+
+
+@pytest.mark.parametrize("mbs,max_tokens", [(2, 0), (1, 900)])
+def test_pair_sampler_keeps_pairs_together(mbs, max_tokens):
+    """Every rank's micro-batches hold whole pairs, chosen then rejected; over the ranks an epoch covers every complete
+    pair once, and samples whose partner is missing (record 5's pair lost line 6) never."""
+    import numpy as np
+
+    from ds_train.data.pairs import PairSampler, pair_indices
+
+    lines = np.array([1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18])  # record 6 was skipped as bad
+    chosen, rejected, orphans = pair_indices(lines)
+    assert orphans == 1 and chosen.tolist() == [0, 2, 5, 7, 9, 11, 13, 15]
+    lengths = np.arange(100, 100 + 10 * len(lines), 10)
+    seen = []
+    for rank in range(2):
+        sampler = PairSampler(chosen, rejected, lengths, rank, 2, 2, seed=1, micro_batch_size=mbs,
+                              max_tokens=max_tokens)
+        sampler.set_epoch(1)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == sampler.steps_per_epoch() * 2
+        for b in batches:
+            assert len(b) % 2 == 0 and [lines[i] % 2 for i in b] == [1, 0] * (len(b) // 2)
+            assert all(b[i + 1] == b[i] + 1 for i in range(0, len(b), 2))
+            if max_tokens:
+                assert max(lengths[b]) * len(b) <= max_tokens
+            seen += b
+    assert sorted(seen) == sorted(chosen.tolist() + rejected.tolist()) and sampler.dropped() == 0
