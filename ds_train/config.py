@@ -127,6 +127,9 @@ class DataConfig:
             if self.eval_split is not None:
                 raise ConfigError("data.eval_split cannot split preference pairs: set data.eval_file (a manifest; "
                                   "the eval loss is the SFT loss on it)")
+            if self.format not in ("auto", "tts"):
+                raise ConfigError(f"data.pairs_file is a JSONL of TTS rows with chosen/rejected audio; "
+                                  f"data.format={self.format} does not apply to it (auto or tts)")
         elif self.train_files is not None:
             if self.train_file is not None:
                 raise ConfigError("set one of data.train_file (one manifest) and data.train_files (a list), not both")

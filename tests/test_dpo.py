@@ -54,6 +54,7 @@ def test_config_rules(tiny_model, tmp_path):
                            (["model.train_audio_mlp=true"], "model.train_audio_mlp"),
                            ([f"data.train_file={pairs}"], "unset data.train_file"),
                            (["data.eval_split=0.2"], "data.eval_split"),
+                           (["data.format=hf"], "data.format=hf"),
                            (["loss.dpo_beta=0"], "loss.dpo_beta"),
                            (["train.objective=sft"], "set both or neither")]:
         with pytest.raises(ConfigError, match=message):
