@@ -335,8 +335,9 @@ def _check_global_batch(path: Path, old_world: int, saved: dict, cfg: Config) ->
 
 
 # Settings whose change makes a resumed run differ from the uninterrupted one (data order, schedule, shapes).
-CONTINUATION_KEYS = ("data.train_file", "data.train_files", "data.eval_split", "data.max_tokens",
-                     "train.micro_batch_size", "train.grad_accum", "train.epochs", "train.max_steps", "train.seed",
+CONTINUATION_KEYS = ("data.train_file", "data.train_files", "data.pairs_file", "data.eval_split",
+                     "data.max_tokens", "train.objective", "train.micro_batch_size", "train.grad_accum",
+                     "train.epochs", "train.max_steps", "train.seed",
                      "optim", "lora", "model.path", "model.train_audio_mlp", "model.trainable", "train.mode", "loss")
 
 

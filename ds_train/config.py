@@ -86,6 +86,9 @@ class DataConfig:
     # Instead of train_file: several manifests, each a path or {path: ..., weight: ...}. A weight is a per-sample
     # rate per epoch (2: every sample twice; 0.5: a different seeded half each epoch); default 1.
     train_files: Optional[List[Any]] = None
+    # train.objective=dpo: instead of train_file, a JSONL of preference pairs (a TTS row with `chosen` and `rejected`
+    # audio instead of `audio`; ds_train.data.pairs)
+    pairs_file: Optional[str] = None
     eval_file: Optional[str] = None
     eval_split: Optional[float] = None  # without eval_file: hold out this fraction of the training samples (by speaker)
     # prepared cache; default .ds_train_cache/<manifest stem> next to each manifest (see cache.cache_dirs)
@@ -117,7 +120,17 @@ class DataConfig:
     encode_batch: int = 1
 
     def __post_init__(self):
-        if self.train_files is not None:
+        if self.pairs_file is not None:
+            if self.train_file is not None or self.train_files is not None:
+                raise ConfigError("data.pairs_file is the training data of train.objective=dpo: unset data.train_file "
+                                  "and data.train_files")
+            if self.eval_split is not None:
+                raise ConfigError("data.eval_split cannot split preference pairs: set data.eval_file (a manifest; "
+                                  "the eval loss is the SFT loss on it)")
+            if self.format not in ("auto", "tts"):
+                raise ConfigError(f"data.pairs_file is a JSONL of TTS rows with chosen/rejected audio; "
+                                  f"data.format={self.format} does not apply to it (auto or tts)")
+        elif self.train_files is not None:
             if self.train_file is not None:
                 raise ConfigError("set one of data.train_file (one manifest) and data.train_files (a list), not both")
             self.train_files = _train_files(self.train_files)
@@ -158,7 +171,12 @@ class DataConfig:
             raise ConfigError("data.persistent_workers / data.prefetch_factor need data.num_workers > 0")
 
     def manifests(self) -> list[tuple[str, float]]:
-        """(path, weight) of each training manifest: data.train_files, or data.train_file with weight 1."""
+        """(path, weight) of each training manifest: data.train_files, or data.train_file with weight 1 (with
+        data.pairs_file: the manifest its pairs expand into, ds_train.data.pairs)."""
+        if self.pairs_file is not None:
+            from ds_train.data.pairs import pairs_manifest  # data modules import this one
+
+            return [(str(pairs_manifest(self)), 1.0)]
         if self.train_files is None:
             return [(self.train_file, 1.0)]
         return [(f["path"], f["weight"]) for f in self.train_files]
@@ -223,13 +241,18 @@ class OptimConfig:
 class LossConfig:
     text_weight: float = 1.0
     audio_weight: float = 1.0
+    dpo_beta: float = 0.1  # train.objective=dpo: the strength of the pull away from the reference policy
+    dpo_sft_weight: float = 0.0  # train.objective=dpo: weight of the SFT loss of the chosen clips added to DPO's
 
     def __post_init__(self):
+        _positive("loss.dpo_beta", self.dpo_beta)
+        _at_least("loss.dpo_sft_weight", self.dpo_sft_weight, 0)
         if self.text_weight < 0 or self.audio_weight < 0 or self.text_weight + self.audio_weight == 0:
             raise ConfigError("loss.text_weight and loss.audio_weight must be >= 0 and not both 0")
 
 
 TRAIN_MODES = ("lora", "full", "qlora")
+OBJECTIVES = ("sft", "dpo")
 
 
 @dataclass
@@ -238,6 +261,8 @@ class TrainConfig:
     # lora: peft LoRA on a frozen base. full: the parameters model.trainable selects train fully (their fp32 masters
     # and Adam moments partitioned by ZeRO). qlora: LoRA on a 4-bit NF4 frozen base (bitsandbytes).
     mode: str = "lora"
+    # sft: teacher-forced loss on data.train_file(s). dpo: preference tuning on data.pairs_file (ds_train.dpo)
+    objective: str = "sft"
     deepspeed_config: str = "ds_configs/zero3.json"
     micro_batch_size: int = 1
     grad_accum: int = 1
@@ -255,6 +280,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _choice("train.mode", self.mode, TRAIN_MODES)
+        _choice("train.objective", self.objective, OBJECTIVES)
         _positive("train.micro_batch_size", self.micro_batch_size)
         _positive("train.grad_accum", self.grad_accum)
         _positive("train.log_every", self.log_every)
@@ -367,6 +393,7 @@ class Config:
 
     def __post_init__(self):
         self._check_mode()
+        self._check_objective()
         if self.train.eval_every > 0 and not self.data.has_eval():
             raise ConfigError("train.eval_every > 0 needs data.eval_file or data.eval_split")
         if self.train.eval_on_start and not self.data.has_eval():
@@ -401,6 +428,26 @@ class Config:
             raise ConfigError(
                 "model.train_audio_mlp trains audio_mlp fully, so lora.target_modules must not also target audio_mlp.*"
             )
+
+    def _check_objective(self) -> None:
+        """DPO's reference policy is the model with its LoRA adapter disabled (ds_train.dpo): what the adapter does not
+        hold cannot be switched off, so it must be the only thing that trains, and start from nothing."""
+        dpo, pairs = self.train.objective == "dpo", self.data.pairs_file is not None
+        if dpo != pairs:
+            raise ConfigError("train.objective=dpo trains on data.pairs_file (and only it does): set both or neither")
+        if not dpo:
+            return
+        if not self.uses_lora():
+            raise ConfigError(f"train.objective=dpo needs train.mode=lora or qlora, not {self.train.mode}: its "
+                              "reference policy is the base model with the adapter disabled; full fine-tuning would "
+                              "need a second copy of the model")
+        wrong = [k for k, v in (("lora.init_from", self.lora.init_from), ("lora.modules_to_save",
+                                                                         self.lora.modules_to_save),
+                                ("model.train_audio_mlp", self.model.train_audio_mlp)) if v]
+        if wrong:
+            raise ConfigError(f"train.objective=dpo does not support {', '.join(wrong)} yet: the reference policy is "
+                              "the model with the LoRA adapter disabled, which would not undo a starting adapter or "
+                              "fully trained modules (merge the starting adapter into model.path first)")
 
     def _check_best_metric(self) -> None:
         """checkpoint.best_metric must be a metric this run computes (the default, eval_loss, only when ranking)."""
@@ -455,7 +502,8 @@ def load_config(yaml_path: Optional[str] = None, overrides: Optional[List[str]] 
         except OmegaConfBaseException as e:
             raise ConfigError(f"{_first_line(e)} (command-line override {item!r})") from None
     missing = sorted(OmegaConf.missing_keys(merged))
-    if "data.train_file" in missing and merged.data.train_files is not None:  # the list replaces the one manifest
+    if "data.train_file" in missing and (merged.data.train_files is not None or merged.data.pairs_file is not None):
+        # the list (or the pairs file) replaces the one manifest
         missing.remove("data.train_file")
         merged.data.train_file = None
     if missing:

@@ -145,6 +145,9 @@ def console_line(r: dict, total: int, eta_s: Optional[float]) -> Optional[str]:
         parts = [f"step {r['step']}{of}", f"loss {r['loss']:.4f}"]
         if "text_loss" in r and "audio_loss" in r:
             parts[-1] += f" (text {r['text_loss']:.4f}, audio {r['audio_loss']:.4f})"
+        if "dpo_margin" in r:  # train.objective=dpo
+            parts[-1] += f" (dpo {r['dpo_loss']:.4f})"
+            parts.append(f"margin {r['dpo_margin']:.3f} | accuracy {r['dpo_accuracy']:.2f}")
         parts += [fmt.format(r[key]) for key, fmt in STEP_FIELDS if key in r]
         parts += [f"ETA {_duration(eta_s)}"] if eta_s is not None else []
         parts += ["update skipped (non-finite)"] if r.get("skipped") else []

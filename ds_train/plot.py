@@ -1,7 +1,8 @@
 """`ds-train plot OUTPUT_DIR`: OUTPUT_DIR/curves.png from OUTPUT_DIR/metrics.jsonl, for a person without a browser.
 
 Panels: train/eval loss; text vs audio loss; per-codebook audio loss; quality (eval top-1 accuracy, the generated
-samples' EOS fraction, length ratio, code match, WER/CER and speaker similarity); learning rate; tokens/s.
+samples' EOS fraction, length ratio, code match, WER/CER and speaker similarity); learning rate; tokens/s; and for a
+DPO run (train.objective=dpo) its rewards, margin and preference accuracy.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ def plot_curves(out_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     records = read_records(out_dir)
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    dpo = any("dpo_margin" in r for r in records)
+    fig, axes = plt.subplots(2, 4 if dpo else 3, figsize=(20 if dpo else 15, 8))
     panels = [
-        ("loss", [("loss", None, "train"), ("eval_loss", None, "eval")]),
+        ("loss", [("loss", None, "train"), ("eval_loss", None, "eval"), ("dpo_loss", None, "train DPO")]),
         ("text vs audio loss", [("text_loss", None, "text"), ("audio_loss", None, "audio"),
                                 ("eval_text_loss", None, "eval text"), ("eval_audio_loss", None, "eval audio")]),
         ("audio loss per codebook", [("codebook_losses", k, f"codebook {k}") for k in range(_codebooks(records))]),
@@ -54,6 +56,13 @@ def plot_curves(out_dir: Path) -> Path:
         ("learning rate", [("lr", None, "lr")]),
         ("throughput", [("tokens_per_s", None, "tokens/s")]),
     ]
+    if dpo:
+        panels.insert(3, ("preference (DPO)", [("dpo_chosen_reward", None, "chosen reward"),
+                                               ("dpo_rejected_reward", None, "rejected reward"),
+                                               ("dpo_margin", None, "margin"),
+                                               ("dpo_accuracy", None, "accuracy")]))
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     for ax, (title, lines) in zip(axes.flat, panels):
         drawn = 0
         for key, index, label in lines:

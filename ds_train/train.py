@@ -23,6 +23,7 @@ from ds_train.config import Config, to_yaml
 from ds_train.data.collate import Batch
 from ds_train.data.loader import Data, build_data
 from ds_train.data.sampler import MicroBatchSampler
+from ds_train.dpo import DpoReport, dpo_step
 from ds_train.early_stop import FRESH as EARLY_STOP_FRESH, EarlyStop
 from ds_train.ds_config import deepspeed_config, resolve_dtype
 from ds_train.errors import ConfigError
@@ -122,12 +123,13 @@ def train(cfg: Config) -> dict:
     progress = _progress(run.total_steps, state["step"])
     audio_samples = TrainingSamples(cfg, run.out, run.data.held_out)
     early = EarlyStop(cfg, state)
+    step_fn = preference_step if cfg.train.objective == "dpo" else train_step
     losses, stopped = [], None
     if run.data.eval is not None and cfg.train.eval_on_start and state["step"] == 0:
         logger.log({"step": 0, "epoch": 0, **evaluate(engine, run.data.eval, cfg).as_record("eval_")})
     while state["step"] < run.total_steps:
         t0 = time.perf_counter()
-        result = train_step(run, run.steps.next())
+        result = step_fn(run, run.steps.next())
         state["step"] += 1
         state["step_in_epoch"] += 1
         step, last_step = state["step"], state["step"] == run.total_steps
@@ -183,9 +185,14 @@ def train(cfg: Config) -> dict:
 
 @dataclass
 class StepResult:
-    loss: LossReport
+    loss: LossReport | DpoReport
     tokens: int  # text + audio positions processed on all ranks
     samples: int
+
+
+def preference_step(run: Run, batches: list[Batch]) -> StepResult:
+    """train.objective=dpo: one optimizer step of DPO over this rank's micro-batches of pairs (ds_train.dpo)."""
+    return StepResult(*dpo_step(run.engine, batches, run.cfg, run.state["step"] + 1))
 
 
 def train_step(run: Run, batches: list[Batch]) -> StepResult:

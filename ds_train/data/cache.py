@@ -577,6 +577,14 @@ class CachedDataset(Dataset):
         p = int(np.searchsorted(store.part_starts, n, side="right")) - 1
         return f"{store.part_names[p]}:{n - int(store.part_starts[p])}"
 
+    def record_numbers(self) -> np.ndarray:
+        """Each sample's record number in its manifest (a JSONL manifest's line), vectorised: no per-sample object."""
+        lines = np.empty(len(self), np.int64)
+        for p, store in enumerate(self.stores):
+            mine = self.part == p
+            lines[mine] = store.samples[self.row[mine], COL["line"]]
+        return lines
+
     def sources(self, indices: Optional[Sequence[int]] = None) -> list[str]:
         return [self.source(int(i)) for i in (range(len(self)) if indices is None else indices)]
 

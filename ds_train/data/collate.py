@@ -94,16 +94,18 @@ class Batch:
     num_samples: int
     num_tokens: int  # text + audio positions the model processes (padding excluded)
     counts: torch.Tensor  # (1 + K,) trained text and per-codebook audio positions (loss.trained_positions)
+    audio_owner: torch.Tensor  # (N_audio_out,) the sample each position of the audio-out stream belongs to
 
     def to(self, device) -> "Batch":
         moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
         return Batch(moved, self.label_audio_ids.to(device, non_blocking=True), self.num_samples, self.num_tokens,
-                     self.counts)
+                     self.counts, self.audio_owner.to(device, non_blocking=True))
 
     def pin_memory(self) -> "Batch":
         """Called by DataLoader(pin_memory=True): page-locked host tensors make the copies above asynchronous."""
         pinned = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in self.inputs.items()}
-        return Batch(pinned, self.label_audio_ids.pin_memory(), self.num_samples, self.num_tokens, self.counts)
+        return Batch(pinned, self.label_audio_ids.pin_memory(), self.num_samples, self.num_tokens, self.counts,
+                     self.audio_owner.pin_memory())
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "audio_features", "audio_feature_attention_mask", "audio_out_ids",
@@ -112,19 +114,47 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "audio_features", "audio_feature_
 
 
 class Collate:
-    """Picklable collate_fn for DataLoader workers."""
+    """Picklable collate_fn for DataLoader workers. With `pairs` (train.objective=dpo) the samples come as preference
+    pairs, chosen then rejected (ds_train.data.pairs): the text labels and the counts are the chosen samples' alone,
+    what the SFT term of ds_train.dpo trains; the audio labels stay whole, DPO scores both clips."""
 
-    def __init__(self, collator):
-        self.collator = collator
+    def __init__(self, collator, pairs: bool = False):
+        self.collator, self.pairs = collator, pairs
 
     def __call__(self, samples) -> Batch:
         b = self.collator(samples)
+        c = self.collator
         inputs = {k: getattr(b, k) for k in MODEL_INPUTS}
         n_out = len(b.audio_out_ids_start) if b.audio_out_ids_start is not None else 0
         audio_len = b.audio_out_ids.shape[1] if b.audio_out_ids is not None and b.audio_out_ids.numel() else 0
         num_tokens = int(b.attention_mask.sum()) - n_out + audio_len
         labels_audio = b.label_audio_ids if b.label_audio_ids is not None else torch.zeros(0, 0, dtype=torch.long)
-        c = self.collator
-        counts = trained_positions(b.input_ids, b.label_ids, labels_audio,
+        owner = audio_owner(b.input_ids, b.audio_out_ids_start, audio_len, c.audio_out_token_id)
+        counted = labels_audio
+        if self.pairs:
+            b.label_ids[1::2] = IGNORE  # the forward's expanded_labels: the chosen rows' text alone
+            counted = chosen_only(labels_audio, owner)
+        counts = trained_positions(b.input_ids, b.label_ids, counted,
                                    (c.audio_in_token_id, c.audio_out_token_id), c.audio_num_codebooks)
-        return Batch(inputs, labels_audio, len(samples), num_tokens, counts)
+        return Batch(inputs, labels_audio, len(samples), num_tokens, counts, owner)
+
+
+def audio_owner(input_ids: torch.Tensor, starts, audio_len: int, audio_out_id: int) -> torch.Tensor:
+    """(audio_len,) the batch row of each position of the collated audio-out stream. The collator lays the audio-out
+    segments end to end in row order, one per <|AUDIO_OUT|> token of the row (its audio_out_ids_start_group_loc has
+    one entry per sample, not per segment, so it cannot say)."""
+    per_row = (input_ids == audio_out_id).sum(dim=1)
+    if not audio_len:
+        return torch.zeros(0, dtype=torch.long)
+    segment_row = torch.repeat_interleave(torch.arange(len(per_row)), per_row)
+    bounds = torch.cat([starts.to(torch.long), torch.tensor([audio_len])])
+    if len(segment_row) != len(starts):
+        raise RuntimeError(f"{len(starts)} audio-out segments for {len(segment_row)} <|AUDIO_OUT|> tokens")
+    return torch.repeat_interleave(segment_row, bounds.diff())
+
+
+def chosen_only(label_audio_ids: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """The audio labels of the chosen samples of a batch of pairs (even rows); the rejected ones' are IGNORE."""
+    if not label_audio_ids.numel():
+        return label_audio_ids
+    return label_audio_ids.masked_fill((owner % 2 == 1).to(label_audio_ids.device)[None], IGNORE)

@@ -15,6 +15,7 @@ from ds_train import dist
 from ds_train.config import Config
 from ds_train.data.cache import CachedDataset
 from ds_train.data.collate import Batch, Collate, make_collator
+from ds_train.data.pairs import PairSampler, pair_indices
 from ds_train.data.prepare import prepare_all, write_report
 from ds_train.data.sampler import MicroBatchSampler, per_epoch
 from ds_train.data.split import split_eval
@@ -74,7 +75,8 @@ def build_data(cfg: Config, model_config, text_tokenizer, out: Path) -> Data:
         write_report(out, prepared, mix)
     train_set = CachedDataset.concat(parts) if len(parts) > 1 else parts[0]
     collator = make_collator(model_config, cfg.model.whisper_processor_path)
-    loader, sampler = build_loader(train_set, collator, cfg, rank, world,
+    pairs = pair_sampler(train_set, cfg, rank, world) if cfg.data.pairs_file else None
+    loader, sampler = build_loader(train_set, collator, cfg, rank, world, sampler=pairs,
                                    mix=[(r["samples"], r["weight"]) for r in mix])
     eval_data = None
     if eval_set is not None:
@@ -127,6 +129,18 @@ def fit_max_tokens(dataset: CachedDataset, cfg: Config, manifest: str) -> int:
     return len(long)
 
 
+def pair_sampler(dataset: CachedDataset, cfg: Config, rank: int, world: int) -> PairSampler:
+    """The training plan of a prepared pairs manifest (data.pairs_file): pairs, never split. A pair that lost a
+    clip (skipped as bad, or longer than data.max_tokens) is left out and counted."""
+    chosen, rejected, orphans = pair_indices(dataset.record_numbers())
+    if orphans:
+        dist.print0(f"data: {orphans} sample(s) of {cfg.data.pairs_file} left out: their pair lost its other clip")
+    if not len(chosen):
+        raise DataError([{"source": cfg.data.pairs_file, "reason": "no complete pair"}], cfg.data.pairs_file)
+    return PairSampler(chosen, rejected, dataset.lengths, rank, world, cfg.train.grad_accum, cfg.train.seed,
+                       micro_batch_size=cfg.train.micro_batch_size, max_tokens=token_budget(cfg))
+
+
 def token_budget(cfg: Config) -> int:
     """data.max_tokens as a number: `auto` is resolved at start by train and bench-train (plan.resolve_max_tokens),
     which know the device; a command that reads it unresolved needs a number."""
@@ -156,7 +170,8 @@ def build_loader(dataset: CachedDataset, collator, cfg, rank: int, world: int,
         kwargs = {"persistent_workers": d.persistent_workers, "prefetch_factor": d.prefetch_factor}
     # Its own generator: otherwise each iter(loader) draws a seed from the global RNG, and a resumed run (which
     # starts an iterator mid-epoch) would draw at a different point than an uninterrupted one.
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=Collate(collator), num_workers=d.num_workers,
+    collate = Collate(collator, pairs=isinstance(sampler, PairSampler))
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
                         pin_memory=d.pin_memory and torch.cuda.is_available(),
                         generator=torch.Generator().manual_seed(cfg.train.seed), **kwargs)
     return loader, sampler

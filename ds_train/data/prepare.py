@@ -37,6 +37,7 @@ from ds_train.data.cache import (DigestMemo, assemble_shard, cache_dirs, claim_c
                                  fingerprint, lock_path, read_pieces, stored_bad, write_index, write_piece)
 from ds_train.data.encoder import CLIP_MEMO, ClipCodes, encode_clip  # noqa: F401 (encode_clip: part of this API)
 from ds_train.data.manifest import Record, audio_contents, read_manifest, tokenize
+from ds_train.data.pairs import write_pairs_manifest
 from ds_train.data.plausibility import plausibility_warnings
 from ds_train.data.validate import check_record, clip_problem
 from ds_train.errors import DataError
@@ -167,7 +168,10 @@ def _from_index(cfg: Config, cache: Path, manifest: str, index: dict, t0: float)
 
 def prepare_all(cfg: Config, text_tokenizer) -> list[PrepareResult]:
     """Each training manifest's cache (data.train_file, or each of data.train_files in order), then the eval
-    manifest's (when there is one), where cache_dirs() puts them."""
+    manifest's (when there is one), where cache_dirs() puts them. data.pairs_file is expanded into its manifest
+    first (ds_train.data.pairs)."""
+    if cfg.data.pairs_file:
+        write_pairs_manifest(cfg)
     train_caches, eval_cache = cache_dirs(cfg)
     results = [prepare(cfg, manifest, text_tokenizer, cache)
                for (manifest, _), cache in zip(cfg.data.manifests(), train_caches)]

@@ -1,0 +1,255 @@
+"""ds_train/dpo.py and ds_train/data/pairs.py: the DPO loss against a brute-force computation in fp64 on the tiny
+model, the pairs file's checks, and a 2-rank DeepSpeed run that learns an oracle preference and gives the losses of
+a 1-rank run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_train.config import load_config
+from ds_train.errors import ConfigError, DataError
+from conftest import base_config, launch, loss_records, write_config
+
+IGNORE = -100
+BETA = 0.5
+
+
+def write_pairs(demo_data: Path, out: Path, shift: int = 1, prompts=range(8)) -> Path:
+    """A pairs file over the demo's prompts (rows `prompts` of its 8, in that order): chosen is each prompt's own
+    clip (A), rejected the clip of the prompt `shift` rows on (B); absolute audio paths except a relative chosen path
+    for row 0 (resolved against the pairs file)."""
+    rows = [json.loads(line) for line in (demo_data / "train.jsonl").read_text().splitlines()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (out.parent / "audio").symlink_to(demo_data / "audio")
+    pairs = []
+    for i in prompts:
+        row = rows[i]
+        prompt = {k: (str(demo_data / v) if k == "ref_audio" else v) for k, v in row.items() if k != "audio"}
+        chosen = row["audio"] if i == 0 else str(demo_data / row["audio"])
+        pairs.append({**prompt, "chosen": chosen, "rejected": str(demo_data / rows[(i + shift) % len(rows)]["audio"])})
+    out.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return out
+
+
+def dpo_overrides(model_dir: Path, pairs: Path, out: Path) -> list[str]:
+    return [f"model.path={model_dir}", f"model.audio_tokenizer_path={model_dir}/audio_tokenizer",
+            f"data.pairs_file={pairs}", "train.objective=dpo", f"train.output_dir={out}", f"loss.dpo_beta={BETA}"]
+
+
+def test_config_rules(tiny_model, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    base = dpo_overrides(tiny_model, pairs, tmp_path / "out")
+    cfg = load_config(None, base)
+    assert cfg.train.objective == "dpo" and cfg.data.train_file is None
+    assert cfg.data.manifests() == [(str(tmp_path / ".ds_train_cache" / "pairs.pairs.jsonl"), 1.0)]
+    assert load_config(None, base[:2] + [f"data.train_file={pairs}", f"train.output_dir={tmp_path}"]) \
+        .train.objective == "sft"
+    for extra, message in [(["train.mode=full"], "train.mode=lora or qlora"),
+                           ([f"lora.init_from={tmp_path}"], "lora.init_from"),
+                           (["model.train_audio_mlp=true"], "model.train_audio_mlp"),
+                           ([f"data.train_file={pairs}"], "unset data.train_file"),
+                           (["data.eval_split=0.2"], "data.eval_split"),
+                           (["data.format=hf"], "data.format=hf"),
+                           (["loss.dpo_beta=0"], "loss.dpo_beta"),
+                           (["train.objective=sft"], "set both or neither")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, base + extra)
+
+
+def test_bad_pair_names_its_line(tiny_model, demo_data, tmp_path):
+    from ds_train.data.pairs import write_pairs_manifest
+
+    pairs = write_pairs(demo_data, tmp_path / "p" / "pairs.jsonl")
+    lines = pairs.read_text().splitlines()
+    good = json.loads(lines[1])
+    lines[1] = json.dumps({**good, "rejected": good["chosen"]})
+    lines[3] = json.dumps({k: v for k, v in good.items() if k != "rejected"})
+    lines[4] = "{not json"
+    pairs.write_text("\n".join(lines) + "\n")
+    cfg = load_config(None, dpo_overrides(tiny_model, pairs, tmp_path / "out"))
+    with pytest.raises(DataError) as e:
+        write_pairs_manifest(cfg)
+    assert [b["source"] for b in e.value.bad] == ["pairs.jsonl:2", "pairs.jsonl:4", "pairs.jsonl:5"]
+    assert "same clip" in e.value.bad[0]["reason"] and "'rejected'" in e.value.bad[1]["reason"]
+    cfg = load_config(None, dpo_overrides(tiny_model, pairs, tmp_path / "out") + ["data.skip_bad=true"])
+    rows = [json.loads(line) for line in write_pairs_manifest(cfg).read_text().splitlines()]
+    assert [(r["pair"], r["role"]) for r in rows[:4]] == [("pairs.jsonl:1", "chosen"), ("pairs.jsonl:1", "rejected"),
+                                                          ("pairs.jsonl:3", "chosen"), ("pairs.jsonl:3", "rejected")]
+    assert rows[0]["audio"] == str(tmp_path / "p" / "audio" / "utt_0000.wav")  # relative: from the pairs file's dir
+
+
+def _sample_logp_brute(model, collate, sample) -> float:
+    """log p(target audio | prompt) of one sample in its own forward: every audio-out segment on its own, position
+    by position, label j + 1 scored by the logits at j, in fp64 (Boson's forward rounds audio logits to fp32)."""
+    batch = collate([sample])
+    with torch.no_grad():
+        out = model(**batch.inputs)
+    starts = batch.inputs["audio_out_ids_start"].tolist()
+    ends = starts[1:] + [batch.label_audio_ids.shape[1]]
+    total = 0.0
+    for start, end in zip(starts, ends):
+        for j in range(start, end - 1):
+            for k in range(batch.label_audio_ids.shape[0]):
+                target = int(batch.label_audio_ids[k, j + 1])
+                if target != IGNORE:
+                    total += torch.log_softmax(out.audio_logits[j, k].double(), -1)[target].item()
+    return total
+
+
+def test_dpo_loss_matches_brute_force(tiny_model, demo_data, tmp_path):
+    """The batched DPO terms of two pairs (one micro-batch, padded, chosen/rejected interleaved) equal the formula
+    evaluated on separate forwards of each clip, with the policy (LoRA, random non-zero B) and the reference (a
+    freshly loaded base model, no LoRA); the reference log-probs of the adapter-disabled policy equal the base's."""
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    from ds_train.data.cache import CachedDataset, cache_dirs
+    from ds_train.data.collate import Collate, make_collator
+    from ds_train.data.pairs import pair_indices
+    from ds_train.data.prepare import prepare_all
+    from ds_train.dpo import pair_terms, reference_logps, sample_logps
+    from ds_train.loss import loss_sums
+    from ds_train.model import apply_lora
+    from ds_train.preflight import load_model_config, load_text_tokenizer
+
+    pairs = write_pairs(demo_data, tmp_path / "p" / "pairs.jsonl", shift=3, prompts=range(3))
+    cfg = load_config(None, dpo_overrides(tiny_model, pairs, tmp_path / "out"))
+    mc = load_model_config(str(tiny_model))
+    prepare_all(cfg, load_text_tokenizer(cfg, mc))
+    ds = CachedDataset(cache_dirs(cfg)[0][0], mc)
+    chosen, rejected, orphans = pair_indices(ds.record_numbers())
+    assert (len(chosen), orphans) == (3, 0) and ds.source(int(rejected[2])) == "pairs.pairs.jsonl:6"
+    indices = [int(i) for p in (1, 2) for i in (chosen[p], rejected[p])]
+    batch = Collate(make_collator(mc), pairs=True)([ds[i] for i in indices])  # fresh samples for every collate
+
+    torch.manual_seed(0)
+    policy_model = apply_lora(HiggsAudioModel.from_pretrained(str(tiny_model)), cfg).double().eval()
+    for name, p in policy_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    base = HiggsAudioModel.from_pretrained(str(tiny_model)).double().eval()
+
+    with torch.no_grad():
+        outputs = policy_model(**batch.inputs)
+        policy = sample_logps(outputs, batch)
+    reference = reference_logps(policy_model, batch)
+    terms = pair_terms(policy, reference, BETA)
+
+    plain = Collate(make_collator(mc))
+    brute_policy = [_sample_logp_brute(policy_model, plain, ds[i]) for i in indices]
+    brute_ref = [_sample_logp_brute(base, plain, ds[i]) for i in indices]
+    # fp32 cross-entropies (the logits' precision) summed in fp64: ~1e-5 absolute on sums of ~3000 terms
+    assert reference.tolist() == pytest.approx(brute_ref, rel=1e-7)
+    assert policy.tolist() == pytest.approx(brute_policy, rel=1e-7)
+    assert abs(policy[0] - reference[0]) > 0.1  # the adapter changes the model: the test can fail
+    for i in range(2):
+        c = BETA * (brute_policy[2 * i] - brute_ref[2 * i])
+        r = BETA * (brute_policy[2 * i + 1] - brute_ref[2 * i + 1])
+        assert terms.chosen_reward[i].item() == pytest.approx(c, abs=1e-4)
+        assert terms.rejected_reward[i].item() == pytest.approx(r, abs=1e-4)
+        assert terms.loss[i].item() == pytest.approx(-math.log(1 / (1 + math.exp(-(c - r)))), abs=1e-4)
+    # The SFT term's labels and counts are the chosen clips': those of a batch of the chosen samples alone.
+    from ds_train.data.collate import chosen_only
+
+    alone = plain([ds[indices[0]], ds[indices[2]]])
+    assert batch.counts.tolist() == alone.counts.tolist()
+    assert loss_sums(outputs, chosen_only(batch.label_audio_ids, batch.audio_owner)).counts.tolist() == \
+        alone.counts.tolist()
+
+
+def _dpo_run(tiny_model, demo_data, pairs: Path, root: Path, nprocs: int, accum: int, resume: str = "none") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / "run"
+    cfg = base_config(tiny_model, demo_data, out, train={"max_steps": STEPS, "epochs": 99, "objective": "dpo",
+                                                         "grad_accum": accum, "resume": resume},
+                      optim={"lr": LR, "warmup_steps": 0, "scheduler": "constant"},
+                      loss={"dpo_beta": BETA, "dpo_sft_weight": 0.1},
+                      checkpoint={"every_steps": 3, "keep_last": 5})
+    cfg["data"] = {"pairs_file": str(pairs), "eval_file": str(demo_data / "eval.jsonl")}
+    proc = launch(["train", str(write_config(root / "run.yaml", cfg))], nprocs=nprocs)
+    assert resume == "none" or f"resumed from {out / 'checkpoints' / 'step-000003'} at step 3" in proc.stdout
+    return out
+
+
+STEPS, LR = 8, 0.005
+
+
+@pytest.mark.slow
+def test_dpo_learns_the_oracle_preference_the_same_on_1_and_2_ranks(tiny_model, demo_data, tmp_path):
+    """Chosen = each prompt's own clip, rejected = another prompt's: DPO must come to prefer the chosen one (accuracy
+    1, a growing margin: log p(A) - log p(B) grows by margin / beta, the reference being fixed), the eval loss keeps
+    being logged, 1 rank x 2 accumulation steps gives the losses of 2 ranks, and a run resumed from step 3 (the
+    middle of epoch 2: 2 steps per epoch) gives the uninterrupted run's losses and adapter."""
+    from conftest import assert_same_adapter
+    from test_checkpoint import rewind
+
+    # Two prompts, each pair twice (2 pairs a step): a preference the tiny model can learn in a few steps (its
+    # clips are memorisable, not generalisable: different prompts at every step teach it nothing in 8 steps).
+    pairs = write_pairs(demo_data, tmp_path / "data" / "pairs.jsonl", prompts=[0, 2, 0, 2])
+    two = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "two", nprocs=2, accum=1)
+    one = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "one", nprocs=1, accum=2)  # the cache is current
+    rewind(two, tmp_path / "resumed" / "run", 3)
+    resumed = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "resumed", nprocs=2, accum=1, resume="auto")
+    records = loss_records(two)
+    assert sorted(records) == list(range(1, STEPS + 1))
+    first, last = records[1], records[STEPS]
+    assert first["dpo_margin"] == pytest.approx(0.0, abs=1e-6)  # LoRA starts as the identity: policy = reference
+    assert first["dpo_loss"] == pytest.approx(math.log(2), rel=1e-5)
+    assert last["dpo_accuracy"] == 1.0 and records[STEPS - 1]["dpo_accuracy"] == 1.0
+    assert last["dpo_margin"] > 1.0 and last["dpo_margin"] > records[STEPS // 2]["dpo_margin"] > 0
+    assert last["dpo_margin"] == pytest.approx(last["dpo_chosen_reward"] - last["dpo_rejected_reward"])
+    assert last["loss"] == pytest.approx(last["dpo_loss"] + 0.1 * last["sft_loss"], rel=1e-6)
+    assert any("eval_loss" in r for r in json.loads("[" + ",".join(
+        (two / "metrics.jsonl").read_text().splitlines()) + "]"))
+    assert (two / "adapter" / "adapter_config.json").is_file() and (two / "curves.png").is_file()
+    ones, again = loss_records(one), loss_records(resumed)
+    assert sorted(again) == sorted(records)
+    for step in records:
+        for key in ("loss", "dpo_loss", "dpo_margin", "dpo_accuracy", "sft_loss"):
+            assert ones[step][key] == pytest.approx(records[step][key], rel=1e-5, abs=1e-7), (step, key)
+            assert again[step][key] == pytest.approx(records[step][key], rel=1e-5, abs=1e-7), (step, key)
+    assert_same_adapter(resumed / "adapter", two / "adapter")
+
+
+def test_report_record_and_console_line():
+    from ds_train.dpo import DpoReport
+    from ds_train.loss import report
+    from ds_train.metrics import console_line
+
+    sft = report([6.0, 8.0, 4.0], [3, 2, 2], 1.0, 1.0)  # text 2, codebooks 4 and 2: audio 3, loss 5
+    record = {"step": 3, **DpoReport(0.9, 0.4, 1.5, -0.5, 0.75, sft).as_record()}
+    assert record["dpo_margin"] == 2.0 and record["sft_loss"] == 5.0 and record["sft_codebook_losses"] == [4.0, 2.0]
+    assert console_line(record, 10, None) == "step 3/10 | loss 0.9000 (dpo 0.4000) | margin 2.000 | accuracy 0.75"
+    assert "sft_loss" not in DpoReport(0.4, 0.4, 1.5, -0.5, 0.75, None).as_record()
+
+
+@pytest.mark.parametrize("mbs,max_tokens", [(2, 0), (1, 900)])
+def test_pair_sampler_keeps_pairs_together(mbs, max_tokens):
+    """Every rank's micro-batches hold whole pairs, chosen then rejected; over the ranks an epoch covers every complete
+    pair once, and samples whose partner is missing (record 5's pair lost line 6) never."""
+    import numpy as np
+
+    from ds_train.data.pairs import PairSampler, pair_indices
+
+    lines = np.array([1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18])  # record 6 was skipped as bad
+    chosen, rejected, orphans = pair_indices(lines)
+    assert orphans == 1 and chosen.tolist() == [0, 2, 5, 7, 9, 11, 13, 15]
+    lengths = np.arange(100, 100 + 10 * len(lines), 10)
+    seen = []
+    for rank in range(2):
+        sampler = PairSampler(chosen, rejected, lengths, rank, 2, 2, seed=1, micro_batch_size=mbs,
+                              max_tokens=max_tokens)
+        sampler.set_epoch(1)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == sampler.steps_per_epoch() * 2
+        for b in batches:
+            assert len(b) % 2 == 0 and [lines[i] % 2 for i in b] == [1, 0] * (len(b) // 2)
+            assert all(b[i + 1] == b[i] + 1 for i in range(0, len(b), 2))
+            if max_tokens:
+                assert max(lengths[b]) * len(b) <= max_tokens
+            seen += b
+    assert sorted(seen) == sorted(chosen.tolist() + rejected.tolist()) and sampler.dropped() == 0
