@@ -4,6 +4,7 @@
 #   ./run.sh test [pytest args]   the whole test suite
 #   ./run.sh train CONFIG.yaml [key=value ...] [--hostfile FILE] [--master_port N]
 #   ./run.sh prepare CONFIG.yaml [key=value ...] [--hostfile FILE]
+#   ./run.sh make-pairs CONFIG.yaml --prompts JSONL --candidates K --out DIR   (DPO pairs; all local devices)
 #   ./run.sh bench-train CONFIG.yaml [key=value ...] [--synthetic 512] [--baseline hf]   (all local devices)
 #   ./run.sh <any other ds-train subcommand> ...   (consolidate, merge, make-tiny, bench-data, ...)
 #
@@ -254,7 +255,7 @@ case "$cmd" in
   test)
     export PATH="$VENV/bin:$PATH"
     exec "$PY" -m pytest "$@" ;;
-  train|prepare|bench-train)
+  train|prepare|bench-train|make-pairs)
     for a in "$@"; do  # help needs no ranks
       if [[ "$a" == "-h" || "$a" == "--help" ]]; then exec "$VENV/bin/ds-train" "$cmd" --help; fi
     done

@@ -26,6 +26,9 @@ USAGE = """ds-train <command> ...
                                              adapter -> drop-in HiggsAudioModel dir, one shard in memory
   generate MODEL_DIR [--adapter DIR] (--text TEXT [--ref-audio WAV --ref-text TEXT] | --prompts JSONL) --out DIR
                                              speak with base + adapter (or a merged dir): WAV + JSON per prompt
+  make-pairs CONFIG.yaml --prompts JSONL --candidates K --out DIR [--min-margin M] [key=value ...]
+              [--temperature T --top-p P --top-k K --max-new-frames N] [--w-wer --w-cer --w-sim --w-eos --w-length W]
+                                             DPO pairs: K sampled clips per prompt (all ranks), ranked by the judges
   plot OUTPUT_DIR                            OUTPUT_DIR/curves.png from its metrics.jsonl (losses, quality, lr, tokens/s)
   make-tiny OUT_DIR                          tiny real-format Higgs Audio checkpoint (tests, demo)
   make-demo-data OUT_DIR [--n N] [--voice held]   small synthetic voice-cloning data set (TTS manifest)
@@ -202,6 +205,55 @@ def cmd_generate(words):
         print(json.dumps(info))
 
 
+MAKE_PAIRS_FLAGS = {"--prompts": str, "--candidates": int, "--out": str, "--min-margin": float, "--temperature": float,
+                    "--top-p": float, "--top-k": int, "--max-new-frames": int, "--w-wer": float, "--w-cer": float,
+                    "--w-sim": float, "--w-eos": float, "--w-length": float}
+
+
+MAKE_PAIRS_HELP = """ds-train make-pairs CONFIG.yaml --prompts JSONL --candidates K --out DIR [--min-margin M] [key=value ...]
+
+Run it through the launcher (`./run.sh make-pairs ...`: every local GPU) or alone. The model is the config's
+(model.path, plus lora.init_from when set); the judges are eval.asr_model and eval.speaker_model.
+  --prompts JSONL        text, optional ref_audio + ref_text, optional out (as `ds-train generate --prompts`)
+  --candidates K         sampled clips per prompt (>= 2); seeds from train.seed, the prompt and the candidate index
+  --out DIR              DIR/candidates/<prompt>/<k>.wav + .json, DIR/pairs.jsonl, DIR/make_pairs_report.json
+  --min-margin M         keep a pair when best - worst score >= M (default 0.05)
+  --temperature T --top-p P --top-k K   sampling (defaults 0.7, 0.95, none)
+  --max-new-frames N     length cap per clip (default eval.samples_max_frames)
+  --w-wer --w-cer --w-sim --w-eos --w-length W   weights of the combined score (default 1 each; README)
+"""
+
+
+def cmd_make_pairs(words):
+    from ds_train.generate import Sampling
+    from ds_train.make_pairs import DEFAULT_MIN_MARGIN, Options, Weights, make_pairs
+
+    if {"-h", "--help"} & set(words):
+        print(MAKE_PAIRS_HELP, end="")
+        return
+    words, f = _split_flags(words, MAKE_PAIRS_FLAGS)
+    missing = [flag for flag in ("--prompts", "--candidates", "--out") if flag.lstrip("-") not in f]
+    if missing:
+        raise ConfigError(f"make-pairs needs {', '.join(missing)}")
+    yaml_path, dotlist = translate_args(words)
+    # The judges' keys (eval.asr_model, eval.speaker_model) are only valid with eval.samples: here the prompts are
+    # what they judge. The user's own eval.samples override still comes later and wins.
+    cfg = load_config(yaml_path, [f"eval.samples={f['prompts']}", *dotlist])
+    try:
+        sampling = Sampling(f.get("temperature", Sampling.temperature), f.get("top_k", Sampling.top_k),
+                            f.get("top_p", Sampling.top_p), 0, f.get("max_new_frames", cfg.eval.samples_max_frames))
+    except ValueError as e:
+        raise ConfigError(f"make-pairs: {e}") from None
+    weights = Weights(**{k[2:]: v for k, v in f.items() if k.startswith("w_")})
+    report = make_pairs(cfg, Options(f["prompts"], f["candidates"], f["out"], f.get("min_margin", DEFAULT_MIN_MARGIN),
+                                     sampling, weights))
+    if report is not None:
+        print(f"{report['pairs']} pair(s) of {report['prompts']} prompt(s) in {f['out']}/pairs.jsonl "
+              f"({report['ties']} tied, {report['below_margin']} below --min-margin {report['min_margin']}; "
+              f"judges {report['judge_seconds_per_prompt']:.2f}s per prompt)")
+        print(json.dumps(report))
+
+
 def cmd_plot(words):
     p = argparse.ArgumentParser(prog="ds-train plot")
     p.add_argument("output_dir")
@@ -325,7 +377,7 @@ def cmd_show_config(words):
 COMMANDS = {
     "train": cmd_train, "prepare": cmd_prepare, "consolidate": cmd_consolidate, "merge": cmd_merge,
     "make-tiny": cmd_make_tiny, "make-demo-data": cmd_make_demo_data, "make-arch": cmd_make_arch, "bench-data": cmd_bench_data,
-    "generate": cmd_generate, "plot": cmd_plot,
+    "generate": cmd_generate, "make-pairs": cmd_make_pairs, "plot": cmd_plot,
     "bench-train": cmd_bench_train, "plan": cmd_plan,
     "show-config": cmd_show_config,
 }
