@@ -26,6 +26,8 @@ candidates all score the same is counted as a tie, not paired.
 Output (the pairs file format is owned by ds_train.data.pairs, which reads it as data.pairs_file):
   DIR/pairs.jsonl               the prompt's fields (text, ref_audio, ref_text) + chosen, rejected (paths relative
                                 to DIR) + chosen_score, rejected_score, margin, chosen_seed, rejected_seed, prompt
+  DIR/candidates/<prompt>/scores.json   each candidate's score and its terms (transcript, wer, cer, speaker_sim,
+                                stopped_by, seconds, expected_seconds)
   DIR/make_pairs_report.json    counts (prompts, candidates, per rank, pairs kept, ties, below margin), weights,
                                 sampling, and the time generation and the judges took
 """
@@ -49,6 +51,7 @@ from ds_train.generate import Prompt, Sampling, read_prompts
 CANDIDATES_DIR = "candidates"
 PAIRS_FILE = "pairs.jsonl"
 REPORT_FILE = "make_pairs_report.json"
+SCORES_FILE = "scores.json"
 CHARS_PER_SECOND = 15.0  # speaking rate assumed when a prompt has no reference clip (English read speech: ~12-16)
 MIN_LENGTH_RATIO = 0.01  # a zero-frame clip: |ln 0.01| = 4.6, not infinity
 TIE = 1e-9  # scores closer than this are equal
@@ -114,10 +117,14 @@ def make_pairs(cfg: Config, opts: Options) -> Optional[dict]:
     dist.leave_peers()  # the judges run on rank 0 alone: the others are done
     if not dist.is_main():
         return None
+    from ds_train.quality import Judges
+
     clips = {(c["prompt_index"], c["candidate"]): c for r in everyone for c in r["clips"]}
     t1 = time.perf_counter()
-    pairs, counts = rank_candidates(cfg, opts, prompts, rows, clips, out)
-    judge_s = time.perf_counter() - t1
+    judges = Judges(cfg.eval.asr_model, cfg.eval.speaker_model, str(dist.device()))
+    t2 = time.perf_counter()
+    pairs, counts = rank_candidates(judges, opts, prompts, rows, clips, out)
+    judge_s = time.perf_counter() - t2
     (out / PAIRS_FILE).write_text("".join(json.dumps(p) + "\n" for p in pairs))
     report = {
         "prompts": len(prompts), "candidates_per_prompt": opts.candidates, "candidates": len(clips),
@@ -126,7 +133,8 @@ def make_pairs(cfg: Config, opts: Options) -> Optional[dict]:
         "sampling": {k: v for k, v in asdict(opts.sampling).items() if k != "seed"}, "seed": cfg.train.seed,
         "judges": {"asr_model": cfg.eval.asr_model, "speaker_model": cfg.eval.speaker_model},
         "generate_seconds_per_rank": {str(r["rank"]): round(r["seconds"], 3) for r in everyone},
-        "judge_seconds": round(judge_s, 3), "judge_seconds_per_prompt": round(judge_s / len(prompts), 3),
+        "judge_load_seconds": round(t2 - t1, 3), "judge_seconds": round(judge_s, 3),
+        "judge_seconds_per_prompt": round(judge_s / len(prompts), 3),
     }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     return report
@@ -155,14 +163,12 @@ def generate_share(cfg: Config, opts: Options, prompts: list[Prompt], out: Path)
     return done
 
 
-def rank_candidates(cfg: Config, opts: Options, prompts: list[Prompt], rows: list[dict], clips: dict,
+def rank_candidates(judges, opts: Options, prompts: list[Prompt], rows: list[dict], clips: dict,
                     out: Path) -> tuple[list[dict], dict]:
-    """(pairs records, counts): every prompt's candidates scored, best vs worst."""
+    """(pairs records, counts): every prompt's candidates read back, scored by `judges` (ds_train.quality.Judges) and
+    the clip's facts, best vs worst."""
     import soundfile as sf
 
-    from ds_train.quality import Judges
-
-    judges = Judges(cfg.eval.asr_model, cfg.eval.speaker_model, str(dist.device()))
     w = opts.weights
     pairs, ties, below = [], 0, 0
     for i, (prompt, row) in enumerate(zip(prompts, rows)):
@@ -175,6 +181,10 @@ def rank_candidates(cfg: Config, opts: Options, prompts: list[Prompt], rows: lis
             _, (judged,) = judges.score([(prompt.text, prompt.ref_audio, wav, rate)])
             scored.append((score(judged, clip, expected, w, judges.speaker is not None and bool(prompt.ref_audio)),
                            k, wav_path, judged))
+        (out / CANDIDATES_DIR / prompt.name / SCORES_FILE).write_text(json.dumps(
+            [{"candidate": k, "score": total, **judged, "stopped_by": clips[(i, k)]["stopped_by"],
+              "seconds": clips[(i, k)]["seconds"], "expected_seconds": expected} for total, k, _, judged in scored],
+            indent=1) + "\n")
         best = max(scored, key=lambda s: (s[0], -s[1]))
         worst = min(scored, key=lambda s: (s[0], s[1]))
         margin = best[0] - worst[0]

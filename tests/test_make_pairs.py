@@ -57,7 +57,7 @@ def test_make_pairs_on_two_ranks_writes_pairs_that_dpo_reads_and_one_rank_repeat
     assert report["candidates_per_rank"] == {"0": 5, "1": 4}
     assert report["pairs"] + report["ties"] + report["below_margin"] == n_prompts
     assert report["pairs"] >= 1, report
-    assert report["judge_seconds_per_prompt"] > 0
+    assert report["judge_seconds_per_prompt"] > 0 and report["judge_load_seconds"] > 0
 
     ranks = set()
     for name in ("000", "001", "plain"):
@@ -67,6 +67,9 @@ def test_make_pairs_on_two_ranks_writes_pairs_that_dpo_reads_and_one_rank_repeat
             assert info["candidate"] == k and isinstance(info["seed"], int)
             ranks.add(info["rank"])
     assert ranks == {0, 1}
+    scores = json.loads((two / "candidates" / "000" / "scores.json").read_text())
+    assert [s["candidate"] for s in scores] == list(range(CANDIDATES))
+    assert all({"transcript", "wer", "cer", "speaker_sim", "stopped_by"} <= set(s) for s in scores)
     # The prompt without a reference has no speaker term, and the ASR judge hears the same in every clip: its
     # candidates differ only by EOS and length, so clips equal in both tie and make no pair.
     plain = [json.loads((two / "candidates" / "plain" / f"{k}.json").read_text()) for k in range(CANDIDATES)]
