@@ -177,6 +177,10 @@ def rank_candidates(judges, opts: Options, prompts: list[Prompt], rows: list[dic
         for k in range(opts.candidates):
             clip = clips[(i, k)]
             wav_path = out / CANDIDATES_DIR / prompt.name / f"{k}.wav"
+            if not wav_path.is_file():  # rank 0 reads every rank's clips back
+                raise FileNotFoundError(f"{wav_path} (candidate {k} of prompt {prompt.name}, written by rank "
+                                        f"{clip['rank']}) is not visible on rank 0: on several nodes --out must be on "
+                                        "a shared filesystem")
             wav, rate = sf.read(wav_path, dtype="float32")
             _, (judged,) = judges.score([(prompt.text, prompt.ref_audio, wav, rate)])
             scored.append((score(judged, clip, expected, w, judges.speaker is not None and bool(prompt.ref_audio)),
