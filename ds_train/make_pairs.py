@@ -79,8 +79,8 @@ class Options:
     candidates: int
     out: str
     min_margin: float = DEFAULT_MIN_MARGIN
-    sampling: Sampling = None  # its seed is replaced per candidate
-    weights: Weights = None
+    sampling: Optional[Sampling] = None  # default Sampling(); its seed is replaced per candidate
+    weights: Optional[Weights] = None  # default Weights()
 
     def __post_init__(self):
         if self.candidates < 2:
