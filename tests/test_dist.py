@@ -77,7 +77,7 @@ def launched_subcommands() -> list[str]:
 def test_the_launched_subcommands_are_cli_commands():
     from ds_train.cli import COMMANDS
 
-    assert sorted(launched_subcommands()) == ["bench-train", "prepare", "train"]
+    assert sorted(launched_subcommands()) == ["bench-train", "make-pairs", "prepare", "train"]
     assert set(launched_subcommands()) <= set(COMMANDS)
 
 
@@ -89,7 +89,11 @@ def test_every_launched_subcommand_binds_its_gpu_before_the_process_group(cmd, f
     from ds_train.cli import COMMANDS
 
     config = write_config(tmp_path / "c.yaml", base_config(tiny_model, demo_data, tmp_path / "out"))
-    words = [str(config)] + (["--synthetic", "64"] if cmd == "bench-train" else [])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"text": "hello there"}\n')
+    words = [str(config)] + {"bench-train": ["--synthetic", "64"],
+                             "make-pairs": ["--prompts", str(prompts), "--candidates", "2", "--out",
+                                            str(tmp_path / "pairs")]}.get(cmd, [])
     with pytest.raises(_GroupStarted):
         COMMANDS[cmd](words)
     assert fake_gpu_rank == [("set_device", LOCAL_RANK), ("init_process_group", LOCAL_RANK)], cmd
@@ -128,7 +132,8 @@ def test_only_dist_binds_devices_and_starts_process_groups():
                 strays.append(f"{rel}: {name}")
     assert strays == []
     # A new caller is a new entry point: drive it in the test above (or add it here, if it is a script).
-    assert callers == {"ds_train/cli.py", "ds_train/train.py", "ds_train/bench/train.py", "scripts/bench_build.py"}
+    assert callers == {"ds_train/cli.py", "ds_train/train.py", "ds_train/bench/train.py", "ds_train/make_pairs.py",
+                       "scripts/bench_build.py"}
 
 
 def test_object_collectives_use_the_bound_device(monkeypatch):
