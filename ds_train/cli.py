@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -408,6 +409,9 @@ def main(argv=None) -> int:
         print(f"ds-train: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr, end="")
         return 2
     cmd = argv[0]
+    # peft imports bitsandbytes whenever it is installed (QLoRA): on a CPU with AVX512-BF16 its CPU backend warns that
+    # an optional `kernels` package is missing, in every LoRA run, although it falls back to its own CPU kernels.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if cmd in ("train", "prepare", "bench-data", "show-config") and ({"-h", "--help"} & set(argv[1:])):
         print(LAUNCHED_HELP.format(cmd=cmd, flags=", ".join(sorted([*ALIASES, *FLAG_ALIASES]))), end="")
         return 0

@@ -34,6 +34,8 @@ def test_zero3_two_ranks_loss_falls_and_outputs(tiny_model, demo_data, tmp_path)
     shm_before = set(Path("/dev/shm").glob("deepspeed_*"))
     proc = launch(["train", str(write_config(tmp_path / "c.yaml", cfg))])
     assert "parameters:" in proc.stdout and "trainable" in proc.stdout
+    # bitsandbytes (installed for QLoRA, imported by peft) must not warn about an optional package in a LoRA run
+    assert "gemm_4bit_forward" not in proc.stdout + proc.stderr
     # DeepSpeed's CPU shm all-reduce would leave 69 MB per rank in /dev/shm (RAM) after every run; it is off.
     assert set(Path("/dev/shm").glob("deepspeed_*")) == shm_before
 
