@@ -186,6 +186,9 @@ def load_lora(model, adapter_dir: Path):
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from ds_train.lean_imports import peft_bnb_only_when_loaded
+
+    peft_bnb_only_when_loaded()
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     expected = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
     loaded = get_peft_model_state_dict(peft_model)

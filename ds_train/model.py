@@ -93,6 +93,9 @@ def apply_lora(model, cfg: Config):
         return model
     from peft import LoraConfig, get_peft_model
 
+    from ds_train.lean_imports import peft_bnb_only_when_loaded
+
+    peft_bnb_only_when_loaded()
     names = [n for n, _ in model.named_modules()]
     unmatched = [t for t in cfg.lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:

@@ -1,0 +1,25 @@
+"""Keep transformers and peft from importing libraries that are installed but that a run does not use. Each costs
+every process seconds of start-up (on a 2-core CPU box: torchvision 1.4 s, bitsandbytes with the torch.compile stack
+it pulls in 1.5 s), paid by every rank of every launch."""
+
+from __future__ import annotations
+
+import sys
+
+
+def skip_torchvision() -> None:
+    """transformers imports torchvision (through its loss and image modules) whenever it is installed; ds_train
+    processes no images, and boson-multimodal installs torchvision without importing it. Call before transformers'
+    models are imported."""
+    from transformers.utils import import_utils
+
+    import_utils._torchvision_available = False
+
+
+def peft_bnb_only_when_loaded() -> None:
+    """peft imports bitsandbytes to offer its LoRA layers whenever bitsandbytes is installed (for QLoRA). A model can
+    hold bitsandbytes layers only once bitsandbytes has been imported (ds_train.qlora imports it), so peft looks for
+    them only then."""
+    from peft.tuners.lora import model as lora_model
+
+    lora_model.is_bnb_available = lora_model.is_bnb_4bit_available = lambda: "bitsandbytes" in sys.modules
