@@ -37,7 +37,7 @@ from ds_train.model import build_model, torch_dtype
 from ds_train.plan import check_at_start as check_memory_plan
 from ds_train.plan import resolve_max_tokens
 from ds_train.plot import plot_curves
-from ds_train.preflight import check_full_run_base, preflight
+from ds_train.preflight import Preflight, check_full_run_base, preflight
 from ds_train.resilience import Diverged, Preempted, PreemptionFlag, SkipCounter
 from ds_train.samples import TrainingSamples
 
@@ -64,16 +64,22 @@ class Run:
     cuda: bool
 
 
+def check_inputs(cfg: Config) -> tuple[Preflight, dict]:
+    """Everything that can be wrong with the config or inputs, checked by every rank before the process group starts
+    (what needs the ranks together, whether they share the output dir and which checkpoint is intact, is checked
+    right after it). Returns the preflight's findings and the DeepSpeed config."""
+    pre = preflight(cfg)
+    check_full_run_base(cfg)
+    # the world size from the launcher's environment
+    return pre, deepspeed_config(cfg, dist.world_size(), torch.cuda.is_available())
+
+
 def setup(cfg: Config) -> Run:
     import deepspeed
     from transformers import get_scheduler
 
-    # Everything that can be wrong with the config or inputs fails here, before the process group (what needs the
-    # ranks together, whether they share the output dir and which checkpoint is intact, is checked right after it).
-    pre = preflight(cfg)
-    check_full_run_base(cfg)
+    pre, ds_config = check_inputs(cfg)
     out, cuda = pre.out_dir, torch.cuda.is_available()
-    ds_config = deepspeed_config(cfg, dist.world_size(), cuda)  # world size from the launcher's environment
     dist.init_distributed()  # binds this rank's GPU
     # data.max_tokens=auto becomes a number here, before the config is saved, logged or compared with a checkpoint's
     resolve_max_tokens(cfg, pre.model_config, ds_config)

@@ -35,17 +35,31 @@ def test_help_and_unknown_command():
     assert proc.returncode == 2 and "unknown command 'trian'" in proc.stderr
 
 
-def test_environment_errors_stop_before_process_group(tiny_model, demo_data, tmp_path):
+def test_environment_errors_stop_before_process_group(tiny_model, demo_data, tmp_path, monkeypatch):
+    """`ds-train train` checks its inputs (train.check_inputs) before it starts a process group: one launch shows
+    such an error ends the command that way (exit 2, one line, no traceback, no process group); each case below is
+    then checked in this process by the same function (a launch each would cost ~5 s for the same code path)."""
     from ds_train.config import load_config
-    from ds_train.preflight import preflight
+    from ds_train.errors import ConfigError
+    from ds_train.train import check_inputs
+
+    def error(cfg: dict, **env) -> str:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigError) as e:
+            check_inputs(load_config(str(write_config(tmp_path / "c.yaml", cfg))))
+        for name in env:
+            monkeypatch.delenv(name)
+        return str(e.value)
 
     # The config every case below breaks in one place passes the same checks: each error comes from its change.
     ok = base_config(tiny_model, demo_data, tmp_path / "out")
-    assert preflight(load_config(str(write_config(tmp_path / "ok.yaml", ok)))).out_dir == tmp_path / "out"
+    assert check_inputs(load_config(str(write_config(tmp_path / "ok.yaml", ok))))[0].out_dir == tmp_path / "out"
 
     bad = base_config(tiny_model, demo_data, tmp_path / "out")
     bad["model"]["path"] = str(tmp_path / "no_model")
     assert f"model.path={tmp_path / 'no_model'} does not exist" in _train_error(bad, tmp_path)
+    assert f"model.path={tmp_path / 'no_model'} does not exist" in error(bad)
 
     tok_dir = tmp_path / "tok_without_specials"
     from tokenizers import Tokenizer, models
@@ -53,33 +67,32 @@ def test_environment_errors_stop_before_process_group(tiny_model, demo_data, tmp
 
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab={"a": 0}, merges=[]))).save_pretrained(tok_dir)
     bad = base_config(tiny_model, demo_data, tmp_path / "out", model={"tokenizer_path": str(tok_dir)})
-    assert "lacks the Higgs audio special tokens" in _train_error(bad, tmp_path)
+    assert "lacks the Higgs audio special tokens" in error(bad)
 
     other = tmp_path / "audio_tok_4"
     shutil.copytree(tiny_model / "audio_tokenizer", other)
     conf = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**conf, "n_q": 4}))
     bad = base_config(tiny_model, demo_data, tmp_path / "out", model={"audio_tokenizer_path": str(other)})
-    assert "has 4 codebooks but the model has 8" in _train_error(bad, tmp_path)
+    assert "has 4 codebooks but the model has 8" in error(bad)
 
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": 16}))
     bad = base_config(tiny_model, demo_data, tmp_path / "out", train={"deepspeed_config": str(ds)})
-    err = _train_error(bad, tmp_path, env={"WORLD_SIZE": "4"})
-    assert "train_batch_size=16 but our config gives 4" in err
+    assert "train_batch_size=16 but our config gives 4" in error(bad, WORLD_SIZE="4")
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     bad = base_config(tiny_model, demo_data, blocker / "out")
-    assert "is not writable" in _train_error(bad, tmp_path)
+    assert "is not writable" in error(bad)
 
     previous = tmp_path / "previous_run"
     (previous / "checkpoints" / "step-000010").mkdir(parents=True)
     (previous / "checkpoints" / "latest").write_text("step-000010")
     bad = base_config(tiny_model, demo_data, previous)
-    assert "already holds checkpoints of a run; set train.resume=auto" in _train_error(bad, tmp_path)
+    assert "already holds checkpoints of a run; set train.resume=auto" in error(bad)
     bad = base_config(tiny_model, demo_data, tmp_path / "fresh", train={"resume": "auto"})
-    assert "no complete checkpoint" in _train_error(bad, tmp_path)
+    assert "no complete checkpoint" in error(bad)
 
 
 @pytest.mark.parametrize("text, line", [
