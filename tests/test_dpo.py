@@ -84,6 +84,24 @@ def test_bad_pair_names_its_line(tiny_model, demo_data, tmp_path):
     assert rows[0]["audio"] == str(tmp_path / "p" / "audio" / "utt_0000.wav")  # relative: from the pairs file's dir
 
 
+@pytest.mark.slow
+def test_a_bad_pair_stops_every_rank(tiny_model, demo_data, tmp_path):
+    """2 ranks: rank 0 alone reads the pairs file; its verdict on a bad record stops both with the file:line report
+    (exit code 3, printed once), before any audio is encoded."""
+    from ds_train.errors import EXIT_DATA
+
+    pairs = write_pairs(demo_data, tmp_path / "p" / "pairs.jsonl", prompts=range(3))
+    pairs.write_text(pairs.read_text() + "{not json\n")
+    cfg = base_config(tiny_model, demo_data, tmp_path / "out", train={"objective": "dpo"},
+                      data={"pairs_file": str(pairs), "cache_dir": str(tmp_path / "cache")})
+    del cfg["data"]["train_file"]
+    failed = launch(["prepare", str(write_config(tmp_path / "bad.yaml", cfg))], nprocs=2, check=False)
+    logs = failed.stdout + failed.stderr
+    assert failed.returncode == EXIT_DATA, logs[-3000:]
+    assert logs.count(f"1 bad sample(s) in {pairs}:\n  pairs.jsonl:4: invalid JSON") == 1, logs[-3000:]
+    assert not (tmp_path / "cache").exists()
+
+
 def _sample_logp_brute(model, collate, sample) -> float:
     """log p(target audio | prompt) of one sample in its own forward: every audio-out segment on its own, position
     by position, label j + 1 scored by the logits at j, in fp64 (Boson's forward rounds audio logits to fp32)."""
