@@ -242,7 +242,7 @@ def test_dpo_learns_the_oracle_preference_the_same_on_1_and_2_ranks(tiny_model, 
     pairs = write_pairs(demo_data, tmp_path / "data" / "pairs.jsonl", prompts=[0, 2, 0, 2])
     two, log = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "two", nprocs=2, accum=1)
     assert f"pairs: expanded 4 pair(s) of {pairs}" in log
-    assert "dpo: reference log-likelihoods of 4 pair(s) computed" in log and "(2 forward(s) over 2 rank(s))" in log
+    assert "dpo: reference log-likelihoods of 4 pair(s) computed" in log and "(4 forward(s) over 2 rank(s))" in log
     one, log = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "one", nprocs=1, accum=2)  # the cache is current
     assert "(4 forward(s) over 1 rank(s))" in log
     rewind(two, tmp_path / "resumed" / "run", 3)
