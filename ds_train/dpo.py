@@ -134,9 +134,10 @@ def reference_chunks(chosen: np.ndarray, rejected: np.ndarray, lengths: np.ndarr
 
 def _fingerprint(cfg: Config, dataset, dtype: str) -> str:
     """What the reference log-likelihoods depend on: the model as built (model and LoRA settings, train.mode, the
-    dtype) and the prepared pairs (their cache's fingerprint and manifest digest)."""
+    dtype, the seed) and the prepared pairs (their cache's fingerprint and manifest digest)."""
     index = dataset.index or {}
     what = {"model": asdict(cfg.model), "lora": asdict(cfg.lora), "mode": cfg.train.mode, "dtype": dtype,
+            "seed": cfg.train.seed,  # model.init=random: the weights are the seed's
             "cache": [index.get("fingerprint"), index.get("manifest_sha1")]}
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 

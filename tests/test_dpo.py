@@ -210,7 +210,27 @@ def test_dpo_loss_matches_brute_force(tiny_model, demo_data, tmp_path):
         train_step(run, [batch])
 
 
-def _dpo_run(tiny_model, demo_data, pairs: Path, root: Path, nprocs: int, accum: int, resume: str = "none") -> Path:
+def starting_adapter(tiny_model, out: Path) -> Path:
+    """A LoRA adapter of base_config's shape with random non-zero B (the model it makes is not the base), for
+    lora.init_from."""
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    from ds_train.adapter import export_adapter
+    from ds_train.model import apply_lora
+
+    torch.manual_seed(1)
+    cfg = load_config(None, [f"model.path={tiny_model}", f"model.audio_tokenizer_path={tiny_model}/audio_tokenizer",
+                             "data.train_file=unused.jsonl", f"train.output_dir={out}", "lora.r=8", "lora.alpha=16"])
+    model = apply_lora(HiggsAudioModel.from_pretrained(str(tiny_model)), cfg)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.01)
+    export_adapter(model, out)
+    return out
+
+
+def _dpo_run(tiny_model, demo_data, pairs: Path, root: Path, nprocs: int, accum: int, resume: str = "none",
+             init_from: Path = None) -> tuple[Path, str]:
     root.mkdir(parents=True, exist_ok=True)
     out = root / "run"
     cfg = base_config(tiny_model, demo_data, out, train={"max_steps": STEPS, "epochs": 99, "objective": "dpo",
@@ -219,6 +239,7 @@ def _dpo_run(tiny_model, demo_data, pairs: Path, root: Path, nprocs: int, accum:
                       loss={"dpo_beta": BETA, "dpo_sft_weight": 0.1},
                       checkpoint={"every_steps": 3, "keep_last": 5})
     cfg["data"] = {"pairs_file": str(pairs), "eval_file": str(demo_data / "eval.jsonl")}
+    cfg["lora"]["init_from"] = str(init_from)
     proc = launch(["train", str(write_config(root / "run.yaml", cfg))], nprocs=nprocs)
     assert resume == "none" or f"resumed from {out / 'checkpoints' / 'step-000003'} at step 3" in proc.stdout
     return out, proc.stdout
@@ -229,9 +250,9 @@ STEPS, LR = 8, 0.005
 
 @pytest.mark.slow
 def test_dpo_learns_the_oracle_preference_the_same_on_1_and_2_ranks(tiny_model, demo_data, tmp_path):
-    """Chosen = each prompt's own clip, rejected = another prompt's: DPO must come to prefer the chosen one (accuracy
-    1, a growing margin: log p(A) - log p(B) grows by margin / beta, the reference being fixed), the eval loss keeps
-    being logged, 1 rank x 2 accumulation steps gives the losses of 2 ranks, and a run resumed from step 3 (the
+    """From a lora.init_from adapter (not the identity), chosen = each prompt's own clip, rejected = another
+    prompt's: DPO must come to prefer the chosen one (accuracy 1, a growing margin: log p(A) - log p(B) grows by
+    margin / beta, the reference, the starting adapter's model, being fixed), the eval loss keeps being logged, 1 rank x 2 accumulation steps gives the losses of 2 ranks, and a run resumed from step 3 (the
     middle of epoch 2: 2 steps per epoch) gives the uninterrupted run's losses and adapter, with the reference
     log-likelihoods the first launch saved. A relaunch does not expand the pairs file again."""
     from conftest import assert_same_adapter
@@ -240,21 +261,23 @@ def test_dpo_learns_the_oracle_preference_the_same_on_1_and_2_ranks(tiny_model, 
     # Two prompts, each pair twice (2 pairs a step): a preference the tiny model can learn in a few steps (its
     # clips are memorisable, not generalisable: different prompts at every step teach it nothing in 8 steps).
     pairs = write_pairs(demo_data, tmp_path / "data" / "pairs.jsonl", prompts=[0, 2, 0, 2])
-    two, log = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "two", nprocs=2, accum=1)
+    start = starting_adapter(tiny_model, tmp_path / "start")
+    two, log = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "two", nprocs=2, accum=1, init_from=start)
     assert f"pairs: expanded 4 pair(s) of {pairs}" in log
     assert "dpo: reference log-likelihoods of 4 pair(s) computed" in log and "(4 forward(s) over 2 rank(s))" in log
-    one, log = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "one", nprocs=1, accum=2)  # the cache is current
+    one, log = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "one", nprocs=1, accum=2, init_from=start)
     assert "(4 forward(s) over 1 rank(s))" in log
     rewind(two, tmp_path / "resumed" / "run", 3)
     resumed, again_log = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "resumed", nprocs=2, accum=1,
-                                  resume="auto")
+                                  resume="auto", init_from=start)
     assert f"dpo: reference log-likelihoods of 4 pair(s) loaded from {resumed / 'dpo_reference.npz'}" in again_log
     for relaunch in (log, again_log):  # the pairs file is not read again: rank 0 trusts the manifest's stamp
         assert "pairs: expanded" not in relaunch and "(4 pair(s), 0 bad)" in relaunch
     records = loss_records(two)
     assert sorted(records) == list(range(1, STEPS + 1))
     first, last = records[1], records[STEPS]
-    assert first["dpo_margin"] == pytest.approx(0.0, abs=1e-6)  # LoRA starts as the identity: policy = reference
+    # the reference is the model as built, the starting adapter's: at step 1 policy = reference
+    assert first["dpo_margin"] == pytest.approx(0.0, abs=1e-6)
     assert first["dpo_loss"] == pytest.approx(math.log(2), rel=1e-5)
     assert last["dpo_accuracy"] == 1.0 and records[STEPS - 1]["dpo_accuracy"] == 1.0
     assert last["dpo_margin"] > 1.0 and last["dpo_margin"] > records[STEPS // 2]["dpo_margin"] > 0
