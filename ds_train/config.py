@@ -430,24 +430,10 @@ class Config:
             )
 
     def _check_objective(self) -> None:
-        """DPO's reference policy is the model with its LoRA adapter disabled (ds_train.dpo): what the adapter does not
-        hold cannot be switched off, so it must be the only thing that trains, and start from nothing."""
-        dpo, pairs = self.train.objective == "dpo", self.data.pairs_file is not None
-        if dpo != pairs:
+        """DPO trains on a pairs file and nothing else. Any train.mode, lora.init_from or fully trained module works:
+        its reference policy is the model as built, measured once before the first step (ds_train.dpo)."""
+        if (self.train.objective == "dpo") != (self.data.pairs_file is not None):
             raise ConfigError("train.objective=dpo trains on data.pairs_file (and only it does): set both or neither")
-        if not dpo:
-            return
-        if not self.uses_lora():
-            raise ConfigError(f"train.objective=dpo needs train.mode=lora or qlora, not {self.train.mode}: its "
-                              "reference policy is the base model with the adapter disabled; full fine-tuning would "
-                              "need a second copy of the model")
-        wrong = [k for k, v in (("lora.init_from", self.lora.init_from), ("lora.modules_to_save",
-                                                                         self.lora.modules_to_save),
-                                ("model.train_audio_mlp", self.model.train_audio_mlp)) if v]
-        if wrong:
-            raise ConfigError(f"train.objective=dpo does not support {', '.join(wrong)} yet: the reference policy is "
-                              "the model with the LoRA adapter disabled, which would not undo a starting adapter or "
-                              "fully trained modules (merge the starting adapter into model.path first)")
 
     def _check_best_metric(self) -> None:
         """checkpoint.best_metric must be a metric this run computes (the default, eval_loss, only when ranking)."""

@@ -169,3 +169,34 @@ def compute_loss(outputs, label_audio_ids: torch.Tensor, text_weight: float = 1.
     audio = (codebook_means * trained).sum() / trained.sum().clamp(min=1)
     return LossOutput(total, sums.text.detach() / counts[0], audio, codebook_means,
                       int(sums.counts[0]), int(sums.counts[1:].sum()))
+
+
+@dataclass
+class MicroLoss:
+    """What an objective makes of one micro-batch for train.train_step."""
+    loss: torch.Tensor  # what backward runs on: this micro-batch's share of the step's objective
+    parts: LossSums  # token sums of the forward; its counts are checked against the collator's (train.check_counts)
+    stats: torch.Tensor  # (objective.STATS,) fp64 sums of the objective's own numbers, all-reduced with the rest
+
+
+class Sft:
+    """train.objective=sft: the token-weighted teacher-forced loss (the module docstring). An objective tells
+    train.train_step what to all-reduce before the forward (`known`), what each micro-batch contributes (`micro`) and
+    what the step's totals mean (`report`)."""
+
+    STATS = 0
+
+    def __init__(self, cfg):
+        self.text_weight, self.audio_weight = cfg.loss.text_weight, cfg.loss.audio_weight
+
+    def known(self, batches) -> torch.Tensor:
+        """Global numbers the objective divides by, besides the trained-position counts: none."""
+        return torch.zeros(0, dtype=torch.long)
+
+    def micro(self, engine, batch, counts: torch.Tensor, known: torch.Tensor) -> MicroLoss:
+        parts = loss_sums(engine(**batch.inputs), batch.label_audio_ids)
+        loss = objective(parts, counts, self.text_weight, self.audio_weight)
+        return MicroLoss(loss, parts, torch.zeros(0, dtype=torch.float64, device=loss.device))
+
+    def report(self, sums: list[float], counts: list[float], stats: list[float], known: list[float]) -> LossReport:
+        return report(sums, counts, self.text_weight, self.audio_weight)

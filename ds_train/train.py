@@ -23,7 +23,7 @@ from ds_train.config import Config, to_yaml
 from ds_train.data.collate import Batch
 from ds_train.data.loader import Data, build_data
 from ds_train.data.sampler import MicroBatchSampler
-from ds_train.dpo import DpoReport, dpo_step
+from ds_train.dpo import Dpo, DpoReport, reference_table
 from ds_train.early_stop import FRESH as EARLY_STOP_FRESH, EarlyStop
 from ds_train.ds_config import deepspeed_config, resolve_dtype
 from ds_train.errors import ConfigError
@@ -31,7 +31,7 @@ from ds_train.evaluate import evaluate
 from ds_train.export import consolidate
 from ds_train.fsutil import staged_dir
 from ds_train.merge import merge
-from ds_train.loss import LossReport, loss_sums, objective, report
+from ds_train.loss import LossReport, Sft
 from ds_train.metrics import make_logger, peak_memory_gb, truncate_metrics
 from ds_train.model import build_model, torch_dtype
 from ds_train.plan import check_at_start as check_memory_plan
@@ -62,6 +62,7 @@ class Run:
     state: dict  # step, epoch, step_in_epoch (+ early_stop's): what a checkpoint records
     logger: object
     cuda: bool
+    objective: object  # ds_train.loss.Sft or ds_train.dpo.Dpo: what train_step optimises
 
 
 def check_inputs(cfg: Config) -> tuple[Preflight, dict]:
@@ -106,6 +107,9 @@ def setup(cfg: Config) -> Run:
         # ZeRO-1/2 skip a step with a non-finite grad norm in every dtype, but scan each gradient for inf/NaN only in
         # fp16/bf16; scan in fp32 too. (ZeRO-3 has no such switch: it goes by the norm outside fp16.)
         engine.optimizer.check_grad_overflow = True
+    goal = Sft(cfg)
+    if cfg.train.objective == "dpo":  # its reference policy is the model as built: measured before a resume loads
+        goal = Dpo(cfg, reference_table(engine, data, cfg, out, resolve_dtype(cfg, cuda)))
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0, **EARLY_STOP_FRESH}
     if resume_from is not None:
         saved = checkpoint.load(engine, resume_from)
@@ -118,7 +122,7 @@ def setup(cfg: Config) -> Run:
                 + (f" ({per_epoch} per epoch)" if per_epoch != samples else "")
                 + f"; padding efficiency {data.sampler.padding_efficiency():.3f}")
     steps = StepBatches(data, cfg.train.grad_accum, state, logger)
-    return Run(cfg, out, engine, model, scheduler, data, steps, total_steps, state, logger, cuda)
+    return Run(cfg, out, engine, model, scheduler, data, steps, total_steps, state, logger, cuda, goal)
 
 
 def train(cfg: Config) -> dict:
@@ -129,13 +133,12 @@ def train(cfg: Config) -> dict:
     progress = _progress(run.total_steps, state["step"])
     audio_samples = TrainingSamples(cfg, run.out, run.data.held_out)
     early = EarlyStop(cfg, state)
-    step_fn = preference_step if cfg.train.objective == "dpo" else train_step
     losses, stopped = [], None
     if run.data.eval is not None and cfg.train.eval_on_start and state["step"] == 0:
         logger.log({"step": 0, "epoch": 0, **evaluate(engine, run.data.eval, cfg).as_record("eval_")})
     while state["step"] < run.total_steps:
         t0 = time.perf_counter()
-        result = step_fn(run, run.steps.next())
+        result = train_step(run, run.steps.next())
         state["step"] += 1
         state["step_in_epoch"] += 1
         step, last_step = state["step"], state["step"] == run.total_steps
@@ -196,49 +199,49 @@ class StepResult:
     samples: int
 
 
-def preference_step(run: Run, batches: list[Batch]) -> StepResult:
-    """train.objective=dpo: one optimizer step of DPO over this rank's micro-batches of pairs (ds_train.dpo)."""
-    return StepResult(*dpo_step(run.engine, batches, run.cfg, run.state["step"] + 1))
-
-
 def train_step(run: Run, batches: list[Batch]) -> StepResult:
-    """One optimizer step over this rank's micro-batches. The trained-position counts of the whole global batch are
-    all-reduced first (from the labels, before any forward), so each micro-batch's loss is its exact share of the
-    token-weighted step loss (ds_train/loss.py); the positions each forward actually trained are checked against
-    them at the step's one sync (check_counts). DeepSpeed averages gradients over ranks and, by default, divides
-    by the accumulation steps; the `world` factor and scale_wrt_gas=False undo both."""
-    cfg, engine, device = run.cfg, run.engine, dist.device()
-    world = dist.world_size()
-    counts = dist.all_reduce_tensor(sum(b.counts for b in batches).to(device))
-    sums = torch.zeros(counts.shape, dtype=torch.float64, device=device)
-    miscounted = torch.zeros(counts.shape, dtype=torch.float64, device=device)
+    """One optimizer step over this rank's micro-batches, of any objective (run.objective: ds_train.loss.Sft,
+    ds_train.dpo.Dpo). What the objective divides by is all-reduced first (the trained-position counts of the whole
+    global batch, from the labels, and the objective's own `known`, e.g. DPO's pair count), so each micro-batch's loss
+    is its exact share of the step's loss (ds_train/loss.py); the positions each forward actually trained are checked
+    against the counts at the step's one sync (check_counts). DeepSpeed averages gradients over ranks and, by default,
+    divides by the accumulation steps; the `world` factor and scale_wrt_gas=False undo both."""
+    engine, goal, device, world = run.engine, run.objective, dist.device(), dist.world_size()
+    step = run.state["step"] + 1
+    counts = sum(b.counts for b in batches)
+    known = dist.all_reduce_tensor(torch.cat([counts, goal.known(batches)]).to(device))
+    k = len(counts)
+    counts, extra = known[:k], known[k:]
+    sums = torch.zeros(k, dtype=torch.float64, device=device)
+    miscounted = torch.zeros(k, dtype=torch.float64, device=device)
+    stats = torch.zeros(goal.STATS, dtype=torch.float64, device=device)
     poisoned = False
     engine.train()
-    faults.raise_if("error", run.state["step"] + 1)
+    faults.raise_if("error", step)
     for batch in batches:
         batch = batch.to(device)
-        parts = loss_sums(engine(**batch.inputs), batch.label_audio_ids)
-        loss = objective(parts, counts, cfg.loss.text_weight, cfg.loss.audio_weight)
-        if faults.active("nan_loss", run.state["step"] + 1):
+        micro = goal.micro(engine, batch, counts, extra)
+        loss = micro.loss
+        if faults.active("nan_loss", step):
             loss, poisoned = loss * float("nan"), True
         engine.backward(loss * world, scale_wrt_gas=False)
         engine.step()  # DeepSpeed updates only at the accumulation boundary, and skips a non-finite one
-        sums += parts.detached()
+        sums += micro.parts.detached()
+        stats += micro.stats
         # Per micro-batch, on the device (no sync): positions the loss trained that the collator did not count, or
         # the other way round. Offsetting errors of two micro-batches would cancel in a sum of signed differences.
-        miscounted += (parts.counts - batch.counts.to(device)).abs()
+        miscounted += (micro.parts.counts - batch.counts.to(device)).abs()
     if poisoned:
         sums *= float("nan")
+        stats *= float("nan")
     host = torch.tensor([sum(b.num_tokens for b in batches), sum(b.num_samples for b in batches)],
                         dtype=torch.float64, device=device)
     # The loop's one wait for the device per step (counts.tolist() below then finds it idle; DeepSpeed's step and
     # a log step's grad norm have their own).
-    totals = dist.all_reduce_tensor(torch.cat([sums, miscounted, host])).tolist()
-    k = len(sums)
-    check_counts(totals[k:2 * k], counts.tolist(), run.state["step"] + 1)
-    totals = totals[:k] + totals[2 * k:]
-    loss = report(totals[:k], counts.tolist(), cfg.loss.text_weight, cfg.loss.audio_weight)
-    return StepResult(loss, int(totals[k]), int(totals[k + 1]))
+    totals = dist.all_reduce_tensor(torch.cat([sums, miscounted, stats, host])).tolist()
+    check_counts(totals[k:2 * k], counts.tolist(), step)
+    loss = goal.report(totals[:k], counts.tolist(), totals[2 * k:-2], extra.tolist())
+    return StepResult(loss, int(totals[-2]), int(totals[-1]))
 
 
 def check_counts(miscounted: list[float], collated: list[float], step: int) -> None:

@@ -49,10 +49,11 @@ def test_config_rules(tiny_model, tmp_path):
     assert cfg.data.manifests() == [(str(tmp_path / ".ds_train_cache" / "pairs.pairs.jsonl"), 1.0)]
     assert load_config(None, base[:2] + [f"data.train_file={pairs}", f"train.output_dir={tmp_path}"]) \
         .train.objective == "sft"
-    for extra, message in [(["train.mode=full"], "train.mode=lora or qlora"),
-                           ([f"lora.init_from={tmp_path}"], "lora.init_from"),
-                           (["model.train_audio_mlp=true"], "model.train_audio_mlp"),
-                           ([f"data.train_file={pairs}"], "unset data.train_file"),
+    # the reference policy is the model as built (ds_train.dpo.reference_table), whatever trains
+    for extra in (["train.mode=full"], [f"lora.init_from={tmp_path}"],
+                  ["lora.modules_to_save=[audio_decoder_proj.audio_lm_head]"]):
+        assert load_config(None, base + extra).train.objective == "dpo"
+    for extra, message in [([f"data.train_file={pairs}"], "unset data.train_file"),
                            (["data.eval_split=0.2"], "data.eval_split"),
                            (["data.format=hf"], "data.format=hf"),
                            (["loss.dpo_beta=0"], "loss.dpo_beta"),
@@ -83,6 +84,24 @@ def test_bad_pair_names_its_line(tiny_model, demo_data, tmp_path):
     assert rows[0]["audio"] == str(tmp_path / "p" / "audio" / "utt_0000.wav")  # relative: from the pairs file's dir
 
 
+@pytest.mark.slow
+def test_a_bad_pair_stops_every_rank(tiny_model, demo_data, tmp_path):
+    """2 ranks: rank 0 alone reads the pairs file; its verdict on a bad record stops both with the file:line report
+    (exit code 3, printed once), before any audio is encoded."""
+    from ds_train.errors import EXIT_DATA
+
+    pairs = write_pairs(demo_data, tmp_path / "p" / "pairs.jsonl", prompts=range(3))
+    pairs.write_text(pairs.read_text() + "{not json\n")
+    cfg = base_config(tiny_model, demo_data, tmp_path / "out", train={"objective": "dpo"},
+                      data={"pairs_file": str(pairs), "cache_dir": str(tmp_path / "cache")})
+    del cfg["data"]["train_file"]
+    failed = launch(["prepare", str(write_config(tmp_path / "bad.yaml", cfg))], nprocs=2, check=False)
+    logs = failed.stdout + failed.stderr
+    assert failed.returncode == EXIT_DATA, logs[-3000:]
+    assert logs.count(f"1 bad sample(s) in {pairs}:\n  pairs.jsonl:4: invalid JSON") == 1, logs[-3000:]
+    assert not (tmp_path / "cache").exists()
+
+
 def _sample_logp_brute(model, collate, sample) -> float:
     """log p(target audio | prompt) of one sample in its own forward: every audio-out segment on its own, position
     by position, label j + 1 scored by the logits at j, in fp64 (Boson's forward rounds audio logits to fp32)."""
@@ -104,17 +123,24 @@ def _sample_logp_brute(model, collate, sample) -> float:
 def test_dpo_loss_matches_brute_force(tiny_model, demo_data, tmp_path):
     """The batched DPO terms of two pairs (one micro-batch, padded, chosen/rejected interleaved) equal the formula
     evaluated on separate forwards of each clip, with the policy (LoRA, random non-zero B) and the reference (a
-    freshly loaded base model, no LoRA); the reference log-probs of the adapter-disabled policy equal the base's."""
+    freshly loaded base model, no LoRA). The reference pre-pass gives the brute-force log-likelihoods of the model it
+    is handed: the base (a fresh LoRA's reference) or the LoRA model (lora.init_from's), saved and loaded back for
+    that model only. A micro-batch whose forward trains other positions than the collator counted stops the DPO step
+    as it stops the SFT one (train.check_counts)."""
+    from types import SimpleNamespace
+
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
 
     from ds_train.data.cache import CachedDataset, cache_dirs
     from ds_train.data.collate import Collate, make_collator
-    from ds_train.data.pairs import pair_indices
+    from ds_train.data.pairs import PairSampler, pair_indices
     from ds_train.data.prepare import prepare_all
-    from ds_train.dpo import pair_terms, reference_logps, sample_logps
+    from ds_train.dpo import Dpo, pair_terms, reference_table, sample_logps
     from ds_train.loss import loss_sums
     from ds_train.model import apply_lora
     from ds_train.preflight import load_model_config, load_text_tokenizer
+    from ds_train.train import train_step
+    from test_train import _Engine
 
     pairs = write_pairs(demo_data, tmp_path / "p" / "pairs.jsonl", shift=3, prompts=range(3))
     cfg = load_config(None, dpo_overrides(tiny_model, pairs, tmp_path / "out"))
@@ -124,7 +150,9 @@ def test_dpo_loss_matches_brute_force(tiny_model, demo_data, tmp_path):
     chosen, rejected, orphans = pair_indices(ds.record_numbers())
     assert (len(chosen), orphans) == (3, 0) and ds.source(int(rejected[2])) == "pairs.pairs.jsonl:6"
     indices = [int(i) for p in (1, 2) for i in (chosen[p], rejected[p])]
-    batch = Collate(make_collator(mc), pairs=True)([ds[i] for i in indices])  # fresh samples for every collate
+    collate = Collate(make_collator(mc), pairs=True)
+    batch = collate([(i, ds[i]) for i in indices])  # fresh samples for every collate
+    assert batch.indices.tolist() == indices
 
     torch.manual_seed(0)
     policy_model = apply_lora(HiggsAudioModel.from_pretrained(str(tiny_model)), cfg).double().eval()
@@ -136,7 +164,12 @@ def test_dpo_loss_matches_brute_force(tiny_model, demo_data, tmp_path):
     with torch.no_grad():
         outputs = policy_model(**batch.inputs)
         policy = sample_logps(outputs, batch)
-    reference = reference_logps(policy_model, batch)
+    data = SimpleNamespace(train_set=ds, sampler=PairSampler(chosen, rejected, ds.lengths, 0, 1, 1, seed=0),
+                           loader=SimpleNamespace(collate_fn=collate))
+    out = tmp_path / "out"
+    out.mkdir()
+    table = reference_table(base, data, cfg, out, "fp64")
+    reference = table[batch.indices]
     terms = pair_terms(policy, reference, BETA)
 
     plain = Collate(make_collator(mc))
@@ -152,6 +185,11 @@ def test_dpo_loss_matches_brute_force(tiny_model, demo_data, tmp_path):
         assert terms.chosen_reward[i].item() == pytest.approx(c, abs=1e-4)
         assert terms.rejected_reward[i].item() == pytest.approx(r, abs=1e-4)
         assert terms.loss[i].item() == pytest.approx(-math.log(1 / (1 + math.exp(-(c - r)))), abs=1e-4)
+    assert torch.equal(reference_table(None, data, cfg, out, "fp64"), table)  # saved and loaded: no engine needed
+    # lora.init_from: the reference is the starting adapter's model (the saved table, the base's, is not taken).
+    init_cfg = load_config(None, dpo_overrides(tiny_model, pairs, out) + [f"lora.init_from={tmp_path}"])
+    started = reference_table(policy_model, data, init_cfg, out, "fp64")
+    assert started[batch.indices].tolist() == pytest.approx(brute_policy, rel=1e-7)
     # The SFT term's labels and counts are the chosen clips': those of a batch of the chosen samples alone.
     from ds_train.data.collate import chosen_only
 
@@ -159,9 +197,40 @@ def test_dpo_loss_matches_brute_force(tiny_model, demo_data, tmp_path):
     assert batch.counts.tolist() == alone.counts.tolist()
     assert loss_sums(outputs, chosen_only(batch.label_audio_ids, batch.audio_owner)).counts.tolist() == \
         alone.counts.tolist()
+    # The DPO step is train.train_step's: its counts are checked. One text label hidden after collation.
+    engine = _Engine(policy_model.eval())  # reference_table left it in train mode
+    engine.train = lambda: None  # stays in eval mode: no LoRA dropout, the forward above
+    run = SimpleNamespace(cfg=cfg, engine=engine, state={"step": 6}, objective=Dpo(cfg, table))
+    result = train_step(run, [batch])
+    assert result.loss.dpo_loss == pytest.approx(terms.loss.mean().item(), rel=1e-6)
+    labels = batch.inputs["label_ids"]
+    labels[0, int((labels[0] != -100).nonzero()[-1])] = -100
+    with pytest.raises(RuntimeError, match=r"step 7: the forward trained other positions than the collator counted "
+                                           r"\(text: off by 1 of \d+\)"):
+        train_step(run, [batch])
 
 
-def _dpo_run(tiny_model, demo_data, pairs: Path, root: Path, nprocs: int, accum: int, resume: str = "none") -> Path:
+def starting_adapter(tiny_model, out: Path) -> Path:
+    """A LoRA adapter of base_config's shape with random non-zero B (the model it makes is not the base), for
+    lora.init_from."""
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    from ds_train.adapter import export_adapter
+    from ds_train.model import apply_lora
+
+    torch.manual_seed(1)
+    cfg = load_config(None, [f"model.path={tiny_model}", f"model.audio_tokenizer_path={tiny_model}/audio_tokenizer",
+                             "data.train_file=unused.jsonl", f"train.output_dir={out}", "lora.r=8", "lora.alpha=16"])
+    model = apply_lora(HiggsAudioModel.from_pretrained(str(tiny_model)), cfg)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.01)
+    export_adapter(model, out)
+    return out
+
+
+def _dpo_run(tiny_model, demo_data, pairs: Path, root: Path, nprocs: int, accum: int, resume: str = "none",
+             init_from: Path = None) -> tuple[Path, str]:
     root.mkdir(parents=True, exist_ok=True)
     out = root / "run"
     cfg = base_config(tiny_model, demo_data, out, train={"max_steps": STEPS, "epochs": 99, "objective": "dpo",
@@ -170,9 +239,10 @@ def _dpo_run(tiny_model, demo_data, pairs: Path, root: Path, nprocs: int, accum:
                       loss={"dpo_beta": BETA, "dpo_sft_weight": 0.1},
                       checkpoint={"every_steps": 3, "keep_last": 5})
     cfg["data"] = {"pairs_file": str(pairs), "eval_file": str(demo_data / "eval.jsonl")}
+    cfg["lora"]["init_from"] = str(init_from)
     proc = launch(["train", str(write_config(root / "run.yaml", cfg))], nprocs=nprocs)
     assert resume == "none" or f"resumed from {out / 'checkpoints' / 'step-000003'} at step 3" in proc.stdout
-    return out
+    return out, proc.stdout
 
 
 STEPS, LR = 8, 0.005
@@ -180,24 +250,34 @@ STEPS, LR = 8, 0.005
 
 @pytest.mark.slow
 def test_dpo_learns_the_oracle_preference_the_same_on_1_and_2_ranks(tiny_model, demo_data, tmp_path):
-    """Chosen = each prompt's own clip, rejected = another prompt's: DPO must come to prefer the chosen one (accuracy
-    1, a growing margin: log p(A) - log p(B) grows by margin / beta, the reference being fixed), the eval loss keeps
-    being logged, 1 rank x 2 accumulation steps gives the losses of 2 ranks, and a run resumed from step 3 (the
-    middle of epoch 2: 2 steps per epoch) gives the uninterrupted run's losses and adapter."""
+    """From a lora.init_from adapter (not the identity), chosen = each prompt's own clip, rejected = another
+    prompt's: DPO must come to prefer the chosen one (accuracy 1, a growing margin: log p(A) - log p(B) grows by
+    margin / beta, the reference, the starting adapter's model, being fixed), the eval loss keeps being logged, 1 rank x 2 accumulation steps gives the losses of 2 ranks, and a run resumed from step 3 (the
+    middle of epoch 2: 2 steps per epoch) gives the uninterrupted run's losses and adapter, with the reference
+    log-likelihoods the first launch saved. A relaunch does not expand the pairs file again."""
     from conftest import assert_same_adapter
     from test_checkpoint import rewind
 
     # Two prompts, each pair twice (2 pairs a step): a preference the tiny model can learn in a few steps (its
     # clips are memorisable, not generalisable: different prompts at every step teach it nothing in 8 steps).
     pairs = write_pairs(demo_data, tmp_path / "data" / "pairs.jsonl", prompts=[0, 2, 0, 2])
-    two = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "two", nprocs=2, accum=1)
-    one = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "one", nprocs=1, accum=2)  # the cache is current
+    start = starting_adapter(tiny_model, tmp_path / "start")
+    two, log = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "two", nprocs=2, accum=1, init_from=start)
+    assert f"pairs: expanded 4 pair(s) of {pairs}" in log
+    assert "dpo: reference log-likelihoods of 4 pair(s) computed" in log and "(4 forward(s) over 2 rank(s))" in log
+    one, log = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "one", nprocs=1, accum=2, init_from=start)
+    assert "(4 forward(s) over 1 rank(s))" in log
     rewind(two, tmp_path / "resumed" / "run", 3)
-    resumed = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "resumed", nprocs=2, accum=1, resume="auto")
+    resumed, again_log = _dpo_run(tiny_model, demo_data, pairs, tmp_path / "resumed", nprocs=2, accum=1,
+                                  resume="auto", init_from=start)
+    assert f"dpo: reference log-likelihoods of 4 pair(s) loaded from {resumed / 'dpo_reference.npz'}" in again_log
+    for relaunch in (log, again_log):  # the pairs file is not read again: rank 0 trusts the manifest's stamp
+        assert "pairs: expanded" not in relaunch and "(4 pair(s), 0 bad)" in relaunch
     records = loss_records(two)
     assert sorted(records) == list(range(1, STEPS + 1))
     first, last = records[1], records[STEPS]
-    assert first["dpo_margin"] == pytest.approx(0.0, abs=1e-6)  # LoRA starts as the identity: policy = reference
+    # the reference is the model as built, the starting adapter's: at step 1 policy = reference
+    assert first["dpo_margin"] == pytest.approx(0.0, abs=1e-6)
     assert first["dpo_loss"] == pytest.approx(math.log(2), rel=1e-5)
     assert last["dpo_accuracy"] == 1.0 and records[STEPS - 1]["dpo_accuracy"] == 1.0
     assert last["dpo_margin"] > 1.0 and last["dpo_margin"] > records[STEPS // 2]["dpo_margin"] > 0

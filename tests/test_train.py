@@ -279,6 +279,7 @@ def test_a_step_whose_forward_trains_other_positions_than_collated_raises(tiny_m
     from ds_train.data.collate import Collate, make_collator
     from ds_train.data.prepare import prepare
     from ds_train.preflight import load_model_config, load_text_tokenizer
+    from ds_train.loss import Sft
     from ds_train.train import train_step
 
     cfg = load_config(None, [f"model.path={tiny_model}", f"model.audio_tokenizer_path={tiny_model}/audio_tokenizer",
@@ -290,7 +291,7 @@ def test_a_step_whose_forward_trains_other_positions_than_collated_raises(tiny_m
     collate = Collate(make_collator(model_config))
     model = HiggsAudioModel.from_pretrained(str(tiny_model))
     model.config.use_cache = False
-    run = SimpleNamespace(cfg=cfg, engine=_Engine(model), state={"step": 4})
+    run = SimpleNamespace(cfg=cfg, engine=_Engine(model), state={"step": 4}, objective=Sft(cfg))
 
     batches = [collate([ds[0], ds[1]]), collate([ds[2]])]  # the cache independent_losses reads
     result = train_step(run, batches)

@@ -9,6 +9,7 @@ whether audio is trained, so every call gets fresh copies: epoch 5 trains on exa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -95,17 +96,18 @@ class Batch:
     num_tokens: int  # text + audio positions the model processes (padding excluded)
     counts: torch.Tensor  # (1 + K,) trained text and per-codebook audio positions (loss.trained_positions)
     audio_owner: torch.Tensor  # (N_audio_out,) the sample each position of the audio-out stream belongs to
+    indices: Optional[torch.Tensor] = None  # pairs only: the samples' indices in the training set (stay on the host)
 
     def to(self, device) -> "Batch":
         moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
         return Batch(moved, self.label_audio_ids.to(device, non_blocking=True), self.num_samples, self.num_tokens,
-                     self.counts, self.audio_owner.to(device, non_blocking=True))
+                     self.counts, self.audio_owner.to(device, non_blocking=True), self.indices)
 
     def pin_memory(self) -> "Batch":
         """Called by DataLoader(pin_memory=True): page-locked host tensors make the copies above asynchronous."""
         pinned = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in self.inputs.items()}
         return Batch(pinned, self.label_audio_ids.pin_memory(), self.num_samples, self.num_tokens, self.counts,
-                     self.audio_owner.pin_memory())
+                     self.audio_owner.pin_memory(), self.indices)
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "audio_features", "audio_feature_attention_mask", "audio_out_ids",
@@ -115,13 +117,18 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "audio_features", "audio_feature_
 
 class Collate:
     """Picklable collate_fn for DataLoader workers. With `pairs` (train.objective=dpo) the samples come as preference
-    pairs, chosen then rejected (ds_train.data.pairs): the text labels and the counts are the chosen samples' alone,
-    what the SFT term of ds_train.dpo trains; the audio labels stay whole, DPO scores both clips."""
+    pairs, chosen then rejected (ds_train.data.pairs), each as (its index in the training set, sample): the text
+    labels and the counts are the chosen samples' alone, what the SFT term of ds_train.dpo trains; the audio labels
+    stay whole, DPO scores both clips; the indices name the samples' reference log-likelihoods."""
 
     def __init__(self, collator, pairs: bool = False):
         self.collator, self.pairs = collator, pairs
 
     def __call__(self, samples) -> Batch:
+        indices = None
+        if self.pairs:
+            indices = torch.tensor([i for i, _ in samples], dtype=torch.long)
+            samples = [s for _, s in samples]
         b = self.collator(samples)
         c = self.collator
         inputs = {k: getattr(b, k) for k in MODEL_INPUTS}
@@ -136,7 +143,7 @@ class Collate:
             counted = chosen_only(labels_audio, owner)
         counts = trained_positions(b.input_ids, b.label_ids, counted,
                                    (c.audio_in_token_id, c.audio_out_token_id), c.audio_num_codebooks)
-        return Batch(inputs, labels_audio, len(samples), num_tokens, counts, owner)
+        return Batch(inputs, labels_audio, len(samples), num_tokens, counts, owner, indices)
 
 
 def audio_owner(input_ids: torch.Tensor, starts, audio_len: int, audio_out_id: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from ds_train import dist
 from ds_train.config import Config
 from ds_train.data.cache import CachedDataset
 from ds_train.data.collate import Batch, Collate, make_collator
-from ds_train.data.pairs import PairSampler, pair_indices
+from ds_train.data.pairs import IndexedSamples, PairSampler, pair_indices
 from ds_train.data.prepare import prepare_all, write_report
 from ds_train.data.sampler import MicroBatchSampler, per_epoch
 from ds_train.data.split import split_eval
@@ -170,8 +170,9 @@ def build_loader(dataset: CachedDataset, collator, cfg, rank: int, world: int,
         kwargs = {"persistent_workers": d.persistent_workers, "prefetch_factor": d.prefetch_factor}
     # Its own generator: otherwise each iter(loader) draws a seed from the global RNG, and a resumed run (which
     # starts an iterator mid-epoch) would draw at a different point than an uninterrupted one.
-    collate = Collate(collator, pairs=isinstance(sampler, PairSampler))
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
+    pairs = isinstance(sampler, PairSampler)
+    collate = Collate(collator, pairs=pairs)
+    loader = DataLoader(IndexedSamples(dataset) if pairs else dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
                         pin_memory=d.pin_memory and torch.cuda.is_available(),
                         generator=torch.Generator().manual_seed(cfg.train.seed), **kwargs)
     return loader, sampler

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from torch.utils.data import Dataset
 
 from ds_train import dist
 from ds_train.data.manifest import raw_records, tts_to_chatml
@@ -37,29 +38,65 @@ def pairs_manifest(data_cfg) -> Path:
 
 
 def write_pairs_manifest(cfg) -> Path:
-    """Expand data.pairs_file into its manifest (rank 0 writes it, only when its content changed, so a relaunch
-    finds the cache current). A bad record stops every rank here with a DataError naming its line, or with
-    data.skip_bad is left out and counted."""
+    """Expand data.pairs_file into its manifest. Rank 0 alone reads the pairs file, and only when it changed since
+    the last expansion (its path, size and mtime, with the settings the expansion depends on, are kept in the
+    manifest's stamp): a relaunch does no per-record work on any rank. Every rank then acts on rank 0's verdict: a
+    bad record stops them all with a DataError naming its line, or with data.skip_bad is left out and counted."""
     d = cfg.data
-    if not os.path.isfile(d.pairs_file):
+    out = pairs_manifest(d)
+    verdict = _expand_on_main(d.pairs_file, d.system_prompt, out) if dist.is_main() else None
+    verdict = dist.broadcast_object(verdict)
+    if verdict["missing"]:
         raise FileNotFoundError(f"data.pairs_file not found: {d.pairs_file}")
-    rows, bad = expand(d.pairs_file, d.system_prompt)
+    bad = verdict["bad"]
     if bad and not d.skip_bad:
         raise DataError(bad, d.pairs_file)
-    if not rows:
+    if not verdict["pairs"]:
         raise DataError(bad or [{"source": os.path.basename(d.pairs_file), "reason": "no pairs"}], d.pairs_file)
     if bad:
         dist.print0(f"skipped {len(bad)} bad pair(s) of {d.pairs_file} (data.skip_bad=true): "
                     + ", ".join(b["source"] for b in bad[:10]) + (" ..." if len(bad) > 10 else ""))
-    out = pairs_manifest(d)
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    if dist.is_main() and not (out.is_file() and out.read_text() == text):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, out)
-    dist.barrier()
     return out
+
+
+STAMP_VERSION = 1
+
+
+def _stamp_path(manifest: Path) -> Path:
+    return manifest.with_name(manifest.name + ".stamp.json")
+
+
+def _expand_on_main(pairs_file: str, system_prompt: str, out: Path) -> dict:
+    """Rank 0's verdict on the pairs file, {missing, bad, pairs}: from the stamp when the file is unchanged,
+    otherwise by expanding it (the manifest is rewritten only when its text changed, so the cache stays current)."""
+    try:
+        st = os.stat(pairs_file)
+    except FileNotFoundError:
+        return {"missing": True, "bad": [], "pairs": 0}
+    key = {"version": STAMP_VERSION, "pairs_file": os.path.realpath(pairs_file), "size": st.st_size,
+           "mtime_ns": st.st_mtime_ns, "system_prompt": system_prompt}
+    stamp = _stamp_path(out)
+    try:
+        seen = json.loads(stamp.read_text())
+        if seen["key"] == key and out.is_file():
+            dist.print0(f"pairs: {out} is current ({seen['pairs']} pair(s), {len(seen['bad'])} bad)")
+            return {"missing": False, "bad": seen["bad"], "pairs": seen["pairs"]}
+    except (OSError, ValueError, KeyError):
+        pass
+    rows, bad = expand(pairs_file, system_prompt)
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not (out.is_file() and out.read_text() == text):
+        _replace(out, text)
+    _replace(stamp, json.dumps({"key": key, "pairs": len(rows) // 2, "bad": bad}))
+    dist.print0(f"pairs: expanded {len(rows) // 2} pair(s) of {pairs_file} into {out} ({len(bad)} bad)")
+    return {"missing": False, "bad": bad, "pairs": len(rows) // 2}
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def expand(path: str, system_prompt: str) -> tuple[list[dict], list[dict]]:
@@ -148,3 +185,17 @@ class PairSampler:
 
     def padding_efficiency(self) -> float:
         return self.pairs.padding_efficiency()  # of the pairs' padded lengths: an estimate
+
+
+class IndexedSamples(Dataset):
+    """A training set as a PairSampler's loader reads it: (index, sample), so that each Batch of pairs knows its
+    samples (ds_train.dpo looks their reference log-likelihoods up by index)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return i, self.dataset[i]
