@@ -105,17 +105,18 @@ def test_signal_to_one_rank_stops_all_ranks_at_the_same_step(tiny_model, demo_da
 
 
 def test_crash_resume_chaos_sigkill_one_rank(tiny_model, demo_data, tmp_path, reference_run):
-    """SIGKILL a rank at random steps, relaunch with resume=auto each time: the result is the uninterrupted run."""
+    """SIGKILL a rank at random steps, relaunch with resume=auto each time: the result is the uninterrupted run.
+    Rank 1 dies in the first launch, rank 0 in the resumed one (a resumed run killed and resumed again)."""
     out = tmp_path / "chaos"
     config = reference_config(tiny_model, demo_data, out)
     rng = random.Random(1234)
-    kill_points = sorted(rng.sample(range(4, REF_STEPS - 2), 3))
+    kill_points = sorted(rng.sample(range(4, REF_STEPS - 2), 2))
     killed_at = []
     for i, point in enumerate(kill_points):
         resume = [] if i == 0 else ["train.resume=auto"]
         proc = _start(_launcher_cmd(config, *resume), env={"LOCAL_SIZE": "2"})
         killed_at.append(_wait_for_step(out, point, proc))
-        os.kill(_rank_pid(proc.pid, (i + 1) % 2), signal.SIGKILL)  # ranks 1, 0, 1: each rank dies at least once
+        os.kill(_rank_pid(proc.pid, (i + 1) % 2), signal.SIGKILL)  # ranks 1, 0: each rank dies once
         output, _ = proc.communicate(timeout=120)
         print(f"chaos launch {i}: exit {proc.returncode}")
         # DeepSpeed's launcher exits with the code of the first dead rank its 1 s poll finds; the peer, whose
@@ -123,7 +124,7 @@ def test_crash_resume_chaos_sigkill_one_rank(tiny_model, demo_data, tmp_path, re
         # 256 - 9 = 247.
         assert proc.returncode == KILLED_EXIT == 247, output[-4000:]
     print(f"chaos kill points (step seen when killing): {killed_at}")
-    assert len(set(killed_at)) == 3
+    assert len(set(killed_at)) == 2
     launch(["train", str(config), "train.resume=auto"])
     assert_same_run(out, reference_run)
 
