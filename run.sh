@@ -23,6 +23,13 @@ cd "$ROOT"
 
 log() { printf '[run.sh] %s\n' "$*" >&2; }
 
+# A preemption signal (SLURM's warning, scancel --signal) that arrives before the ranks are started is kept:
+# run_launcher then exits 75 without starting them, and a batch script requeues. (Untrapped, USR1 would end run.sh
+# with 138 and the job would not requeue.)
+EARLY_SIGNAL=""
+trap 'EARLY_SIGNAL=USR1' USR1
+trap 'EARLY_SIGNAL=TERM' TERM
+
 ensure_venv() {
   if [[ -x "$VENV/bin/ds-train" && -f "$VENV/.ds_train_installed" ]]; then return; fi
   log "creating $VENV and installing ds_train (first run only; several GB of wheels)"
@@ -159,6 +166,13 @@ use_srun() {
 
 # run_launcher CMD...: run the launcher, relaying preemption signals, and return its exit code.
 run_launcher() {
+  if [[ -n "$EARLY_SIGNAL" && -z "${DS_TRAIN_NODE_RANK:-}" ]]; then
+    # Nothing trained since the last checkpoint: starting the ranks only to save it again would waste the warning's
+    # time. (One node's share of an srun launch starts its ranks regardless: the other nodes' ranks wait for them.)
+    log "preemption signal ($EARLY_SIGNAL) before the ranks started: not starting them"
+    explain_exit 75
+    return 75
+  fi
   # Its own session: a Ctrl-C in the terminal reaches run.sh alone (DeepSpeed's launcher would kill the ranks
   # before they save); run.sh turns it into the preemption signal below.
   if [[ -n "${DS_TRAIN_NODE_RANK:-}" ]]; then
@@ -171,6 +185,8 @@ run_launcher() {
   local child=$! rc=0
   # shellcheck disable=SC2064  # expand $child now
   trap "forward_preemption $child" TERM USR1 INT HUP
+  # A signal between the check above and this trap: pass it on (each rank keeps one from its first ~0.1 s).
+  if [[ -n "$EARLY_SIGNAL" ]]; then forward_preemption "$child"; fi
   while true; do
     rc=0
     wait "$child" || rc=$?
