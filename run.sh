@@ -70,12 +70,16 @@ slurm_hostfile() {
 PDSH_HOSTS=""
 RANK_PATTERN=""
 SRUN_LAUNCH=0
+OTHER_LAUNCHER=0
+LAUNCHED=""   # the subcommand the ranks run: `train` ranks catch USR1 (ds_train/resilience.py), the others do not
+UNDELIVERED=""  # a preemption signal that found no rank ready for it yet: run_launcher tries again
 
 hostfile_hosts() { grep -v '^\s*\(#\|$\)' "$1" | awk '{print $1}'; }
 
 # launch SUBCOMMAND ARGS...: run `ds-train SUBCOMMAND` on every rank through the deepspeed launcher.
 launch() {
   local sub="$1"; shift
+  LAUNCHED="$sub"
   local hostfile="" port="${MASTER_PORT:-}" args=()
   while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -137,6 +141,8 @@ launch() {
         # A preemption signal goes to the ranks on every host (forward_preemption).
         PDSH_HOSTS=$(hostfile_hosts "$hostfile" | paste -sd,)
         RANK_PATTERN="-m ds_train $sub ${args[0]:-}"
+      else
+        OTHER_LAUNCHER=1
       fi
     fi
   else
@@ -189,6 +195,11 @@ run_launcher() {
   if [[ -n "$EARLY_SIGNAL" ]]; then forward_preemption "$child"; fi
   while true; do
     rc=0
+    if [[ -n "$UNDELIVERED" ]] && kill -0 "$child" 2>/dev/null; then
+      sleep 0.5 || true  # the ranks are still starting: again until they are up (a Ctrl-C ends the sleep)
+      forward_preemption "$child" again
+      continue
+    fi
     wait "$child" || rc=$?
     kill -0 "$child" 2>/dev/null || break  # still running: wait was interrupted by a trapped signal
   done
@@ -218,18 +229,26 @@ explain_exit() {
 }
 
 # The ranks of a local launch: descendants of the launcher running `-m ds_train` (not DeepSpeed's own launcher).
+# `train` ranks only once they catch USR1 (their first ~0.1 s): before that the signal would kill them.
 rank_pids() {
-  local pid args
+  local pid args mask
   for pid in $(pgrep -P "$1" || true); do
     args=$(ps -o args= -p "$pid" 2>/dev/null || true)
-    if [[ "$args" == *"-m ds_train"* && "$args" != *deepspeed.launcher* ]]; then echo "$pid"; fi
+    if [[ "$args" == *"-m ds_train"* && "$args" != *deepspeed.launcher* ]]; then
+      mask=$(awk '/^SigCgt:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
+      if [[ "$LAUNCHED" != train ]] || (( ${mask:+16#$mask >> 9 & 1} )); then echo "$pid"; fi
+    fi
     rank_pids "$pid"
   done
 }
 
-# SIGTERM/SIGUSR1 to run.sh: every rank checkpoints at the next step boundary and exits 75.
+# SIGTERM/SIGUSR1 to run.sh: every rank checkpoints at the next step boundary and exits 75. A signal that comes
+# while the ranks are starting (DeepSpeed's launcher takes seconds to spawn them) is kept in UNDELIVERED and sent
+# again every 0.5 s by run_launcher ($2 = again: quietly) until a rank has it.
 forward_preemption() {
-  local ranks
+  local ranks say=log
+  [[ "${2:-}" == again ]] && say=:
+  UNDELIVERED=""
   ranks=$(rank_pids "$1")
   if [[ -n "$ranks" ]]; then
     log "preemption signal: asking ranks $(echo $ranks) to checkpoint and stop"
@@ -237,16 +256,26 @@ forward_preemption() {
     kill -USR1 $ranks 2>/dev/null || true
   elif [[ -n "$PDSH_HOSTS" ]]; then
     # Multi-node over ssh: the ranks are not our descendants. DeepSpeed's runner must not get the signal: it
-    # kills pdsh and every host's launcher at once (exit 1, no checkpoint). Signal the ranks where they run.
-    log "preemption signal: USR1 to the ranks on $PDSH_HOSTS"
-    pdsh -S -R ssh -w "$PDSH_HOSTS" "pkill -USR1 -u $(id -u) -f -- $(printf '%q' "$RANK_PATTERN")" || true
+    # kills pdsh and every host's launcher at once (exit 1, no checkpoint). Signal the ranks where they run; pkill
+    # fails on a host with no rank yet.
+    $say "preemption signal: USR1 to the ranks on $PDSH_HOSTS"
+    pdsh -S -R ssh -w "$PDSH_HOSTS" "pkill -USR1 -u $(id -u) -f -- $(printf '%q' "$RANK_PATTERN")" >/dev/null 2>&1 \
+      || UNDELIVERED=1
   elif [[ "$SRUN_LAUNCH" == 1 ]]; then
-    # srun passes USR1 to every process of each node's step, the ranks included.
+    # srun passes USR1 to every process of each node's step, the ranks included (each node's run.sh passes it on
+    # to ranks that were not up yet).
     log "preemption signal: USR1 to srun"
     kill -USR1 "$1" 2>/dev/null || true
-  elif [[ -z "${DS_TRAIN_NODE_RANK:-}" ]]; then
+  elif [[ "$OTHER_LAUNCHER" == 1 ]]; then
     # Another DS_LAUNCHER (mpich, impi; untested): its runner relays SIGTERM as it can.
     log "preemption signal: relaying SIGTERM to the DeepSpeed runner"
+    kill -TERM "$1" 2>/dev/null || true
+  elif [[ "$LAUNCHED" == train ]]; then
+    # This node's ranks (a local launch, or this node's share of an srun launch) are still starting.
+    $say "preemption signal: no rank is up yet; passing it on once one is"
+    UNDELIVERED=1
+  elif [[ -z "${DS_TRAIN_NODE_RANK:-}" ]]; then
+    log "preemption signal: no rank is up yet; stopping the launcher"
     kill -TERM "$1" 2>/dev/null || true
   fi
 }

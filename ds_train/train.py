@@ -171,6 +171,7 @@ def train(cfg: Config) -> dict:
             logger.log({"step": step, "epoch": state["epoch"], "early_stopped": True})
             dist.print0(f"stopped early at step {step}: {stopped}")
             break
+        faults.hold(step, preemption)
         if not last_step and preemption.agreed():
             path = checkpoint.save(engine, run.model, cfg, run.out, state) if not saved else \
                 checkpoint.read_latest(run.out)

@@ -234,7 +234,10 @@ def test_too_many_non_finite_steps_stop_with_last_good_checkpoint(non_finite_run
         assert_same_state(good, trainable_state(root / tag_of(step)), f"step {step} was skipped")
 
 
-def test_ctrl_c_checkpoints_and_exits_75(tiny_model, demo_data, tmp_path):
+def test_ctrl_c_while_the_ranks_start_checkpoints_and_exits_75(tiny_model, demo_data, tmp_path):
+    """Ctrl-C once DeepSpeed's launcher runs but before it has spawned the ranks (it takes seconds): run.sh keeps the
+    signal and passes it on every 0.5 s until a rank catches it; the ranks stop after their first step. (Mid-training
+    relays: test_sigterm_to_run_sh_..., tests/test_slurm.py.)"""
     # A terminal's Ctrl-C sends SIGINT to run.sh's whole process group. (SIGINT back to its default first: a shell
     # that started this test in the background made it ignored, and bash cannot trap a signal ignored on entry.)
     out = tmp_path / "ctrl_c"
@@ -243,11 +246,15 @@ def test_ctrl_c_checkpoints_and_exits_75(tiny_model, demo_data, tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "LOCAL_SIZE": "2"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    _wait_for_step(out, 3, proc)
+    deadline = time.time() + 60
+    while not any("deepspeed" in " ".join(p.cmdline()) for p in psutil.Process(proc.pid).children()):
+        assert time.time() < deadline and proc.poll() is None, "run.sh started no launcher in 60 s"
+        time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT, output[-4000:]
+    assert "preemption signal: no rank is up yet; passing it on once one is" in output, output[-4000:]
     stopped = [r for r in read_metrics(out) if "preempted" in r]
-    assert len(stopped) == 1, output[-4000:]
+    assert len(stopped) == 1 and stopped[0]["step"] == 1, output[-4000:]
     assert (out / "checkpoints" / "latest").read_text() == f"step-{stopped[0]['step']:06d}"
     assert "[run.sh] exit 75: preempted or interrupted" in output
