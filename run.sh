@@ -9,10 +9,10 @@
 #   ./run.sh <any other ds-train subcommand> ...   (consolidate, merge, make-tiny, bench-data, ...)
 #
 # Preemption: SIGTERM, SIGUSR1 or Ctrl-C to run.sh (or to any rank) makes every rank save a checkpoint at the next
-# step boundary and exit with code 75.
+# step boundary and exit with code 75 (before the launch: exit 75 at once, no rank started).
 # Exit codes: 0 done, 1 unexpected error, 2 config, 3 data/checkpoint, 4 diverged, 75 preempted; a rank killed by a
 # signal N gives 256-N (247: SIGKILL). run.sh explains a failing code in one line. Under SLURM: scripts/train.sbatch
-# (--signal=B:USR1@120 relayed to run.sh; on 75 the job requeues itself and resumes with train.resume=auto). Several
+# (--signal=B:USR1@120 relayed to run.sh; on 75 the job requeues itself, train.resume=auto_or_fresh). Several
 # nodes start over ssh (pdsh), or with srun (one run.sh per node) when ssh to a node fails or DS_LAUNCHER=srun.
 set -euo pipefail
 
