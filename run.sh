@@ -9,10 +9,10 @@
 #   ./run.sh <any other ds-train subcommand> ...   (consolidate, merge, make-tiny, bench-data, ...)
 #
 # Preemption: SIGTERM, SIGUSR1 or Ctrl-C to run.sh (or to any rank) makes every rank save a checkpoint at the next
-# step boundary and exit with code 75.
+# step boundary and exit with code 75 (before the launch: exit 75 at once, no rank started).
 # Exit codes: 0 done, 1 unexpected error, 2 config, 3 data/checkpoint, 4 diverged, 75 preempted; a rank killed by a
 # signal N gives 256-N (247: SIGKILL). run.sh explains a failing code in one line. Under SLURM: scripts/train.sbatch
-# (--signal=B:USR1@120 relayed to run.sh; on 75 the job requeues itself and resumes with train.resume=auto). Several
+# (--signal=B:USR1@120 relayed to run.sh; on 75 the job requeues itself, train.resume=auto_or_fresh). Several
 # nodes start over ssh (pdsh), or with srun (one run.sh per node) when ssh to a node fails or DS_LAUNCHER=srun.
 set -euo pipefail
 
@@ -22,6 +22,13 @@ PY="$VENV/bin/python"
 cd "$ROOT"
 
 log() { printf '[run.sh] %s\n' "$*" >&2; }
+
+# A preemption signal (SLURM's warning, scancel --signal) that arrives before the ranks are started is kept:
+# run_launcher then exits 75 without starting them, and a batch script requeues. (Untrapped, USR1 would end run.sh
+# with 138 and the job would not requeue.)
+EARLY_SIGNAL=""
+trap 'EARLY_SIGNAL=USR1' USR1
+trap 'EARLY_SIGNAL=TERM' TERM
 
 ensure_venv() {
   if [[ -x "$VENV/bin/ds-train" && -f "$VENV/.ds_train_installed" ]]; then return; fi
@@ -63,12 +70,16 @@ slurm_hostfile() {
 PDSH_HOSTS=""
 RANK_PATTERN=""
 SRUN_LAUNCH=0
+OTHER_LAUNCHER=0
+LAUNCHED=""   # the subcommand the ranks run: `train` ranks catch USR1 (ds_train/resilience.py), the others do not
+UNDELIVERED=""  # a preemption signal that found no rank ready for it yet: run_launcher tries again
 
 hostfile_hosts() { grep -v '^\s*\(#\|$\)' "$1" | awk '{print $1}'; }
 
 # launch SUBCOMMAND ARGS...: run `ds-train SUBCOMMAND` on every rank through the deepspeed launcher.
 launch() {
   local sub="$1"; shift
+  LAUNCHED="$sub"
   local hostfile="" port="${MASTER_PORT:-}" args=()
   while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -130,6 +141,8 @@ launch() {
         # A preemption signal goes to the ranks on every host (forward_preemption).
         PDSH_HOSTS=$(hostfile_hosts "$hostfile" | paste -sd,)
         RANK_PATTERN="-m ds_train $sub ${args[0]:-}"
+      else
+        OTHER_LAUNCHER=1
       fi
     fi
   else
@@ -159,6 +172,13 @@ use_srun() {
 
 # run_launcher CMD...: run the launcher, relaying preemption signals, and return its exit code.
 run_launcher() {
+  if [[ -n "$EARLY_SIGNAL" && -z "${DS_TRAIN_NODE_RANK:-}" ]]; then
+    # Nothing trained since the last checkpoint: starting the ranks only to save it again would waste the warning's
+    # time. (One node's share of an srun launch starts its ranks regardless: the other nodes' ranks wait for them.)
+    log "preemption signal ($EARLY_SIGNAL) before the ranks started: not starting them"
+    explain_exit 75
+    return 75
+  fi
   # Its own session: a Ctrl-C in the terminal reaches run.sh alone (DeepSpeed's launcher would kill the ranks
   # before they save); run.sh turns it into the preemption signal below.
   if [[ -n "${DS_TRAIN_NODE_RANK:-}" ]]; then
@@ -171,8 +191,15 @@ run_launcher() {
   local child=$! rc=0
   # shellcheck disable=SC2064  # expand $child now
   trap "forward_preemption $child" TERM USR1 INT HUP
+  # A signal between the check above and this trap: pass it on (each rank keeps one from its first ~0.1 s).
+  if [[ -n "$EARLY_SIGNAL" ]]; then forward_preemption "$child"; fi
   while true; do
     rc=0
+    if [[ -n "$UNDELIVERED" ]] && kill -0 "$child" 2>/dev/null; then
+      sleep 0.5 || true  # the ranks are still starting: again until they are up (a Ctrl-C ends the sleep)
+      forward_preemption "$child" again
+      continue
+    fi
     wait "$child" || rc=$?
     kill -0 "$child" 2>/dev/null || break  # still running: wait was interrupted by a trapped signal
   done
@@ -202,18 +229,26 @@ explain_exit() {
 }
 
 # The ranks of a local launch: descendants of the launcher running `-m ds_train` (not DeepSpeed's own launcher).
+# `train` ranks only once they catch USR1 (their first ~0.1 s): before that the signal would kill them.
 rank_pids() {
-  local pid args
+  local pid args mask
   for pid in $(pgrep -P "$1" || true); do
     args=$(ps -o args= -p "$pid" 2>/dev/null || true)
-    if [[ "$args" == *"-m ds_train"* && "$args" != *deepspeed.launcher* ]]; then echo "$pid"; fi
+    if [[ "$args" == *"-m ds_train"* && "$args" != *deepspeed.launcher* ]]; then
+      mask=$(awk '/^SigCgt:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
+      if [[ "$LAUNCHED" != train ]] || (( ${mask:+16#$mask >> 9 & 1} )); then echo "$pid"; fi
+    fi
     rank_pids "$pid"
   done
 }
 
-# SIGTERM/SIGUSR1 to run.sh: every rank checkpoints at the next step boundary and exits 75.
+# SIGTERM/SIGUSR1 to run.sh: every rank checkpoints at the next step boundary and exits 75. A signal that comes
+# while the ranks are starting (DeepSpeed's launcher takes seconds to spawn them) is kept in UNDELIVERED and sent
+# again every 0.5 s by run_launcher ($2 = again: quietly) until a rank has it.
 forward_preemption() {
-  local ranks
+  local ranks say=log
+  [[ "${2:-}" == again ]] && say=:
+  UNDELIVERED=""
   ranks=$(rank_pids "$1")
   if [[ -n "$ranks" ]]; then
     log "preemption signal: asking ranks $(echo $ranks) to checkpoint and stop"
@@ -221,16 +256,26 @@ forward_preemption() {
     kill -USR1 $ranks 2>/dev/null || true
   elif [[ -n "$PDSH_HOSTS" ]]; then
     # Multi-node over ssh: the ranks are not our descendants. DeepSpeed's runner must not get the signal: it
-    # kills pdsh and every host's launcher at once (exit 1, no checkpoint). Signal the ranks where they run.
-    log "preemption signal: USR1 to the ranks on $PDSH_HOSTS"
-    pdsh -S -R ssh -w "$PDSH_HOSTS" "pkill -USR1 -u $(id -u) -f -- $(printf '%q' "$RANK_PATTERN")" || true
+    # kills pdsh and every host's launcher at once (exit 1, no checkpoint). Signal the ranks where they run; pkill
+    # fails on a host with no rank yet.
+    $say "preemption signal: USR1 to the ranks on $PDSH_HOSTS"
+    pdsh -S -R ssh -w "$PDSH_HOSTS" "pkill -USR1 -u $(id -u) -f -- $(printf '%q' "$RANK_PATTERN")" >/dev/null 2>&1 \
+      || UNDELIVERED=1
   elif [[ "$SRUN_LAUNCH" == 1 ]]; then
-    # srun passes USR1 to every process of each node's step, the ranks included.
+    # srun passes USR1 to every process of each node's step, the ranks included (each node's run.sh passes it on
+    # to ranks that were not up yet).
     log "preemption signal: USR1 to srun"
     kill -USR1 "$1" 2>/dev/null || true
-  elif [[ -z "${DS_TRAIN_NODE_RANK:-}" ]]; then
+  elif [[ "$OTHER_LAUNCHER" == 1 ]]; then
     # Another DS_LAUNCHER (mpich, impi; untested): its runner relays SIGTERM as it can.
     log "preemption signal: relaying SIGTERM to the DeepSpeed runner"
+    kill -TERM "$1" 2>/dev/null || true
+  elif [[ "$LAUNCHED" == train ]]; then
+    # This node's ranks (a local launch, or this node's share of an srun launch) are still starting.
+    $say "preemption signal: no rank is up yet; passing it on once one is"
+    UNDELIVERED=1
+  elif [[ -z "${DS_TRAIN_NODE_RANK:-}" ]]; then
+    log "preemption signal: no rank is up yet; stopping the launcher"
     kill -TERM "$1" 2>/dev/null || true
   fi
 }

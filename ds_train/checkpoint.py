@@ -27,7 +27,7 @@ import torch
 
 from ds_train import dist, faults
 from ds_train.adapter import export_adapter
-from ds_train.config import Config, flatten, to_dict
+from ds_train.config import AUTO_OR_FRESH, Config, flatten, to_dict
 from ds_train.errors import CheckpointError, ConfigError
 from ds_train.fsutil import atomic_write, dir_size, fsync, is_no_space, is_no_space_text, is_write_failure
 from ds_train.reshard import load_resharded
@@ -239,24 +239,53 @@ def check_resume_request(cfg: Config, out_dir: Path) -> None:
     """train.resume against what train.output_dir holds: a fresh start over another run's checkpoints, or a requested
     resume that finds nothing, is a config error. No collective, so preflight calls it before the process group (a
     launch outside a launcher stops here with its one line, not in MPI discovery)."""
-    mode = cfg.train.resume
-    if mode == "none" and read_latest(out_dir) is not None:
-        raise ConfigError(f"{out_dir} already holds checkpoints of a run; set train.resume=auto to continue it, "
-                          "or choose a new train.output_dir")
+    mode = resolved_mode(cfg.train.resume, out_dir)
+    if mode == "none":
+        _check_fresh_start(cfg.train.resume, out_dir)
     if mode == "auto" and read_latest(out_dir) is None:
         raise ConfigError(f"train.resume=auto but {checkpoint_root(out_dir)} has no complete checkpoint "
-                          "(no `latest`); use train.resume=none to start fresh")
+                          f"(no `latest`); use train.resume=none to start fresh, or {AUTO_OR_FRESH} where a run may "
+                          "not have saved yet (a requeued job)")
     if mode not in ("auto", "none") and not (Path(mode) / META).is_file():
         raise ConfigError(f"train.resume={mode}: {mode} is not a complete ds_train checkpoint (no {META}); "
                           "give a step-XXXXXX dir that holds one, or train.resume=auto")
+
+
+def resolved_mode(mode: str, out_dir: Path) -> str:
+    """train.resume=auto_or_fresh is `auto` when OUTPUT_DIR has a `latest`, else `none`; other values as they are."""
+    if mode != AUTO_OR_FRESH:
+        return mode
+    return "auto" if read_latest(out_dir) is not None else "none"
+
+
+def _check_fresh_start(requested: str, out_dir: Path) -> None:
+    """A fresh start into OUTPUT_DIR, which its first save would prune: refuse another run's checkpoints. `none` (the
+    user asked for a fresh start) refuses complete ones; auto_or_fresh (chosen by a script, e.g. on a requeue) starts
+    fresh only where no save was ever begun, so a wrong or shared output dir is never taken over silently."""
+    root = checkpoint_root(out_dir)
+    steps = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of) \
+        if root.is_dir() else []
+    complete = [p.name for p in steps if (p / META).is_file()]
+    latest = read_latest(out_dir)
+    if latest is not None:
+        raise ConfigError(f"{out_dir} already holds checkpoints of a run; set train.resume=auto to continue it, "
+                          "or choose a new train.output_dir")
+    if complete:
+        raise ConfigError(f"{out_dir} already holds complete checkpoints of a run ({', '.join(complete[-3:])}) but no "
+                          "`latest`; set train.resume=PATH of one to continue it, or choose a new train.output_dir")
+    if requested == AUTO_OR_FRESH and steps:
+        raise ConfigError(f"train.resume={AUTO_OR_FRESH}: {root} has no `latest` but holds "
+                          f"{', '.join(p.name for p in steps[-3:])}, whose save never finished: a run that stopped "
+                          "mid-save, or another run writing there now. Not starting fresh over it: remove those dirs "
+                          "(or set train.resume=none) if they are this run's, else choose a new train.output_dir")
 
 
 def find_resume(cfg: Config, out_dir: Path) -> Optional[Path]:
     """The checkpoint dir to resume from, None for a fresh start; raises when a requested resume finds nothing.
     Collective in a process group (the checkpoint is validated by all ranks together): call it on every rank, after
     check_shared_dir."""
-    mode = cfg.train.resume
     check_resume_request(cfg, out_dir)
+    mode = resolved_mode(cfg.train.resume, out_dir)
     if mode == "none":
         return None
     if mode == "auto":

@@ -409,6 +409,10 @@ def main(argv=None) -> int:
         print(f"ds-train: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr, end="")
         return 2
     cmd = argv[0]
+    if cmd == "train":
+        from ds_train.resilience import preemption_flag
+
+        preemption_flag()  # before torch loads: a preemption signal from here on is kept for the first step boundary
     # peft imports bitsandbytes whenever it is installed (QLoRA): on a CPU with AVX512-BF16 its CPU backend warns that
     # an optional `kernels` package is missing, in every LoRA run, although it falls back to its own CPU kernels.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

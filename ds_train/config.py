@@ -255,6 +255,9 @@ TRAIN_MODES = ("lora", "full", "qlora")
 OBJECTIVES = ("sft", "dpo")
 
 
+AUTO_OR_FRESH = "auto_or_fresh"  # train.resume: resume when a checkpoint exists, else start fresh
+
+
 @dataclass
 class TrainConfig:
     output_dir: str = MISSING
@@ -272,7 +275,9 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate only at the end (when there is an eval set)
     eval_on_start: bool = False  # also evaluate the untrained adapter at step 0: the baseline for the curve
-    resume: str = "none"  # none | auto | PATH of a step-XXXXXX checkpoint dir
+    # none | auto | auto_or_fresh (auto when OUTPUT_DIR has a checkpoint, else none: a requeued job) | PATH of a
+    # step-XXXXXX checkpoint dir (ds_train.checkpoint.check_resume_request)
+    resume: str = "none"
     max_consecutive_skips: int = 5  # non-finite loss/grad steps in a row before the run stops
     # >0: stop after this many evaluations without an improvement of checkpoint.best_metric (by its best_mode); the
     # run's adapter is then the best step's (ds_train.early_stop)

@@ -7,6 +7,8 @@ DS_TRAIN_FAULT is a comma-separated list of NAME:STEP[:RANK] entries, e.g.
   enospc:4:1         rank 1's first checkpoint write of step 4 fails with OSError(ENOSPC), as on a full disk
   slow_write:4:0     each checkpoint write of rank 0 at step 4 takes SLOW_WRITE_S longer (a peer's failure then
                      happens while it is still writing)
+  hold:4             after step 4 every rank waits (up to HOLD_MAX_S) for a preemption signal, as a step that outlasts
+                     the wait for SLURM's time-limit warning would (slurmctld checks time limits every 30 s)
   local_output_dir:0:1   rank 1 sees train.output_dir as a private dir of its own (OUTPUT_DIR.rank1-local), as a
                      rank on a node-local disk would (STEP is 0: the check runs at start)
 and one entry whose second field is a size, not a step:
@@ -27,6 +29,7 @@ from ds_train import dist
 
 CRASH_EXIT = 99  # os._exit code of an injected crash: tells it apart from a real failure
 SLOW_WRITE_S = 2.0
+HOLD_MAX_S = 120.0
 
 
 def _entries() -> list[list[str]]:
@@ -92,3 +95,14 @@ def view_of(out_dir: Path) -> Path:
     private = Path(out_dir).with_name(f"{Path(out_dir).name}.rank{dist.rank()}-local")
     private.mkdir(parents=True, exist_ok=True)
     return private
+
+
+def hold(step: int, preemption) -> None:
+    """`hold`: wait at the end of `step` until a preemption signal reached any rank (`preemption.agreed()`, a
+    collective each 0.1 s, the same count on every rank) or HOLD_MAX_S passed."""
+    if not active("hold", step):
+        return
+    for _ in range(int(HOLD_MAX_S / 0.1)):
+        if preemption.agreed():
+            return
+        time.sleep(0.1)

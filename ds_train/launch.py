@@ -13,7 +13,8 @@ HOST_LINE = re.compile(r"^(?P<host>[A-Za-z0-9_.\-\[\]:]+)\s+slots=(?P<slots>[1-9
 # (GLOO/NCCL_SOCKET_IFNAME), which differ from host to host.
 PROPAGATE = ("OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "PYTORCH_CUDA_ALLOC_CONF",
              "TOKENIZERS_PARALLELISM", "NCCL_IB_DISABLE", "NCCL_DEBUG",
-             "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "HF_HOME", "HF_HUB_OFFLINE", "PATH")
+             "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "HF_HOME", "HF_HUB_OFFLINE", "PATH",
+             "DS_TRAIN_FAULT")  # the tests' fault injection (ds_train/faults.py), on every host
 
 
 class HostfileError(ValueError):

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ds_train import dist
-from ds_train.config import Config, redact, to_dict, to_yaml
+from ds_train.config import AUTO_OR_FRESH, Config, redact, to_dict, to_yaml
 
 
 TENSORBOARD_DIR = "tensorboard"
@@ -25,7 +25,8 @@ class MetricsLogger:
     def __init__(self, cfg: Config, out_dir: Path, total_steps: int = 0, start_step: int = 0):
         self.path = out_dir / "metrics.jsonl"
         self.clock = StepClock(total_steps, start_step)
-        fresh = cfg.train.resume == "none"  # find_resume has failed by now if a requested resume found nothing
+        # find_resume has failed by now if a requested resume found nothing; auto_or_fresh resumed iff past step 0
+        fresh = cfg.train.resume == "none" or (cfg.train.resume == AUTO_OR_FRESH and start_step == 0)
         if fresh and self.path.is_file():
             # Never mix two runs' records in one file (an old run's steps would repeat): keep it under a new name.
             n = 1

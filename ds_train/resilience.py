@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
+from typing import Optional
 
-from ds_train import dist
 from ds_train.errors import EXIT_PREEMPTED as PREEMPTED_EXIT  # EX_TEMPFAIL: "try again later"; resume=auto
 
 
@@ -31,15 +32,32 @@ class PreemptionFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        # No import here (not even ds_train.dist): the handler may run in the middle of the import of torch.
         self.received = signal.Signals(signum).name
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            dist.print0("Ctrl-C: saving a checkpoint at the end of this step, then exiting 75 (Ctrl-C again: stop "
-                        "now, without it)")
+            if os.environ.get("RANK", "0") == "0":
+                print("Ctrl-C: saving a checkpoint at the end of this step, then exiting 75 (Ctrl-C again: stop "
+                      "now, without it)", flush=True)
 
     def agreed(self) -> bool:
         """Collective: True on every rank when any rank got a signal."""
+        from ds_train import dist  # not at the top: cli installs the flag before torch is imported
+
         return dist.all_reduce([1.0 if self.received else 0.0], op="max")[0] > 0
+
+
+_FLAG: Optional[PreemptionFlag] = None
+
+
+def preemption_flag() -> PreemptionFlag:
+    """The process's one flag. cli installs it first thing in a launched `train`, so a signal during the imports and
+    set-up (seconds to minutes before the first step) is kept for the first step boundary instead of killing the
+    rank (SIGUSR1's default action)."""
+    global _FLAG
+    if _FLAG is None:
+        _FLAG = PreemptionFlag()
+    return _FLAG
 
 
 class SkipCounter:

@@ -38,7 +38,7 @@ from ds_train.plan import check_at_start as check_memory_plan
 from ds_train.plan import resolve_max_tokens
 from ds_train.plot import plot_curves
 from ds_train.preflight import Preflight, check_full_run_base, preflight
-from ds_train.resilience import Diverged, Preempted, PreemptionFlag, SkipCounter
+from ds_train.resilience import Diverged, Preempted, SkipCounter, preemption_flag
 from ds_train.samples import TrainingSamples
 
 
@@ -129,7 +129,7 @@ def train(cfg: Config) -> dict:
     """setup -> the loop (forward, loss, backward, step, log, eval, save) -> the final adapter."""
     run = setup(cfg)
     engine, state, logger = run.engine, run.state, run.logger
-    preemption, skips = PreemptionFlag(), SkipCounter(cfg.train.max_consecutive_skips)
+    preemption, skips = preemption_flag(), SkipCounter(cfg.train.max_consecutive_skips)
     progress = _progress(run.total_steps, state["step"])
     audio_samples = TrainingSamples(cfg, run.out, run.data.held_out)
     early = EarlyStop(cfg, state)
@@ -180,6 +180,7 @@ def train(cfg: Config) -> dict:
             logger.log({"step": step, "epoch": state["epoch"], "early_stopped": True})
             dist.print0(f"stopped early at step {step}: {stopped}")
             break
+        faults.hold(step, preemption)
         if not last_step and preemption.agreed():
             path = checkpoint.save(engine, run.model, cfg, run.out, state) if not saved else \
                 checkpoint.read_latest(run.out)

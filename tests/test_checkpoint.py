@@ -281,6 +281,37 @@ def test_find_resume(tmp_path, monkeypatch, capsys):
         find_resume(resume_config(tmp_path, "auto"), out)
 
 
+def test_auto_or_fresh_resumes_a_checkpoint_starts_fresh_without_one_and_never_over_another_run(tmp_path, monkeypatch):
+    """train.resume=auto_or_fresh (what scripts/train.sbatch adds on a requeue): `auto` where `latest` exists, a fresh
+    start where no save was ever begun, and an error (never a silent fresh start) over step dirs without `latest`."""
+    from ds_train.metrics import MetricsLogger
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = resume_config(tmp_path, "auto_or_fresh")
+    assert find_resume(cfg, out) is None  # nothing there: fresh (`auto` would refuse)
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')  # a first attempt stopped before any save
+    assert find_resume(cfg, out) is None
+    MetricsLogger(cfg, out)  # fresh: the attempt's records are kept aside, never mixed with this run's
+    assert (out / "metrics.1.jsonl").is_file() and not (out / "metrics.jsonl").exists()
+
+    root = out / "checkpoints"
+    fake_checkpoint(root, 2, complete=False)  # a save that never finished: this run's or another's in progress
+    with pytest.raises(ConfigError, match=r"auto_or_fresh: .* has no `latest` but holds step-000002, whose save "
+                                          r"never finished.*choose a new train.output_dir"):
+        find_resume(cfg, out)
+    fake_checkpoint(root, 4)  # complete, but `latest` lost: another run's, which a fresh start would prune
+    for mode in ("auto_or_fresh", "none"):
+        with pytest.raises(ConfigError, match=r"holds complete checkpoints of a run \(step-000004\) but no `latest`"):
+            find_resume(resume_config(tmp_path, mode), out)
+    (root / "latest").write_text("step-000004")
+    assert find_resume(cfg, out) == root / "step-000004"  # as `auto`
+    (out / "metrics.jsonl").write_text('{"step": 4, "loss": 2.5}\n')
+    MetricsLogger(cfg, out, start_step=4).log({"step": 5, "loss": 2.0})  # resumed: appends to the run's records
+    assert [r["step"] for r in read_metrics(out)] == [4, 5] and not (out / "metrics.2.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_ranks_that_do_not_share_the_output_dir_stop_at_start(tiny_model, demo_data, tmp_path):
     # Simulated through DS_TRAIN_FAULT (ds_train/faults.py `local_output_dir`): rank 1 looks for OUTPUT_DIR's files

@@ -85,23 +85,59 @@ def test_sigterm_to_run_sh_checkpoints_exits_75_and_resumes_exactly(tiny_model, 
     assert_same_run(out, reference_run)
 
 
+def _catches(pid: int, sig: int, timeout: float = 60) -> None:
+    """Wait until process `pid` has a handler for `sig` (its SigCgt mask in /proc): a signal sent now is not fatal."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text()
+        caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+        if caught >> (sig - 1) & 1:
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} set no handler for signal {sig} in {timeout}s")
+
+
 def test_signal_to_one_rank_stops_all_ranks_at_the_same_step(tiny_model, demo_data, tmp_path):
+    """SIGUSR1 to rank 1 alone, during its set-up (imports, model, DeepSpeed; the handler is set first thing, before
+    torch loads: without it the signal would kill the rank): both ranks stop after their first step."""
     out = tmp_path / "rank_signal"
     config = reference_config(tiny_model, demo_data, out)
     proc = _start(_launcher_cmd(config), env={"LOCAL_SIZE": "2"})
-    _wait_for_step(out, 4, proc)
-    os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)  # only rank 1 hears it; rank 0 learns at the step boundary
+    deadline = time.time() + 60
+    while True:
+        try:
+            rank1 = _rank_pid(proc.pid, 1)
+            break
+        except (AssertionError, psutil.Error):  # not spawned yet
+            assert time.time() < deadline, "rank 1 not started in 60 s"
+            time.sleep(0.01)
+    _catches(rank1, signal.SIGUSR1)
+    os.kill(rank1, signal.SIGUSR1)  # only rank 1 hears it; rank 0 learns at the step boundary
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT, output[-4000:]
     records = read_metrics(out)
     stopped = [r for r in records if "preempted" in r]
     assert len(stopped) == 1 and stopped[0]["preempted"] == "peer"  # rank 0 did not hear the signal itself
     step = stopped[0]["step"]
-    assert step >= 4 and records[-1] is stopped[0]  # nothing logged after the stop
+    assert step == 1 and records[-1] is stopped[0]  # nothing logged after the stop
     assert max(r["step"] for r in records) == max(loss_records(out)) == step  # no step trained past it
     assert (out / "checkpoints" / "latest").read_text() == f"step-{step:06d}"
     ckpt = out / "checkpoints" / f"step-{step:06d}"
     assert sorted(p.name for p in ckpt.glob("rng-rank*.pt")) == ["rng-rank00000.pt", "rng-rank00001.pt"]
+
+
+def test_preemption_signal_before_the_ranks_start_exits_75_without_them(tiny_model, demo_data, tmp_path):
+    """USR1 to run.sh during its set-up, before it starts the launcher (SLURM's warning can come that early, e.g.
+    while it probes ssh to the other nodes): no rank starts, exit 75, so scripts/train.sbatch requeues."""
+    out = tmp_path / "early"
+    config = reference_config(tiny_model, demo_data, out)
+    proc = _start([str(REPO / "run.sh"), "train", str(config)], env={"LOCAL_SIZE": "2"})
+    _catches(proc.pid, signal.SIGUSR1)  # run.sh's trap, set in its first lines; its set-up follows
+    os.kill(proc.pid, signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == PREEMPTED_EXIT, output[-4000:]
+    assert "preemption signal (USR1) before the ranks started: not starting them" in output, output[-4000:]
+    assert "exit 75: preempted" in output and not out.exists(), output[-4000:]  # no rank ran preflight
 
 
 def test_crash_resume_chaos_sigkill_one_rank(tiny_model, demo_data, tmp_path, reference_run):
@@ -199,7 +235,10 @@ def test_too_many_non_finite_steps_stop_with_last_good_checkpoint(non_finite_run
         assert_same_state(good, trainable_state(root / tag_of(step)), f"step {step} was skipped")
 
 
-def test_ctrl_c_checkpoints_and_exits_75(tiny_model, demo_data, tmp_path):
+def test_ctrl_c_while_the_ranks_start_checkpoints_and_exits_75(tiny_model, demo_data, tmp_path):
+    """Ctrl-C once DeepSpeed's launcher runs but before it has spawned the ranks (it takes seconds): run.sh keeps the
+    signal and passes it on every 0.5 s until a rank catches it; the ranks stop after their first step. (Mid-training
+    relays: test_sigterm_to_run_sh_..., tests/test_slurm.py.)"""
     # A terminal's Ctrl-C sends SIGINT to run.sh's whole process group. (SIGINT back to its default first: a shell
     # that started this test in the background made it ignored, and bash cannot trap a signal ignored on entry.)
     out = tmp_path / "ctrl_c"
@@ -208,11 +247,15 @@ def test_ctrl_c_checkpoints_and_exits_75(tiny_model, demo_data, tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "LOCAL_SIZE": "2"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    _wait_for_step(out, 3, proc)
+    deadline = time.time() + 60
+    while not any("deepspeed" in " ".join(p.cmdline()) for p in psutil.Process(proc.pid).children()):
+        assert time.time() < deadline and proc.poll() is None, "run.sh started no launcher in 60 s"
+        time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT, output[-4000:]
+    assert "preemption signal: no rank is up yet; passing it on once one is" in output, output[-4000:]
     stopped = [r for r in read_metrics(out) if "preempted" in r]
-    assert len(stopped) == 1, output[-4000:]
+    assert len(stopped) == 1 and stopped[0]["step"] == 1, output[-4000:]
     assert (out / "checkpoints" / "latest").read_text() == f"step-{stopped[0]['step']:06d}"
     assert "[run.sh] exit 75: preempted or interrupted" in output

@@ -32,12 +32,13 @@ class Cluster:
         assert proc.returncode == 0, f"{cmd}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         return proc.stdout
 
-    def submit(self, config: Path, name: str) -> tuple[int, Path]:
-        """sbatch the README's script, CPU-adapted (no GPUs to ask for), on CONFIG; returns the job id and log."""
+    def submit(self, config: Path, name: str, env: str = "") -> tuple[int, Path]:
+        """sbatch the README's script, CPU-adapted (no GPUs to ask for), on CONFIG; returns the job id and log.
+        `env`: VAR=VALUE ... for sbatch, which passes its environment to the job."""
         script = self.root / f"{name}.sbatch"
         script.write_text(SBATCH_SCRIPT.read_text().replace(" --gres=gpu:8 --cpus-per-task=64", ""))
         log = self.root / f"{name}.out"
-        job = self.sh(f"sbatch --parsable -N2 --chdir={REPO} --output={log} {script} {config}").strip()
+        job = self.sh(f"{env} sbatch --parsable -N2 --chdir={REPO} --output={log} {script} {config}").strip()
         return int(job.split(";")[0]), log
 
     def job(self, job: int) -> dict[str, str]:
@@ -98,21 +99,31 @@ def _wait_for_step(out: Path, step: int, log: Path, timeout: float = 300) -> Non
     pytest.fail(f"step {step} not reached in {timeout}s\n{_tail(log)}")
 
 
+def _stopped_at(out: Path, text: str) -> int:
+    stopped = [r for r in read_metrics(out) if "preempted" in r]
+    # Every rank gets USR1; rank 0 (which writes the record) says "peer" when another rank's arrived first.
+    assert len(stopped) == 1 and stopped[0]["preempted"] in ("SIGUSR1", "peer"), text[-6000:]
+    return stopped[0]["step"]
+
+
+def _requeued_and_resumed(cluster: Cluster, job: int, log: Path, out: Path) -> tuple[str, int]:
+    """Wait for the requeued job to finish; check the one preemption, its exit 75 and the resume from its step."""
+    info = cluster.wait(job, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text[-6000:]}"
+    step = _stopped_at(out, text)
+    assert f"exit {PREEMPTED}: preempted" in text and f"resumed from {out}/checkpoints/step-{step:06d}" in text, \
+        text[-6000:]
+    return text, step
+
+
 def _preempt_requeue_resume(cluster: Cluster, config: Path, out: Path, name: str) -> str:
     """Submit, signal the batch shell as SLURM's preemption warning does, wait for the requeued job to finish."""
     job, log = cluster.submit(config, name)
     _wait_for_step(out, 4, log)
     cluster.sh(f"scancel --batch --signal=USR1 {job}")
-    info = cluster.wait(job, log)
-    text = log.read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text[-6000:]}"
-    stopped = [r for r in read_metrics(out) if "preempted" in r]
-    # Every rank gets USR1; rank 0 (which writes the record) says "peer" when another rank's arrived first.
-    assert len(stopped) == 1 and stopped[0]["preempted"] in ("SIGUSR1", "peer"), text[-6000:]
-    step = stopped[0]["step"]
+    text, step = _requeued_and_resumed(cluster, job, log, out)
     assert 4 <= step < REF_STEPS, step
-    assert f"exit {PREEMPTED}: preempted" in text and f"resumed from {out}/checkpoints/step-{step:06d}" in text, \
-        text[-6000:]
     return text
 
 
@@ -131,14 +142,33 @@ def test_sbatch_two_nodes_trains_as_one_node(cluster, tiny_model, demo_data, ref
     assert_same_run(out, reference_run)
 
 
-def test_preemption_warning_requeues_and_resumes_exactly(cluster, tiny_model, demo_data, reference_run, tmp_path):
-    """USR1 to the batch shell: every rank checkpoints at the next step boundary, run.sh exits 75, the script requeues
-    the job, and the requeued job resumes (train.resume=auto) to the uninterrupted run's result."""
+def test_time_limit_warning_requeues_and_resumes_exactly(cluster, tiny_model, demo_data, reference_run, tmp_path):
+    """The script's `--signal=B:USR1@120` reached by the time limit, no manual signal: once step 4 is logged the job's
+    limit is cut to end 60-120 s later (`scontrol update TimeLimit`); slurmctld's next time-limit check (every 30 s,
+    PERIODIC_TIMEOUT) finds the end within 120 + 30 s and sends USR1 to the batch shell. Every rank checkpoints at
+    the next step boundary, run.sh exits 75, the script requeues the job, and the requeued job resumes
+    (train.resume=auto_or_fresh) to the uninterrupted run's result. The ranks hold after step 4 until the signal
+    (DS_TRAIN_FAULT=hold:4: training outlasts the wait for the check); the limit is lifted again once the
+    checkpoint is saved, or the requeued job, with a 2-minute limit, would be warned again."""
     out = tmp_path / "run"
     t0 = time.time()
-    text = _preempt_requeue_resume(cluster, reference_config(tiny_model, demo_data, out), out, "preempt")
-    print(f"preempt + requeue: {time.time() - t0:.1f}s")
+    job, log = cluster.submit(reference_config(tiny_model, demo_data, out), "timelimit", env="DS_TRAIN_FAULT=hold:4")
+    _wait_for_step(out, 4, log)
+    hours, minutes, seconds = (int(v) for v in cluster.job(job)["RunTime"].split(":"))  # H:MM:SS (under a day)
+    elapsed = 3600 * hours + 60 * minutes + seconds
+    cluster.sh(f"scontrol update JobId={job} TimeLimit={elapsed // 60 + 2}")  # whole minutes: ends in 60-120 s
+    t_cut = time.time()
+    deadline = t_cut + 60
+    while not any("preempted" in r for r in read_metrics(out)):
+        assert time.time() < deadline, f"no time-limit warning 60 s after the cut\n{_tail(log)}"
+        time.sleep(0.1)
+    print(f"time-limit warning acted on {time.time() - t_cut:.1f}s after the cut")
+    cluster.sh(f"scontrol update JobId={job} TimeLimit=UNLIMITED")
+    text, step = _requeued_and_resumed(cluster, job, log, out)
+    print(f"time limit + requeue: {time.time() - t0:.1f}s")
+    assert step == 4, step  # held there until the warning: nothing else could have stopped it
     assert "--launcher pdsh" in text and "USR1 to the ranks on" in text, text[:3000]
+    assert "DUE TO TIME LIMIT" not in text, text[-3000:]  # warned ahead, never killed by the limit
     assert_same_run(out, reference_run)
 
 
