@@ -24,6 +24,7 @@ from ds_train import dist
 from ds_train.data.manifest import raw_records, tts_to_chatml
 from ds_train.data.sampler import MicroBatchSampler
 from ds_train.errors import DataError
+from ds_train.fsutil import atomic_write
 
 ROLES = ("chosen", "rejected")
 
@@ -87,16 +88,10 @@ def _expand_on_main(pairs_file: str, system_prompt: str, out: Path) -> dict:
     text = "".join(json.dumps(r) + "\n" for r in rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not (out.is_file() and out.read_text() == text):
-        _replace(out, text)
-    _replace(stamp, json.dumps({"key": key, "pairs": len(rows) // 2, "bad": bad}))
+        atomic_write(out, text)
+    atomic_write(stamp, json.dumps({"key": key, "pairs": len(rows) // 2, "bad": bad}))
     dist.print0(f"pairs: expanded {len(rows) // 2} pair(s) of {pairs_file} into {out} ({len(bad)} bad)")
     return {"missing": False, "bad": bad, "pairs": len(rows) // 2}
-
-
-def _replace(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def expand(path: str, system_prompt: str) -> tuple[list[dict], list[dict]]:
