@@ -235,6 +235,18 @@ def test_too_many_non_finite_steps_stop_with_last_good_checkpoint(non_finite_run
         assert_same_state(good, trainable_state(root / tag_of(step)), f"step {step} was skipped")
 
 
+def child_cmdlines(pid):
+    """The command lines of pid's children. run.sh's short-lived helpers exit while we look: a child that is gone or a
+    zombie (its cmdline unreadable until reaped) is skipped, as it cannot be the launcher we wait for."""
+    lines = []
+    for child in psutil.Process(pid).children():
+        try:
+            lines.append(" ".join(child.cmdline()))
+        except psutil.NoSuchProcess:  # ZombieProcess is one
+            pass
+    return lines
+
+
 def test_ctrl_c_while_the_ranks_start_checkpoints_and_exits_75(tiny_model, demo_data, tmp_path):
     """Ctrl-C once DeepSpeed's launcher runs but before it has spawned the ranks (it takes seconds): run.sh keeps the
     signal and passes it on every 0.5 s until a rank catches it; the ranks stop after their first step. (Mid-training
@@ -248,7 +260,7 @@ def test_ctrl_c_while_the_ranks_start_checkpoints_and_exits_75(tiny_model, demo_
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
-    while not any("deepspeed" in " ".join(p.cmdline()) for p in psutil.Process(proc.pid).children()):
+    while not any("deepspeed" in line for line in child_cmdlines(proc.pid)):
         assert time.time() < deadline and proc.poll() is None, "run.sh started no launcher in 60 s"
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGINT)
