@@ -29,7 +29,7 @@ from ds_train import dist, faults
 from ds_train.adapter import export_adapter
 from ds_train.config import AUTO_OR_FRESH, Config, flatten, to_dict
 from ds_train.errors import CheckpointError, ConfigError
-from ds_train.fsutil import atomic_write, dir_size, fsync, is_no_space, is_no_space_text, is_write_failure
+from ds_train.fsutil import atomic_write, dir_size, fsync, is_no_space_text, is_write_failure
 from ds_train.reshard import load_resharded
 
 META = "ds_train_meta.json"

@@ -284,9 +284,9 @@ def positions_of(cfg: Config, longest: int | None, positions: int | None) -> int
         return positions
     if cfg.data.max_tokens:  # resolved from auto by now (resolve_max_tokens, or plan_command)
         return cfg.data.max_tokens
-    if longest:
-        return cfg.train.micro_batch_size * longest
-    return cfg.train.micro_batch_size * 4096
+    # A DPO micro-batch of micro_batch_size pairs holds both clips of each pair (data/pairs.py), padded alike.
+    sequences = cfg.train.micro_batch_size * (2 if cfg.train.objective == "dpo" else 1)
+    return sequences * (longest or 4096)
 
 
 def plan_command(cfg: Config, hostfile: str | None = None, gpu_memory: float | None = None,

@@ -27,6 +27,19 @@ def _plan(cfg, world, positions, capacity, device="gpu"):
     return plan_memory(cfg, load_model_config(ARCH), ds, world, positions, capacity, device)
 
 
+def test_a_dpo_micro_batch_counts_both_clips_of_each_pair():
+    """Without data.max_tokens the plan sizes a micro-batch as micro_batch_size x the longest sample; under
+    train.objective=dpo a micro-batch of N pairs holds 2N clips (the token budget, when set, already counts both)."""
+    from ds_train.plan import positions_of
+
+    sft = _cfg("train.micro_batch_size=3")
+    dpo = _cfg("train.micro_batch_size=3", "train.objective=dpo", "data.train_file=null", "data.pairs_file=p.jsonl")
+    assert positions_of(sft, 500, None) == 1500 and positions_of(dpo, 500, None) == 3000
+    assert positions_of(sft, None, None) == 3 * 4096 and positions_of(dpo, None, None) == 6 * 4096
+    budget = _cfg("train.objective=dpo", "data.train_file=null", "data.pairs_file=p.jsonl", "data.max_tokens=2048")
+    assert positions_of(budget, 500, None) == 2048 and positions_of(dpo, 500, 777) == 777
+
+
 def test_counts_of_the_released_architecture_with_default_lora():
     from ds_train.plan import count_model
     from ds_train.preflight import load_model_config

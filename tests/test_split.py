@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
-
 from conftest import base_config, write_config
 from ds_train.config import load_config
 from ds_train.data.split import hold_out

@@ -271,7 +271,6 @@ def test_a_step_whose_forward_trains_other_positions_than_collated_raises(tiny_m
     token-weighted mean written out here."""
     from types import SimpleNamespace
 
-    import torch
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
 
     from ds_train.config import load_config
