@@ -18,6 +18,7 @@ from conftest import MEMO_LORA, base_config, launch, loss_records, write_config
 
 IGNORE = -100
 BETA = 0.5
+BF16_REL = 1e-4  # a clip's log-likelihood (a sum of ~3000 terms) from the bf16 tiny model vs the fp64 one: <= 1.7e-5
 
 
 def write_pairs(demo_data: Path, out: Path, shift: int = 1, prompts=range(8)) -> Path:
@@ -127,7 +128,7 @@ def test_dpo_loss_matches_brute_force(tiny_model, demo_data, tmp_path):
     freshly loaded base model, no LoRA). The reference pre-pass gives the brute-force log-likelihoods of the model it
     is handed: the base (a fresh LoRA's reference) or the LoRA model (lora.init_from's), saved and loaded back for
     that model only. A micro-batch whose forward trains other positions than the collator counted stops the DPO step
-    as it stops the SFT one (train.check_counts)."""
+    as it stops the SFT one (train.check_counts). bf16 takes the same path: the pre-pass, fp64 sums and the step."""
     from types import SimpleNamespace
 
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
@@ -198,6 +199,25 @@ def test_dpo_loss_matches_brute_force(tiny_model, demo_data, tmp_path):
     assert batch.counts.tolist() == alone.counts.tolist()
     assert loss_sums(outputs, chosen_only(batch.label_audio_ids, batch.audio_owner)).counts.tolist() == \
         alone.counts.tolist()
+    # bf16 takes the same path (reference pre-pass, sums, train_step): the bf16 model's log-likelihoods come back in
+    # fp64, within bf16's precision of the fp64 model's, and its DPO step's loss is pair_terms of those numbers.
+    import copy
+
+    low_model = copy.deepcopy(policy_model).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        low = sample_logps(low_model(**batch.inputs), batch)
+    (tmp_path / "out_bf16").mkdir()
+    low_table = reference_table(low_model, data, init_cfg, tmp_path / "out_bf16", "bf16")
+    assert low.dtype == low_table.dtype == torch.float64
+    assert low.tolist() == pytest.approx(brute_policy, rel=BF16_REL)
+    assert low_table[batch.indices].tolist() == pytest.approx(low.tolist(), rel=1e-9)
+    low_engine = _Engine(low_model.eval())  # reference_table left it in train mode
+    low_engine.train = lambda: None
+    low_run = SimpleNamespace(cfg=init_cfg, engine=low_engine, state={"step": 6}, objective=Dpo(init_cfg, low_table))
+    stepped = train_step(low_run, [batch]).loss
+    low_terms = pair_terms(low, low_table[batch.indices], BETA)
+    assert math.isfinite(stepped.dpo_loss) and stepped.dpo_loss == pytest.approx(low_terms.loss.mean().item(),
+                                                                                 rel=1e-6)
     # The DPO step is train.train_step's: its counts are checked. One text label hidden after collation.
     engine = _Engine(policy_model.eval())  # reference_table left it in train mode
     engine.train = lambda: None  # stays in eval mode: no LoRA dropout, the forward above
