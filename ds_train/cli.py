@@ -420,10 +420,10 @@ def main(argv=None) -> int:
         print(LAUNCHED_HELP.format(cmd=cmd, flags=", ".join(sorted([*ALIASES, *FLAG_ALIASES]))), end="")
         return 0
     from ds_train import dist
-    from ds_train.lean_imports import skip_torchvision
+    from ds_train.lean_imports import skip_vision_and_detection
     from ds_train.resilience import Diverged, Preempted
 
-    skip_torchvision()
+    skip_vision_and_detection()
     try:
         COMMANDS[cmd](argv[1:])
         code = EXIT_OK

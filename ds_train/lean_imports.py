@@ -1,5 +1,5 @@
 """Keep transformers and peft from importing libraries that are installed but that a run does not use. Each costs
-every process seconds of start-up (on a 2-core CPU box: torchvision 1.4 s, bitsandbytes with the torch.compile stack
+every process seconds of start-up (on a 2-core CPU box: torchvision 1.4 s, scipy.optimize 0.5 s, bitsandbytes with the torch.compile stack
 it pulls in 1.5 s), paid by every rank of every launch."""
 
 from __future__ import annotations
@@ -7,13 +7,15 @@ from __future__ import annotations
 import sys
 
 
-def skip_torchvision() -> None:
-    """transformers imports torchvision (through its loss and image modules) whenever it is installed; ds_train
-    processes no images, and boson-multimodal installs torchvision without importing it. Call before transformers'
-    models are imported."""
+def skip_vision_and_detection() -> None:
+    """transformers imports torchvision (through its loss and image modules) and scipy.optimize (for its object
+    detection losses) whenever they are installed; ds_train processes no images and trains no detector, and
+    boson-multimodal installs torchvision without importing it. (Libraries that need scipy, e.g. librosa, import it
+    themselves.) Call before transformers' models are imported."""
     from transformers.utils import import_utils
 
     import_utils._torchvision_available = False
+    import_utils._scipy_available = False
 
 
 def peft_bnb_only_when_loaded() -> None:
