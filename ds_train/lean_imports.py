@@ -1,6 +1,6 @@
 """Keep transformers and peft from importing libraries that are installed but that a run does not use. Each costs
-every process seconds of start-up (on a 2-core CPU box: torchvision 1.4 s, scipy.optimize 0.5 s, bitsandbytes with the torch.compile stack
-it pulls in 1.5 s), paid by every rank of every launch."""
+every process start-up time (on a 2-core CPU box: torchvision 1.4 s, scipy.optimize 0.5 s, bitsandbytes with the
+torch.compile stack it pulls in 1.5 s), paid by every rank of every launch."""
 
 from __future__ import annotations
 
