@@ -273,9 +273,10 @@ STEPS, LR = 8, 0.005
 def test_dpo_learns_the_oracle_preference_the_same_on_1_and_2_ranks(tiny_model, demo_data, tmp_path):
     """From a lora.init_from adapter (not the identity), chosen = each prompt's own clip, rejected = another
     prompt's: DPO must come to prefer the chosen one (accuracy 1, a growing margin: log p(A) - log p(B) grows by
-    margin / beta, the reference, the starting adapter's model, being fixed), the eval loss keeps being logged, 1 rank x 2 accumulation steps gives the losses of 2 ranks, and a run resumed from step 3 (the
-    middle of epoch 2: 2 steps per epoch) gives the uninterrupted run's losses and adapter, with the reference
-    log-likelihoods the first launch saved. A relaunch does not expand the pairs file again."""
+    margin / beta, the reference, the starting adapter's model, being fixed), the eval loss keeps being logged,
+    1 rank x 2 accumulation steps gives the losses of 2 ranks, and a run resumed from step 3 (the middle of epoch 2:
+    2 steps per epoch) gives the uninterrupted run's losses and adapter, with the reference log-likelihoods the first
+    launch saved. A relaunch does not expand the pairs file again."""
     from conftest import assert_same_adapter
     from test_checkpoint import rewind
 

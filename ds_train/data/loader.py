@@ -172,7 +172,8 @@ def build_loader(dataset: CachedDataset, collator, cfg, rank: int, world: int,
     # starts an iterator mid-epoch) would draw at a different point than an uninterrupted one.
     pairs = isinstance(sampler, PairSampler)
     collate = Collate(collator, pairs=pairs)
-    loader = DataLoader(IndexedSamples(dataset) if pairs else dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
+    loader = DataLoader(IndexedSamples(dataset) if pairs else dataset, batch_sampler=sampler, collate_fn=collate,
+                        num_workers=d.num_workers,
                         pin_memory=d.pin_memory and torch.cuda.is_available(),
                         generator=torch.Generator().manual_seed(cfg.train.seed), **kwargs)
     return loader, sampler
