@@ -30,6 +30,7 @@ from ds_train.errors import ConfigError
 from ds_train.evaluate import evaluate
 from ds_train.export import consolidate
 from ds_train.fsutil import staged_dir
+from ds_train.lean_imports import muon_only_when_configured
 from ds_train.merge import merge
 from ds_train.loss import LossReport, Sft
 from ds_train.metrics import make_logger, peak_memory_gb, truncate_metrics
@@ -80,6 +81,7 @@ def setup(cfg: Config) -> Run:
     from transformers import get_scheduler
 
     pre, ds_config = check_inputs(cfg)
+    muon_only_when_configured(ds_config)
     out, cuda = pre.out_dir, torch.cuda.is_available()
     dist.init_distributed()  # binds this rank's GPU
     # data.max_tokens=auto becomes a number here, before the config is saved, logged or compared with a checkpoint's

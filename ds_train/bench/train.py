@@ -34,6 +34,7 @@ from transformers import TrainerCallback
 from ds_train import dist
 from ds_train.config import Config
 from ds_train.ds_config import deepspeed_config, resolve_dtype
+from ds_train.lean_imports import muon_only_when_configured
 from ds_train.loss import IGNORE, compute_loss
 from ds_train.model import build_model, count_parameters, torch_dtype
 from ds_train.plan import resolve_max_tokens
@@ -58,6 +59,7 @@ def bench_train(cfg: Config, opts: BenchOptions) -> dict:
     model_config = load_model_config(cfg.model.path)
     cuda = torch.cuda.is_available()
     ds_config = deepspeed_config(cfg, dist.world_size(), cuda)
+    muon_only_when_configured(ds_config)
     dist.init_distributed()  # binds this rank's GPU
     resolve_max_tokens(cfg, model_config, ds_config)  # data.max_tokens=auto: as train resolves it
     batches = _batch_source(cfg, opts, model_config)
