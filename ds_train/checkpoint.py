@@ -387,7 +387,31 @@ def load(engine, path: Path) -> dict:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
+    _cpu_adam_as_if_it_had_stepped(engine)
     return client["ds_train"]
+
+
+def _cpu_adam_as_if_it_had_stepped(engine) -> None:
+    """DeepSpeedCPUAdam (offload_optimizer) keeps beta1^t and beta2^t in its C++ object: multiplied by beta at each
+    step of an uninterrupted run, but computed with pow() by a new object whose first step is t. The two differ in
+    the last bit at some steps (fp32 0.999^3), so the first update after a resume differed from the uninterrupted
+    run's (and in bf16 the difference grows). Stepping the object through 1..t on a one-element tensor with lr 0
+    leaves it as the uninterrupted run's."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    if not isinstance(opt, DeepSpeedCPUAdam):
+        return
+    steps = {int(state["step"]) for state in opt.state.values() if "step" in state}
+    if not steps:  # saved before its first step
+        return
+    if len(steps) != 1:
+        raise CheckpointError(f"the optimizer's parameters were restored at different steps: {sorted(steps)}")
+    group = opt.param_groups[0]
+    param, grad, exp_avg, exp_avg_sq = (torch.zeros(1) for _ in range(4))
+    for t in range(1, steps.pop() + 1):
+        opt.ds_opt_adam.adam_update(opt.opt_id, t, 0.0, *group["betas"], group["eps"], 0.0, group["bias_correction"],
+                                    param, grad, exp_avg, exp_avg_sq)
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:

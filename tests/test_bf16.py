@@ -53,13 +53,7 @@ def test_bf16_checkpoint_consolidates_to_the_exported_adapter(bf16_run, tmp_path
     assert any(not torch.equal(got[k], final[k]) for k in got)  # step 2 is not the final state
 
 
-def test_bf16_resume_continues_exactly(bf16_run, tmp_path, request):
-    if "offload" in request.node.callspec.params["bf16_run"]:
-        # Measured 2026-12-02: resumed at step 2, step 3's loss is bit-equal (the bf16 weights are restored) but
-        # step 4's is 11.916312047 vs 11.916292574 uninterrupted and the final LoRA weights differ by up to 4.4e-4
-        # (lr 0.005): step 3's DeepSpeedCPUAdam update differs after DeepSpeed's own same-rank-count load. fp32
-        # offload resumes bit-exactly (test_checkpoint.py's settings runs). Not yet explained: fails until it is.
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason="bf16 + offload resume not exact (see comment)"))
+def test_bf16_resume_continues_exactly(bf16_run, tmp_path):
     resumed = tmp_path / "run"
     shutil.copytree(bf16_run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-000004")

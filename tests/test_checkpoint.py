@@ -8,6 +8,7 @@ bit for bit. (The preemption and SIGKILL tests in test_resilience.py reproduce t
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -47,6 +48,41 @@ def rewind(src: Path, dst: Path, step: int) -> Path:
 
 
 @pytest.mark.slow
+def test_cpu_adam_rebuilt_at_a_checkpoint_takes_the_next_step_as_the_one_that_never_stopped():
+    """DeepSpeedCPUAdam (zero3_offload.json) keeps beta^t in its C++ object: products in an uninterrupted run, pow()
+    in one rebuilt at step t, and fp32 0.999^3 differs between the two in the last bit. Restored at step 2 and stepped
+    through (checkpoint.load does it), step 3 is bit-equal; not stepped through, it is not (the test would pass
+    without the fix otherwise)."""
+    from types import SimpleNamespace
+
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from ds_train.checkpoint import _cpu_adam_as_if_it_had_stepped
+
+    grads = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+
+    def adam(start: torch.Tensor):
+        p = torch.nn.Parameter(start.clone())
+        return p, DeepSpeedCPUAdam([p], lr=0.01, betas=(0.9, 0.999), adamw_mode=True)
+
+    def step(p, opt, grad):
+        p.grad = grad.clone()
+        opt.step()
+
+    p, opt = adam(torch.randn(64, generator=torch.Generator().manual_seed(1)))
+    for grad in grads[:2]:
+        step(p, opt, grad)
+    at_2, state_2 = p.detach().clone(), copy.deepcopy(opt.state_dict())
+    step(p, opt, grads[2])
+    for stepped_through in (False, True):
+        q, rebuilt = adam(at_2)
+        rebuilt.load_state_dict(copy.deepcopy(state_2))  # it keeps the tensors it is given and steps them in place
+        if stepped_through:
+            _cpu_adam_as_if_it_had_stepped(SimpleNamespace(optimizer=rebuilt))
+        step(q, rebuilt, grads[2])
+        assert torch.equal(q, p) == stepped_through
+
+
 def test_resume_at_epoch_boundary_restores_position_schedule_and_rng(reference_run, tiny_model, demo_data, tmp_path):
     # Step 4 ends epoch 1: the resumed run must start epoch 2 with its own shuffle, the schedule at step 5, and each
     # rank's RNG where it was (the dropout masks of steps 5-12 depend on it).
