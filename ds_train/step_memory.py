@@ -14,7 +14,7 @@ The model is counted exactly from its config (built on the meta device, nothing 
                 layer's input plus one layer recomputed
   logits        text head over every position (model.full_text_logits=true) or only the trained ones, the audio head
                 at audio positions: dtype + fp32 copy + log-softmax + gradient
-  runtime       the process itself: 0.65 GiB on CPU (torch, DeepSpeed, transformers, gloo), 0.6 GiB CUDA context
+  runtime       the process itself: 0.78 GiB on CPU (torch, DeepSpeed, transformers, gloo), 0.6 GiB CUDA context
 Per position and decoder layer, backward keeps (elements of dtype): 2 norm inputs and outputs (4h), q and the
 attention output (2h), k and v (2 kv), the MLP's gate, up, activation and product (4i), the residual (h), the
 DualFFN's text/audio split copy (h); each RMSNorm also keeps an fp32 copy (2 x 4h bytes); each LoRA target its
@@ -29,11 +29,11 @@ from ds_train.config import Config
 from ds_train.model import lora_target_regex, trainable_regex
 
 GIB = 2**30
-# Measured on the project's CPU box: 0.74 GiB (2026-11-22) to ~1.05 GiB (2026-11-21) of RSS before the model, as
-# the page cache holds the libraries' file-backed pages differently; about 0.2 GiB less since DeepSpeed's Muon
-# module (and the inductor modules it imports) is kept out (lean_imports): a bench-train rank's peak RSS 1.14 GiB
-# with 0.49 GiB of it model, optimizer and step (2026-12-03).
-CPU_RUNTIME_GIB = 0.65
+# A CPU rank's RSS besides the model: ~0.58 GiB of its own memory plus the libraries' pages it maps, which depend on
+# what the page cache holds: a bench-train rank's peak RSS is 1.14 GiB with the libraries read from disk (after
+# drop_caches, or a long-lived venv) and 1.36-1.41 GiB with them all cached (a fresh install, as CI has), with 0.49
+# GiB of either model, optimizer and step (2026-12-04). The plan takes the middle, within 12% of both.
+CPU_RUNTIME_GIB = 0.78
 CUDA_CONTEXT_GIB = 0.6
 AUDIO_FRACTION = 0.85  # TTS micro-batches: most positions are audio
 
