@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ds_train front door.
 #   ./run.sh                      set up .venv if missing, then run the embedded tiny demo (runs/demo/)
-#   ./run.sh test [pytest args]   the whole test suite
+#   ./run.sh test [pytest args]   the whole test suite (TEST_WORKERS=2 files at a time; -n 0: one process)
 #   ./run.sh train CONFIG.yaml [key=value ...] [--hostfile FILE] [--master_port N]
 #   ./run.sh prepare CONFIG.yaml [key=value ...] [--hostfile FILE]
 #   ./run.sh make-pairs CONFIG.yaml --prompts JSONL --candidates K --out DIR   (DPO pairs; all local devices)
@@ -299,7 +299,12 @@ case "$cmd" in
   demo) demo ;;
   test)
     export PATH="$VENV/bin:$PATH"
-    exec "$PY" -m pytest "$@" ;;
+    # A venv made before the suite ran in parallel lacks pytest-xdist.
+    "$PY" -c "import xdist" 2>/dev/null || "$PY" -m pip install --quiet -e "${ROOT}[test]" 2>&1 \
+      | grep -v "^WARNING: Location" || true
+    # Most of a test's time waits on launched ranks' start-up; two files at a time keep 2 cores busy (a file's tests
+    # stay on one worker, sharing its fixtures' runs). Later pytest arguments win: -n 0 runs in this process.
+    exec "$PY" -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "$@" ;;
   train|prepare|bench-train|make-pairs)
     for a in "$@"; do  # help needs no ranks
       if [[ "$a" == "-h" || "$a" == "--help" ]]; then exec "$VENV/bin/ds-train" "$cmd" --help; fi
