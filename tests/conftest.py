@@ -1,5 +1,9 @@
 """Shared fixtures: one tiny real-format checkpoint and one demo data set per session, and a runner for the real
-`deepspeed` launcher. Nothing here is mocked; tests that mock something (a GPU, the network) say so themselves."""
+`deepspeed` launcher. Nothing here is mocked; tests that mock something (a GPU, the network) say so themselves.
+
+`./run.sh test` runs test files in two pytest-xdist workers. The session fixtures that build files (the tiny model,
+the data sets, the shared runs) build them once per test run, not once per worker (`built_once`): the runs'
+configs name the model and data paths, so a run resumed by a test of either worker must find the same paths."""
 
 from __future__ import annotations
 
@@ -12,16 +16,36 @@ from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The directory `name`, filled by `build(dir)` once per test run: by the first worker that asks for it, while
+    the others wait for it. Its users read it and never write into it (they copy it first)."""
+    base = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        base = base.parent  # the run's temp dir; each worker's own is a directory in it (popen-gw0, ...)
+    root = base / "built_once" / name
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{root}.lock"):
+        if not (root / ".built").exists():
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)  # what a failed build left
+            root.mkdir()
+            build(root)
+            (root / ".built").touch()
+    return root
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from ds_train.demo.tiny import make_tiny
 
-    return make_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
+    return built_once(tmp_path_factory, "tiny", lambda root: make_tiny(str(root / "model"))) / "model"
 
 
 @pytest.fixture(scope="session")
@@ -29,12 +53,13 @@ def tiny_model_nodelay(tiny_model, tmp_path_factory) -> Path:
     """The same checkpoint with the delay pattern off (a config switch: the weights do not depend on it)."""
     import shutil
 
-    out = tmp_path_factory.mktemp("tiny_nodelay") / "model"
-    shutil.copytree(tiny_model, out)
-    config = json.loads((out / "config.json").read_text())
-    config["use_delay_pattern"] = False
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
+    def build(root: Path) -> None:
+        shutil.copytree(tiny_model, root / "model")
+        config = json.loads((root / "model/config.json").read_text())
+        config["use_delay_pattern"] = False
+        (root / "model/config.json").write_text(json.dumps(config, indent=2))
+
+    return built_once(tmp_path_factory, "tiny_nodelay", build) / "model"
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +89,7 @@ def demo_data(tmp_path_factory) -> Path:
     """8 train + 2 eval voice-cloning samples (TTS manifest). Its prepared cache is shared by the session."""
     from ds_train.demo.data import make_demo_data
 
-    return make_demo_data(str(tmp_path_factory.mktemp("data") / "demo"), n=8, n_eval=2)
+    return built_once(tmp_path_factory, "data", lambda root: make_demo_data(str(root / "demo"), n=8, n_eval=2)) / "demo"
 
 
 @pytest.fixture(scope="session")
@@ -72,25 +97,27 @@ def nospeaker_data(demo_data, tmp_path_factory) -> Path:
     """demo_data's 8 training rows without their `speaker` key, as another manifest (absolute audio paths): a
     data set that can only be split by sample. Its prepared cache is shared by the session."""
     rows = [json.loads(line) for line in (demo_data / "train.jsonl").read_text().splitlines()]
-    out = tmp_path_factory.mktemp("nospeaker") / "plain.jsonl"
-    out.write_text("".join(json.dumps({k: str(demo_data / v) if k in ("audio", "ref_audio") else v
-                                       for k, v in r.items() if k != "speaker"}) + "\n" for r in rows))
-    return out
+    text = "".join(json.dumps({k: str(demo_data / v) if k in ("audio", "ref_audio") else v
+                               for k, v in r.items() if k != "speaker"}) + "\n" for r in rows)
+    root = built_once(tmp_path_factory, "nospeaker", lambda root: (root / "plain.jsonl").write_text(text))
+    return root / "plain.jsonl"
 
 
 @pytest.fixture(scope="session")
 def audio_mlp_run(tiny_model, demo_data, tmp_path_factory) -> Path:
     """OUTPUT_DIR of a 3-step 2-rank run: LoRA on attention plus fully trained audio_mlp, checkpoints step-000002
     and step-000003 (= latest), and merged/ (checkpoint.merge=true). Shared by the consolidate and merge tests."""
-    out = tmp_path_factory.mktemp("audio_mlp_run") / "run"
-    cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 3},
-                      lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ATTENTION},
-                      checkpoint={"every_steps": 2, "keep_last": 5, "merge": True})
-    cfg["model"]["train_audio_mlp"] = True
-    proc = launch(["train", str(write_config(out.parent / "run.yaml", cfg))])
-    summary = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith('{"first_loss"')][-1])
-    assert summary["merged"] == str(out / "merged")
-    return out
+    def build(root: Path) -> None:
+        out = root / "run"
+        cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 3},
+                          lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ATTENTION},
+                          checkpoint={"every_steps": 2, "keep_last": 5, "merge": True})
+        cfg["model"]["train_audio_mlp"] = True
+        proc = launch(["train", str(write_config(root / "run.yaml", cfg))])
+        summary = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith('{"first_loss"')][-1])
+        assert summary["merged"] == str(out / "merged")
+
+    return built_once(tmp_path_factory, "audio_mlp_run", build) / "run"
 
 
 # One voice-cloning sample short enough (10 frames) to memorise in a few dozen steps: (speaker, reference text,
@@ -126,6 +153,11 @@ def write_memo_data(out: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_judges(tmp_path_factory) -> tuple[Path, Path]:
+    root = built_once(tmp_path_factory, "judges", _build_judges)
+    return root / "asr", root / "speaker"
+
+
+def _build_judges(root: Path) -> None:
     """(asr dir, speaker dir): tiny random-weight models of the classes eval.asr_model / eval.speaker_model load
     (WhisperForConditionalGeneration + WhisperProcessor, WavLMForXVector + its feature extractor), saved like the
     hub's. The Whisper decoder's layers are zeroed and its positions wired to JUDGE_HEARS, so its transcript of any
@@ -137,7 +169,6 @@ def tiny_judges(tmp_path_factory) -> tuple[Path, Path]:
 
     from ds_train.demo.tiny import _bytes_to_unicode
 
-    root = tmp_path_factory.mktemp("judges")
     asr, speaker = root / "asr", root / "speaker"
     asr.mkdir()
     # A byte-level Whisper tokenizer: token id == byte, then Whisper's specials.
@@ -184,7 +215,6 @@ def tiny_judges(tmp_path_factory) -> tuple[Path, Path]:
         xvector_output_dim=16)).save_pretrained(speaker)
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
                              return_attention_mask=True).save_pretrained(speaker)
-    return asr, speaker
 
 
 @pytest.fixture(scope="session")
@@ -198,22 +228,23 @@ def memorised_run(tiny_model, tiny_judges, tmp_path_factory) -> Path:
     keeps every tensor of the tiny model whole): LoRA, layer weights and norms stay whole on every rank, so decoding
     does not re-gather them at every step, while the audio embedding and heads (0.5M each) are partitioned and
     gathered at every forward of training and of generation."""
-    root = tmp_path_factory.mktemp("memorised")
-    data = write_memo_data(root / "data")
-    out = root / "run"
-    asr, speaker = tiny_judges
-    cfg = base_config(tiny_model, data, out, lora=MEMO_LORA, train={"max_steps": MEMO_STEPS},
-                      optim={"lr": 0.005, "warmup_steps": 0, "scheduler": "constant"},
-                      checkpoint={"keep_last": 1, "merge": True, "best_metric": "wer"},
-                      eval={"samples": 1, "samples_max_frames": 16, "asr_model": str(asr),
-                            "speaker_model": str(speaker)})
-    ds_config = json.loads((REPO / "ds_configs/zero3.json").read_text())
-    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 100_000
-    (root / "zero3.json").write_text(json.dumps(ds_config))
-    cfg["train"]["deepspeed_config"] = str(root / "zero3.json")
-    proc = launch(["train", str(write_config(root / "run.yaml", cfg))])
-    (root / "summary.json").write_text([ln for ln in proc.stdout.splitlines() if ln.startswith('{"first_loss"')][-1])
-    return out
+    def build(root: Path) -> None:
+        data = write_memo_data(root / "data")
+        asr, speaker = tiny_judges
+        cfg = base_config(tiny_model, data, root / "run", lora=MEMO_LORA, train={"max_steps": MEMO_STEPS},
+                          optim={"lr": 0.005, "warmup_steps": 0, "scheduler": "constant"},
+                          checkpoint={"keep_last": 1, "merge": True, "best_metric": "wer"},
+                          eval={"samples": 1, "samples_max_frames": 16, "asr_model": str(asr),
+                                "speaker_model": str(speaker)})
+        ds_config = json.loads((REPO / "ds_configs/zero3.json").read_text())
+        ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 100_000
+        (root / "zero3.json").write_text(json.dumps(ds_config))
+        cfg["train"]["deepspeed_config"] = str(root / "zero3.json")
+        proc = launch(["train", str(write_config(root / "run.yaml", cfg))])
+        (root / "summary.json").write_text(
+            [ln for ln in proc.stdout.splitlines() if ln.startswith('{"first_loss"')][-1])
+
+    return built_once(tmp_path_factory, "memorised", build) / "run"
 
 
 ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
@@ -240,9 +271,10 @@ def reference_config(tiny_model: Path, demo_data: Path, out: Path, **sections) -
 def reference_run(tiny_model, demo_data, tmp_path_factory) -> Path:
     """OUTPUT_DIR of one uninterrupted reference run: a checkpoint every 2 steps, all kept. Read it, never write
     into it (copy it first)."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    launch(["train", str(reference_config(tiny_model, demo_data, out))])
-    return out
+    def build(root: Path) -> None:
+        launch(["train", str(reference_config(tiny_model, demo_data, root / "run"))])
+
+    return built_once(tmp_path_factory, "reference", build) / "run"
 
 
 # A plain run shared by tests of test_recovery.py and test_train.py that each need an uninterrupted 2-rank run of it:
@@ -256,12 +288,13 @@ PLAIN_STEPS = 6
 @pytest.fixture(scope="session")
 def eval3(demo_data, tmp_path_factory) -> Path:
     """EVAL3: a 3-sample eval manifest, the demo's 2 eval rows and its first training row."""
-    root = tmp_path_factory.mktemp("eval3")
-    (root / "audio").symlink_to(demo_data / "audio")  # the rows' relative audio paths resolve from here
-    rows = (demo_data / "eval.jsonl").read_text().splitlines()
-    rows += (demo_data / "train.jsonl").read_text().splitlines()[:1]
-    (root / "eval3.jsonl").write_text("\n".join(rows) + "\n")
-    return root / "eval3.jsonl"
+    def build(root: Path) -> None:
+        (root / "audio").symlink_to(demo_data / "audio")  # the rows' relative audio paths resolve from here
+        rows = (demo_data / "eval.jsonl").read_text().splitlines()
+        rows += (demo_data / "train.jsonl").read_text().splitlines()[:1]
+        (root / "eval3.jsonl").write_text("\n".join(rows) + "\n")
+
+    return built_once(tmp_path_factory, "eval3", build) / "eval3.jsonl"
 
 
 def plain_config(tiny_model: Path, demo_data: Path, eval_file: Path, out: Path, **sections) -> Path:
@@ -279,9 +312,10 @@ def plain_config(tiny_model: Path, demo_data: Path, eval_file: Path, out: Path, 
 @pytest.fixture(scope="session")
 def plain_run(tiny_model, demo_data, eval3, tmp_path_factory) -> Path:
     """OUTPUT_DIR of the plain run on 2 ranks. Read it, never write into it (copy it first)."""
-    out = tmp_path_factory.mktemp("plain") / "run"
-    launch(["train", str(plain_config(tiny_model, demo_data, eval3, out))])
-    return out
+    def build(root: Path) -> None:
+        launch(["train", str(plain_config(tiny_model, demo_data, eval3, root / "run"))])
+
+    return built_once(tmp_path_factory, "plain", build) / "run"
 
 
 OFFLOAD = str(REPO / "ds_configs/zero3_offload.json")
@@ -292,9 +326,11 @@ def plain_offload_run(tiny_model, demo_data, eval3, tmp_path_factory) -> Path:
     """The plain run with ds_configs/zero3_offload.json (parameters and DeepSpeedCPUAdam's state on the host; its
     C++ op is JIT-built into ~/.cache/torch_extensions by the first run that needs it, ~90 s on a 2-core box). Read
     it, never write into it (copy it first)."""
-    out = tmp_path_factory.mktemp("plain_offload") / "run"
-    launch(["train", str(plain_config(tiny_model, demo_data, eval3, out, train={"deepspeed_config": OFFLOAD}))])
-    return out
+    def build(root: Path) -> None:
+        offload = {"deepspeed_config": OFFLOAD}
+        launch(["train", str(plain_config(tiny_model, demo_data, eval3, root / "run", train=offload))])
+
+    return built_once(tmp_path_factory, "plain_offload", build) / "run"
 
 
 # Non-finite steps on the reference config (test_resilience.py, and the learning-rate check of test_train.py).
@@ -306,11 +342,14 @@ def non_finite_run(tiny_model, demo_data, tmp_path_factory):
     """The reference config with a checkpoint after every step and train.max_consecutive_skips=3. Rank 1 alone gets
     a NaN loss at step 3; both ranks at steps 5, 6 and 7, the third in a row, so the run stops after step 7.
     Returns (OUTPUT_DIR, the launcher's CompletedProcess)."""
-    out = tmp_path_factory.mktemp("non_finite") / "run"
-    config = reference_config(tiny_model, demo_data, out, train={"max_consecutive_skips": 3},
-                              checkpoint={"every_steps": 1, "keep_last": 100})
-    proc = launch(["train", str(config)], env={"DS_TRAIN_FAULT": NON_FINITE_FAULTS}, check=False)
-    return out, proc
+    def build(root: Path) -> None:
+        config = reference_config(tiny_model, demo_data, root / "run", train={"max_consecutive_skips": 3},
+                                  checkpoint={"every_steps": 1, "keep_last": 100})
+        proc = launch(["train", str(config)], env={"DS_TRAIN_FAULT": NON_FINITE_FAULTS}, check=False)
+        (root / "launch.json").write_text(json.dumps([proc.args, proc.returncode, proc.stdout, proc.stderr]))
+
+    root = built_once(tmp_path_factory, "non_finite", build)
+    return root / "run", subprocess.CompletedProcess(*json.loads((root / "launch.json").read_text()))
 
 
 def assert_same_run(out: Path, reference: Path) -> None:
@@ -436,17 +475,18 @@ def settings_config(tiny_model: Path, demo_data: Path, out: Path, name: str) -> 
 class _SettingsRuns(dict):
     """name -> OUTPUT_DIR; each run is launched the first time a test asks for it."""
 
-    def __init__(self, tiny_model: Path, demo_data: Path, root: Path):
+    def __init__(self, tiny_model: Path, demo_data: Path, tmp_path_factory):
         super().__init__()
-        self.tiny_model, self.demo_data, self.root = tiny_model, demo_data, root
+        self.tiny_model, self.demo_data, self.tmp_path_factory = tiny_model, demo_data, tmp_path_factory
 
     def __missing__(self, name: str) -> Path:
-        out = self.root / name
-        launch(["train", str(settings_config(self.tiny_model, self.demo_data, out, name))])
-        self[name] = out
-        return out
+        def build(root: Path) -> None:
+            launch(["train", str(settings_config(self.tiny_model, self.demo_data, root / name, name))])
+
+        self[name] = built_once(self.tmp_path_factory, f"settings_runs/{name}", build) / name
+        return self[name]
 
 
 @pytest.fixture(scope="session")
 def settings_runs(tiny_model, demo_data, tmp_path_factory) -> _SettingsRuns:
-    return _SettingsRuns(tiny_model, demo_data, tmp_path_factory.mktemp("settings_runs"))
+    return _SettingsRuns(tiny_model, demo_data, tmp_path_factory)
