@@ -26,6 +26,9 @@ log() { printf '[run.sh] %s\n' "$*" >&2; }
 # A preemption signal (SLURM's warning, scancel --signal) that arrives before the ranks are started is kept:
 # run_launcher then exits 75 without starting them, and a batch script requeues. (Untrapped, USR1 would end run.sh
 # with 138 and the job would not requeue.)
+# From here on, output is captured with backquotes, not $( ): bash 5.2 (5.2.15, Debian 12) parses a trap's command
+# wrongly when the signal arrives while it expands a $( ) ("trap: line 2: unexpected EOF while looking for matching
+# `)'") and, under set -e, exits 2 instead of running it; backquotes are not affected.
 EARLY_SIGNAL=""
 trap 'EARLY_SIGNAL=USR1' USR1
 trap 'EARLY_SIGNAL=TERM' TERM
@@ -45,7 +48,7 @@ ensure_venv() {
 local_procs() {
   # One process per GPU; two on a machine without GPUs (enough to exercise ZeRO-3 partitioning).
   local n=0
-  if command -v nvidia-smi >/dev/null 2>&1; then n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
+  if command -v nvidia-smi >/dev/null 2>&1; then n=`nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true`; fi
   if [[ "$n" -gt 0 ]]; then echo "$n"; else echo 2; fi
 }
 
@@ -53,7 +56,7 @@ set_env_defaults() {
   local procs="$1"
   export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
   export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
-  local cores; cores=$(nproc)
+  local cores; cores=`nproc`
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / procs > 0 ? cores / procs : 1 ))}"
   export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 }
@@ -61,9 +64,9 @@ set_env_defaults() {
 slurm_hostfile() {
   # Inside a SLURM allocation: one line per node, slots = GPUs per node; without GPUs (a CPU partition) the
   # allocation's tasks per node, else what local_procs finds.
-  local file="$1" slots="${SLURM_GPUS_ON_NODE:-${SLURM_NTASKS_PER_NODE:-$(local_procs)}}"
+  local file="$1" slots="${SLURM_GPUS_ON_NODE:-${SLURM_NTASKS_PER_NODE:-`local_procs`}}"
   scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=${slots}/" >"$file"
-  log "wrote $file from SLURM_JOB_NODELIST ($(wc -l <"$file") nodes x $slots slots)"
+  log "wrote $file from SLURM_JOB_NODELIST (`wc -l <"$file"` nodes x $slots slots)"
 }
 
 # How forward_preemption reaches ranks that are not our descendants (set by launch).
@@ -97,8 +100,8 @@ launch() {
   if [[ -z "$port" ]]; then
     # Several nodes: the conventional 29500, the same on every host. One node: a free port, so two jobs (or two
     # users) on one machine never collide on the rendezvous port.
-    if [[ -n "$hostfile" && $(hostfile_hosts "$hostfile" 2>/dev/null | wc -l) -gt 1 ]]; then port=29500
-    else port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    if [[ -n "$hostfile" && `hostfile_hosts "$hostfile" 2>/dev/null | wc -l` -gt 1 ]]; then port=29500
+    else port=`"$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'`
     fi
   fi
   # --log_level warning: the launchers' per-launch INFO lines (world info, spawned pids) are noise in a run's log.
@@ -106,20 +109,20 @@ launch() {
   if [[ -n "$hostfile" ]]; then
     [[ -f "$hostfile" ]] || { log "hostfile not found: $hostfile"; return 2; }
     "$PY" -m ds_train.launch check-hostfile "$hostfile" || return 2
-    local hosts; hosts=$(hostfile_hosts "$hostfile" | wc -l)
+    local hosts; hosts=`hostfile_hosts "$hostfile" | wc -l`
     if [[ "$hosts" -eq 1 ]]; then
       # One node: no ssh needed.
       launcher+=(--hostfile "$hostfile" --no_ssh --node_rank 0 --master_addr 127.0.0.1)
-      set_env_defaults "$(grep -v '^\s*\(#\|$\)' "$hostfile" | sed -n 's/.*slots=\([0-9]*\).*/\1/p' | head -1)"
+      set_env_defaults "`grep -v '^\s*\(#\|$\)' "$hostfile" | sed -n 's/.*slots=\([0-9]*\).*/\1/p' | head -1`"
     elif [[ -n "${DS_TRAIN_NODE_RANK:-}" ]]; then
       # One node's share of an srun launch (below): this node's ranks, rendezvous at the first host.
       launcher+=(--hostfile "$hostfile" --no_ssh --node_rank "$DS_TRAIN_NODE_RANK"
-                 --master_addr "$(hostfile_hosts "$hostfile" | head -1)")
-      set_env_defaults "$(local_procs)"
+                 --master_addr "`hostfile_hosts "$hostfile" | head -1`")
+      set_env_defaults "`local_procs`"
     elif use_srun "$hostfile"; then
       # Every node runs this script once (srun, no ssh), which starts that node's ranks; SLURM_NODEID orders the
       # nodes as the hostfile (written from the same node list) does.
-      local nodes; nodes=$(hostfile_hosts "$hostfile" | wc -l)
+      local nodes; nodes=`hostfile_hosts "$hostfile" | wc -l`
       log "srun --nodes $nodes --ntasks-per-node 1: one run.sh per node, each starts its node's ranks"
       # Not --kill-on-bad-exit: the first node to exit 75 (preempted, checkpoint saved) would get the others
       # killed mid-exit (143). --wait: once one node has exited, the rest get 60 s (a crashed node's peers fail in
@@ -134,19 +137,19 @@ launch() {
       return
     else
       launcher+=(--hostfile "$hostfile" --launcher "${DS_LAUNCHER:-pdsh}")
-      set_env_defaults "$(local_procs)"
+      set_env_defaults "`local_procs`"
       # Ranks on other hosts inherit these through DeepSpeed's .deepspeed_env mechanism.
       "$PY" -m ds_train.launch write-env || return 2
       if [[ "${DS_LAUNCHER:-pdsh}" == pdsh ]]; then
         # A preemption signal goes to the ranks on every host (forward_preemption).
-        PDSH_HOSTS=$(hostfile_hosts "$hostfile" | paste -sd,)
+        PDSH_HOSTS=`hostfile_hosts "$hostfile" | paste -sd,`
         RANK_PATTERN="-m ds_train $sub ${args[0]:-}"
       else
         OTHER_LAUNCHER=1
       fi
     fi
   else
-    local n; n=$(local_procs)
+    local n; n=`local_procs`
     set_env_defaults "$n"
     launcher+=(--num_gpus "$n")
     if [[ "$n" -gt 0 ]] && ! command -v nvidia-smi >/dev/null 2>&1; then export LOCAL_SIZE="$n"; fi
@@ -161,7 +164,7 @@ use_srun() {
   [[ "${DS_LAUNCHER:-}" == srun ]] && return 0
   [[ -z "${DS_LAUNCHER:-}" && -n "${SLURM_JOB_ID:-}" ]] || return 1
   local host
-  for host in $(hostfile_hosts "$1"); do
+  for host in `hostfile_hosts "$1"`; do
     if ! ssh -o BatchMode=yes -o ConnectTimeout=5 "$host" true </dev/null >/dev/null 2>&1; then
       log "ssh to $host failed: launching with srun (DS_LAUNCHER=pdsh forces ssh)"
       return 0
@@ -221,7 +224,7 @@ explain_exit() {
     *) if [[ "$1" -gt 128 ]]; then
          # DeepSpeed's launcher exits 256 - N for a rank killed by signal N (247: SIGKILL); a shell reports 128 + N.
          local sig=$(( $1 >= 192 ? 256 - $1 : $1 - 128 ))
-         log "exit $1: a rank was killed by signal $sig$([[ "$sig" == 9 ]] && echo ' (SIGKILL: often the out-of-memory killer)'); train.resume=auto continues from the last checkpoint"
+         log "exit $1: a rank was killed by signal $sig`[[ "$sig" == 9 ]] && echo ' (SIGKILL: often the out-of-memory killer)'`; train.resume=auto continues from the last checkpoint"
        else
          log "exit $1: the launcher failed (see above)"
        fi ;;
@@ -232,10 +235,10 @@ explain_exit() {
 # `train` ranks only once they catch USR1 (their first ~0.1 s): before that the signal would kill them.
 rank_pids() {
   local pid args mask
-  for pid in $(pgrep -P "$1" || true); do
-    args=$(ps -o args= -p "$pid" 2>/dev/null || true)
+  for pid in `pgrep -P "$1" || true`; do
+    args=`ps -o args= -p "$pid" 2>/dev/null || true`
     if [[ "$args" == *"-m ds_train"* && "$args" != *deepspeed.launcher* ]]; then
-      mask=$(awk '/^SigCgt:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
+      mask=`awk '/^SigCgt:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true`
       if [[ "$LAUNCHED" != train ]] || (( ${mask:+16#$mask >> 9 & 1} )); then echo "$pid"; fi
     fi
     rank_pids "$pid"
@@ -249,9 +252,9 @@ forward_preemption() {
   local ranks say=log
   [[ "${2:-}" == again ]] && say=:
   UNDELIVERED=""
-  ranks=$(rank_pids "$1")
+  ranks=`rank_pids "$1"`
   if [[ -n "$ranks" ]]; then
-    log "preemption signal: asking ranks $(echo $ranks) to checkpoint and stop"
+    log "preemption signal: asking ranks `echo $ranks` to checkpoint and stop"
     # shellcheck disable=SC2086
     kill -USR1 $ranks 2>/dev/null || true
   elif [[ -n "$PDSH_HOSTS" ]]; then
@@ -259,7 +262,7 @@ forward_preemption() {
     # kills pdsh and every host's launcher at once (exit 1, no checkpoint). Signal the ranks where they run; pkill
     # fails on a host with no rank yet.
     $say "preemption signal: USR1 to the ranks on $PDSH_HOSTS"
-    pdsh -S -R ssh -w "$PDSH_HOSTS" "pkill -USR1 -u $(id -u) -f -- $(printf '%q' "$RANK_PATTERN")" >/dev/null 2>&1 \
+    pdsh -S -R ssh -w "$PDSH_HOSTS" "pkill -USR1 -u `id -u` -f -- `printf '%q' "$RANK_PATTERN"`" >/dev/null 2>&1 \
       || UNDELIVERED=1
   elif [[ "$SRUN_LAUNCH" == 1 ]]; then
     # srun passes USR1 to every process of each node's step, the ranks included (each node's run.sh passes it on
