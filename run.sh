@@ -33,13 +33,17 @@ EARLY_SIGNAL=""
 trap 'EARLY_SIGNAL=USR1' USR1
 trap 'EARLY_SIGNAL=TERM' TERM
 
+install_project() {
+  # The pip config on some machines names missing local indexes; their warnings are noise here.
+  "$PY" -m pip install --quiet -e "${ROOT}[test]" 2>&1 | grep -v "^WARNING: Location" || true
+}
+
 ensure_venv() {
   if [[ -x "$VENV/bin/ds-train" && -f "$VENV/.ds_train_installed" ]]; then return; fi
   log "creating $VENV and installing ds_train (first run only; several GB of wheels)"
   python3 -m venv "$VENV"
   "$PY" -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-  # The pip config on some machines names missing local indexes; their warnings are noise here.
-  "$PY" -m pip install --quiet -e "${ROOT}[test]" 2>&1 | grep -v "^WARNING: Location" || true
+  install_project
   "$PY" -c "import ds_train, deepspeed, peft, boson_multimodal, torchaudio" \
     || { log "install failed: see the pip output above"; exit 1; }
   touch "$VENV/.ds_train_installed"
@@ -303,8 +307,7 @@ case "$cmd" in
   test)
     export PATH="$VENV/bin:$PATH"
     # A venv made before the suite ran in parallel lacks pytest-xdist.
-    "$PY" -c "import xdist" 2>/dev/null || "$PY" -m pip install --quiet -e "${ROOT}[test]" 2>&1 \
-      | grep -v "^WARNING: Location" || true
+    "$PY" -c "import xdist" 2>/dev/null || install_project
     # Most of a test's time waits on launched ranks' start-up; two files at a time keep 2 cores busy (a file's tests
     # stay on one worker, sharing its fixtures' runs). Later pytest arguments win: -n 0 runs in this process.
     exec "$PY" -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "$@" ;;

@@ -103,17 +103,24 @@ def nospeaker_data(demo_data, tmp_path_factory) -> Path:
     return root / "plain.jsonl"
 
 
+def audio_mlp_config(tiny_model: Path, demo_data: Path, out: Path, **sections) -> Path:
+    """LoRA on attention plus the DualFFN audio_mlp fully trained, for OUTPUT_DIR `out` (the config is written
+    beside it); `sections` update it."""
+    cfg = base_config(tiny_model, demo_data, out, lora={"r": 8, "alpha": 16, "dropout": 0.0,
+                                                        "target_modules": ATTENTION}, **sections)
+    cfg["model"]["train_audio_mlp"] = True
+    return write_config(out.parent / f"{out.name}.yaml", cfg)
+
+
 @pytest.fixture(scope="session")
 def audio_mlp_run(tiny_model, demo_data, tmp_path_factory) -> Path:
     """OUTPUT_DIR of a 3-step 2-rank run: LoRA on attention plus fully trained audio_mlp, checkpoints step-000002
     and step-000003 (= latest), and merged/ (checkpoint.merge=true). Shared by the consolidate and merge tests."""
     def build(root: Path) -> None:
         out = root / "run"
-        cfg = base_config(tiny_model, demo_data, out, train={"max_steps": 3},
-                          lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ATTENTION},
-                          checkpoint={"every_steps": 2, "keep_last": 5, "merge": True})
-        cfg["model"]["train_audio_mlp"] = True
-        proc = launch(["train", str(write_config(root / "run.yaml", cfg))])
+        config = audio_mlp_config(tiny_model, demo_data, out, train={"max_steps": 3},
+                                  checkpoint={"every_steps": 2, "keep_last": 5, "merge": True})
+        proc = launch(["train", str(config)])
         summary = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith('{"first_loss"')][-1])
         assert summary["merged"] == str(out / "merged")
 

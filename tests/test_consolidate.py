@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ATTENTION, base_config, launch, write_config
+from conftest import audio_mlp_config, launch
 from ds_train.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_TRAINABLE
 from ds_train.checkpoint import META
 from ds_train.errors import CheckpointError
@@ -110,10 +110,7 @@ def test_needs_no_base_model(tiny_model, demo_data, tmp_path):
     # the base: the session's tiny model is read by other tests meanwhile (./run.sh test runs two files at a time).
     base = shutil.copytree(tiny_model, tmp_path / "base")
     run = tmp_path / "run"
-    cfg = base_config(base, demo_data, run, train={"max_steps": 1},
-                      lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ATTENTION})
-    cfg["model"]["train_audio_mlp"] = True  # both output files, as the shared run
-    launch(["train", str(write_config(tmp_path / "run.yaml", cfg))])
+    launch(["train", str(audio_mlp_config(base, demo_data, run, train={"max_steps": 1}))])  # both output files
     shutil.rmtree(base)
     out = consolidate(run / "checkpoints", tmp_path / "adapter")
     assert read_output(out).keys() == zero_to_fp32(run / "checkpoints", "step-000001").keys()
