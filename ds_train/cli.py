@@ -16,6 +16,7 @@ from typing import List, Optional
 from ds_train.config import DataConfig, load_config
 from ds_train.errors import (EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED, EXIT_ERROR, EXIT_OK, CheckpointError, ConfigError,
                              DataError)
+from ds_train.lean_imports import collect_garbage_as_usual, collect_garbage_rarely
 
 USAGE = """ds-train <command> ...
 
@@ -401,6 +402,14 @@ PEER_EXIT_DELAY_S = 3.0
 
 
 def main(argv=None) -> int:
+    collect_garbage_rarely()  # until the command's start-up is done (a training loop) or it returns
+    try:
+        return _main(argv)
+    finally:
+        collect_garbage_as_usual()
+
+
+def _main(argv) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")

@@ -30,7 +30,7 @@ from ds_train.errors import ConfigError
 from ds_train.evaluate import evaluate
 from ds_train.export import consolidate
 from ds_train.fsutil import staged_dir
-from ds_train.lean_imports import muon_only_when_configured
+from ds_train.lean_imports import collect_garbage_as_usual, muon_only_when_configured
 from ds_train.merge import merge
 from ds_train.loss import LossReport, Sft
 from ds_train.metrics import make_logger, peak_memory_gb, truncate_metrics
@@ -124,6 +124,7 @@ def setup(cfg: Config) -> Run:
                 + (f" ({per_epoch} per epoch)" if per_epoch != samples else "")
                 + f"; padding efficiency {data.sampler.padding_efficiency():.3f}")
     steps = StepBatches(data, cfg.train.grad_accum, state, logger)
+    collect_garbage_as_usual()  # start-up is over: the loop runs with Python's thresholds
     return Run(cfg, out, engine, model, scheduler, data, steps, total_steps, state, logger, cuda, goal)
 
 

@@ -1,7 +1,9 @@
-"""ds_train.lean_imports: modules a rank is kept from importing, and the runs that still get them."""
+"""ds_train.lean_imports: modules a rank is kept from importing, the runs that still get them, and how often a
+command collects garbage while it starts."""
 
 import sys
 
+import pytest
 import torch
 
 from ds_train.lean_imports import MUON_MODULE, muon_only_when_configured
@@ -24,3 +26,20 @@ def test_a_run_whose_deepspeed_config_picks_muon_gets_deepspeeds_muon(monkeypatc
     monkeypatch.delitem(sys.modules, MUON_MODULE, raising=False)
     muon_only_when_configured({"optimizer": {"type": "Muon", "params": {}}})
     assert MUON_MODULE not in sys.modules  # left for DeepSpeed to import
+
+
+def test_a_command_starts_with_rare_collections_and_returns_pythons_thresholds(monkeypatch):
+    import gc
+
+    from ds_train import cli
+    from ds_train.lean_imports import START_UP_GC_THRESHOLD
+
+    before, seen = gc.get_threshold(), []
+    monkeypatch.setitem(cli.COMMANDS, "plot", lambda words: seen.append(gc.get_threshold()))
+    assert cli.main(["plot", "somewhere"]) == 0
+    assert seen == [(START_UP_GC_THRESHOLD, *before[1:])]
+    assert gc.get_threshold() == before == (700, 10, 10)  # Python's own, restored on return
+    monkeypatch.setitem(cli.COMMANDS, "plot", lambda words: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["plot", "somewhere"])
+    assert gc.get_threshold() == before

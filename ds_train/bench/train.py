@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 from ds_train import dist
 from ds_train.config import Config
 from ds_train.ds_config import deepspeed_config, resolve_dtype
-from ds_train.lean_imports import muon_only_when_configured
+from ds_train.lean_imports import collect_garbage_as_usual, muon_only_when_configured
 from ds_train.loss import IGNORE, compute_loss
 from ds_train.model import build_model, count_parameters, torch_dtype
 from ds_train.plan import resolve_max_tokens
@@ -141,6 +141,7 @@ def _run_ours(cfg, ds_config, dtype, model_config, batches, opts, total) -> dict
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     flops = ModelFlops(model_config, model)
+    collect_garbage_as_usual()  # the timed steps run with Python's thresholds, as training does
     device, accum = dist.device(), cfg.train.grad_accum
     times, tokens, samples, step_flops, losses = [], [], [], [], []
     for step in range(total):
