@@ -452,13 +452,16 @@ def losses(out: Path) -> list[float]:
 
 # Small runs of the settings a real run uses and the reference does not: the shipped DeepSpeed configs, token-budget
 # micro-batches, DataLoader workers, evaluation with keep_best. A checkpoint and an evaluation after every step,
-# keep_last=1 and keep_best=2. The demo's merged lengths are 187-234 tokens: a budget of 700 makes micro-batches
-# of 1-3 samples (233 x 3 = 699 fits, 234 x 3 does not).
+# keep_last=1 (3 in bf16, below) and keep_best=2. The demo's merged lengths are 187-234 tokens: a budget of 700
+# makes micro-batches of 1-3 samples (233 x 3 = 699 fits, 234 x 3 does not).
 SETTINGS_STEPS = 4
 SETTINGS_MAX_TOKENS = 700
 # Every file in ds_configs/ has a settings run named after it (so a new file cannot ship untrained); zero3.json's
-# runs with 2 DataLoader workers, and "zero3_inline" is the same run without workers.
+# runs with 2 DataLoader workers, and "zero3_inline" is the same run without workers. The runs of the base config
+# (zero3_partition_all.json) and of the offload config train in bf16, the dtype a GPU run takes by default
+# (test_bf16.py reads their checkpoints); the others in fp32.
 DS_CONFIGS = sorted(p.name for p in (REPO / "ds_configs").glob("*.json"))
+BF16_SETTINGS = ("zero3_partition_all", "zero3_offload")
 SETTINGS_RUNS = {  # name: (file in ds_configs/, data.num_workers)
     **{Path(name).stem: (name, 2 if name == "zero3.json" else 0) for name in DS_CONFIGS},
     "zero3_inline": ("zero3.json", 0),
@@ -476,6 +479,11 @@ def settings_config(tiny_model: Path, demo_data: Path, out: Path, name: str) -> 
                              "deepspeed_config": str(REPO / "ds_configs" / ds_json)},
                       optim={"lr": 0.01, "warmup_steps": 0, "scheduler": "constant"},
                       checkpoint={"every_steps": 1, "keep_last": 1, "keep_best": 2})
+    if name in BF16_SETTINGS:
+        # keep_last=3: test_checkpoint.py resumes from step 2, where a DeepSpeedCPUAdam rebuilt at a checkpoint took
+        # step 3 other than the uninterrupted run in the last bit (fp32 0.999^3) before checkpoint.load stepped it
+        # through.
+        cfg["model"]["dtype"], cfg["checkpoint"]["keep_last"] = "bf16", 3
     return write_config(out.parent / f"{name}.yaml", cfg)
 
 

@@ -185,9 +185,10 @@ def test_keep_best_keeps_the_lowest_eval_loss_checkpoints(settings_runs, stage):
 @pytest.mark.slow
 @pytest.mark.parametrize("ds_json", DS_CONFIGS)
 def test_every_shipped_ds_config_trains_resumes_and_consolidates(settings_runs, ds_json, tmp_path):
-    """Each file in ds_configs/ (conftest's settings_runs, one per file): its 4-step 2-rank run trained, its latest
-    checkpoint consolidates offline to the adapter the run exported at that step, and a resume from the earliest
-    checkpoint it kept reproduces the rest of the run (losses, learning rates, final adapter)."""
+    """Each file in ds_configs/ (conftest's settings_runs, one per file; bf16 for the base and offload configs): its
+    4-step 2-rank run trained, its latest checkpoint consolidates offline to the adapter the run exported at that
+    step, and a resume from the earliest checkpoint it kept reproduces the rest of the run (losses, learning rates,
+    final adapter)."""
     from ds_train.export import consolidate
 
     src = settings_runs[Path(ds_json).stem]
@@ -209,7 +210,7 @@ def test_every_shipped_ds_config_trains_resumes_and_consolidates(settings_runs, 
     for key in got:
         assert torch.equal(got[key], exported[key]), key
 
-    # keep_last=1 and keep_best=2 keep at least one checkpoint before the last.
+    # keep_last=1 (3 in bf16) and keep_best=2 keep at least one checkpoint before the last.
     start = min(step_of(d) for d in (src / "checkpoints").glob("step-*"))
     assert start < SETTINGS_STEPS
     out = rewind(src, tmp_path / "resumed", start)
@@ -222,6 +223,9 @@ def test_every_shipped_ds_config_trains_resumes_and_consolidates(settings_runs, 
     for step in range(start + 1, SETTINGS_STEPS + 1):
         assert resumed[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), step
         assert resumed[step]["lr"] == want[step]["lr"], step
+    if saved["model"]["dtype"] == "bf16":  # conftest.BF16_SETTINGS: bit for bit (DeepSpeedCPUAdam's too, see above)
+        assert [resumed[s]["loss"] for s in range(start + 1, SETTINGS_STEPS + 1)] == [
+            want[s]["loss"] for s in range(start + 1, SETTINGS_STEPS + 1)]
     assert_same_adapter(out / "adapter", src / "adapter")
 
 
