@@ -402,7 +402,7 @@ PEER_EXIT_DELAY_S = 3.0
 
 
 def main(argv=None) -> int:
-    collect_garbage_rarely()  # until the command's start-up is done (a training loop) or it returns
+    collect_garbage_rarely()  # while torch and the libraries load (train and bench-train: until set up)
     try:
         return _main(argv)
     finally:
@@ -433,6 +433,8 @@ def _main(argv) -> int:
     from ds_train.resilience import Diverged, Preempted
 
     skip_vision_and_detection()
+    if cmd not in ("train", "bench-train"):  # those two return to Python's thresholds once they have set up
+        collect_garbage_as_usual()  # the rest go to their work now (e.g. prepare's loop over a corpus)
     try:
         COMMANDS[cmd](argv[1:])
         code = EXIT_OK

@@ -18,8 +18,8 @@ DEFAULT_GC_THRESHOLDS = gc.get_threshold()
 
 
 def collect_garbage_rarely() -> None:
-    """For the start-up of a command (imports, model building): young collections every START_UP_GC_THRESHOLD
-    allocations. `collect_garbage_as_usual` ends it."""
+    """For the start-up of a command (imports; train's and bench-train's model and engine): young collections every
+    START_UP_GC_THRESHOLD allocations. `collect_garbage_as_usual` ends it before the command's loop."""
     gc.set_threshold(START_UP_GC_THRESHOLD, *DEFAULT_GC_THRESHOLDS[1:])
 
 
