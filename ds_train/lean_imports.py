@@ -11,7 +11,7 @@ import types
 
 # Python collects its youngest objects every 700 net allocations of container objects (its default). Importing
 # torch, DeepSpeed, transformers and boson-multimodal and building the model allocate millions that all live on, and
-# each of those collections walks them again: ~0.6 s of a rank's start-up on a 2-core box. Start-up is almost
+# each of those collections walks them again: 0.5-0.7 s of a rank's start-up on a 2-core box. Start-up is almost
 # free of cyclic garbage, so it collects every 100,000.
 START_UP_GC_THRESHOLD = 100_000
 DEFAULT_GC_THRESHOLDS = gc.get_threshold()
@@ -26,6 +26,7 @@ def collect_garbage_rarely() -> None:
 def collect_garbage_as_usual() -> None:
     """Python's thresholds again: for a training loop, and when a command returns."""
     gc.set_threshold(*DEFAULT_GC_THRESHOLDS)
+
 
 MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 
